@@ -1,0 +1,398 @@
+"""The qdb_client error tree.
+
+Every error a user of the driver can see is a subclass of :class:`QdbError`.
+Errors from trio, the operating system or cbor2 are translated at the layer
+that meets them and chained with ``raise ... from``.
+
+::
+
+    QdbError
+    ├── ConfigError                  a configuration value is invalid
+    ├── ProtocolError                bytes on the wire break protocol v1
+    │   ├── FrameError               connection-level: the stream can't be resynchronised
+    │   │   └── FrameTooLarge
+    │   ├── ProtocolViolation        connection-level: a message out of order or direction
+    │   └── MessageError             per-message: the frame is intact, its content is not
+    ├── ValueNotEncodable            a parameter can't be sent (no CBOR form)
+    ├── TransportError               the connection to a node failed
+    │   ├── ConnectError             could not open a connection
+    │   │   └── ConnectTimeout
+    │   ├── HandshakeError           the node refused the handshake
+    │   │   └── VersionMismatch
+    │   ├── ConnectionLost           an open connection died; in-flight outcomes unknown
+    │   └── ConnectionDraining       the node sent GOAWAY; the request was never processed
+    ├── RequestTimeout               the client-side deadline passed
+    ├── ServerError                  the node answered with a structured error
+    │   ├── ParseError, InvalidRequest, MethodNotFound, Unauthenticated,
+    │   │   PermissionDenied, NotFound, Conflict, FrameRejected, SqlError,
+    │   │   ConstraintViolation, ServerTimeout, Overloaded, CapacityExceeded,
+    │   │   Unavailable, ShuttingDown, InternalServerError
+    └── ClientClosed                 the client was used after it was closed
+
+``retryable`` tells whether the same request may succeed if tried again
+(possibly on another node). It says nothing about whether a write that
+failed with it was applied; see :attr:`QdbError.request_sent`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "CapacityExceeded",
+    "ClientClosed",
+    "ConfigError",
+    "Conflict",
+    "ConnectError",
+    "ConnectTimeout",
+    "ConnectionDraining",
+    "ConnectionLost",
+    "ConstraintViolation",
+    "FrameError",
+    "FrameRejected",
+    "FrameTooLarge",
+    "HandshakeError",
+    "InternalServerError",
+    "InvalidRequest",
+    "MessageError",
+    "MethodNotFound",
+    "NotFound",
+    "Overloaded",
+    "ParseError",
+    "PermissionDenied",
+    "ProtocolError",
+    "ProtocolViolation",
+    "QdbError",
+    "RequestTimeout",
+    "ServerError",
+    "ServerTimeout",
+    "ShuttingDown",
+    "SqlError",
+    "TransportError",
+    "Unauthenticated",
+    "Unavailable",
+    "ValueNotEncodable",
+    "VersionMismatch",
+    "server_error_from_wire",
+]
+
+
+class QdbError(Exception):
+    """Base class of every error raised by qdb_client."""
+
+    #: True when repeating the request (perhaps elsewhere) may succeed.
+    retryable: ClassVar[bool] = False
+
+
+class ConfigError(QdbError, ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+# --------------------------------------------------------------------- protocol
+
+
+class ProtocolError(QdbError):
+    """Bytes received from a peer do not follow protocol v1."""
+
+
+class FrameError(ProtocolError):
+    """A frame header is broken; the byte stream can no longer be trusted.
+
+    The connection that produced it must be closed.
+    """
+
+
+class FrameTooLarge(FrameError):
+    """A frame header announces more bytes than the negotiated maximum.
+
+    Raised from the header alone, before any buffer for the body exists.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the maximum of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class ProtocolViolation(ProtocolError):
+    """A peer sent a message that its role or the connection state forbids.
+
+    For example a REQUEST before the handshake finished. Connection-level.
+    """
+
+
+class MessageError(ProtocolError):
+    """One frame arrived whole but its content is unusable.
+
+    A checksum mismatch, undecodable CBOR or a body that does not match its
+    message kind. The connection stays usable; ``request_id`` names the
+    request the frame claimed to belong to (0 when unknown).
+    """
+
+    def __init__(self, message: str, *, request_id: int = 0, kind: int | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.kind = kind
+
+
+class ValueNotEncodable(QdbError, TypeError):
+    """A value given to the driver has no representation in protocol v1."""
+
+
+# -------------------------------------------------------------------- transport
+
+
+class TransportError(QdbError):
+    """The connection to a node failed.
+
+    ``node`` is the ``host:port`` address involved, when known.
+    ``request_sent`` tells whether the request's bytes had been written when
+    it failed: False means the node never saw it and any request may be
+    retried safely.
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, *, node: str | None = None, request_sent: bool = False):
+        super().__init__(message)
+        self.node = node
+        self.request_sent = request_sent
+
+
+class ConnectError(TransportError):
+    """A connection to a node could not be opened (refused, unreachable)."""
+
+
+class ConnectTimeout(ConnectError):
+    """Opening a connection (TCP connect plus handshake) took longer than allowed."""
+
+
+class HandshakeError(TransportError):
+    """The node refused the handshake, or answered it with something invalid."""
+
+    retryable = False
+
+
+class VersionMismatch(HandshakeError):
+    """Client and node share no protocol version.
+
+    ``supported_versions`` lists what the node speaks.
+    """
+
+    def __init__(self, message: str, *, supported_versions: list[int], node: str | None = None):
+        super().__init__(message, node=node)
+        self.supported_versions = list(supported_versions)
+
+
+class ConnectionLost(TransportError):
+    """An open connection died (closed, reset, corrupted or poisoned).
+
+    Requests that were in flight on it have an unknown outcome:
+    ``request_sent`` is True for them.
+    """
+
+
+class ConnectionDraining(TransportError):
+    """The node sent GOAWAY; this request was not processed and may be retried.
+
+    ``reason`` is the node's stated reason (``"shutdown"``, ``"idle_timeout"``...).
+    """
+
+    def __init__(self, message: str, *, reason: str, node: str | None = None):
+        super().__init__(message, node=node, request_sent=False)
+        self.reason = reason
+
+
+class RequestTimeout(QdbError):
+    """The client-side deadline for a request passed before its reply arrived.
+
+    ``request_sent`` tells whether the request may have reached the node.
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, *, timeout: float, request_sent: bool = True):
+        super().__init__(message)
+        self.timeout = timeout
+        self.request_sent = request_sent
+
+
+class ClientClosed(QdbError):
+    """The client (or connection) was used after it was closed."""
+
+
+# ----------------------------------------------------------------------- server
+
+
+class ServerError(QdbError):
+    """A node answered a request with a structured error.
+
+    Attributes mirror the wire ERROR message: ``code`` (numeric class, as in
+    HTTP), ``name`` (symbolic, e.g. ``"SQL_ERROR"``), ``message``,
+    ``retryable``, ``retry_after_ms`` and ``details``.
+    """
+
+    #: Symbolic name this class stands for; ServerError itself covers unknown names.
+    wire_name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int,
+        name: str,
+        retryable: bool = False,
+        retry_after_ms: int | None = None,
+        details: dict[str, Any] | None = None,
+        node: str | None = None,
+    ) -> None:
+        super().__init__(f"{name} ({code}): {message}")
+        self.code = code
+        self.name = name
+        self.message = message
+        self.retryable = retryable  # type: ignore[misc]  # instance overrides class default
+        self.retry_after_ms = retry_after_ms
+        self.details = dict(details or {})
+        self.node = node
+
+
+class ParseError(ServerError):
+    """The node could not parse a frame."""
+
+    wire_name = "PARSE_ERROR"
+
+
+class InvalidRequest(ServerError):
+    """The request's arguments are invalid."""
+
+    wire_name = "INVALID_REQUEST"
+
+
+class MethodNotFound(ServerError):
+    """The node has no method of that name."""
+
+    wire_name = "METHOD_NOT_FOUND"
+
+
+class Unauthenticated(ServerError):
+    """Credentials are missing or wrong."""
+
+    wire_name = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServerError):
+    """The session may not do this."""
+
+    wire_name = "PERMISSION_DENIED"
+
+
+class NotFound(ServerError):
+    """A named session, stream or object is unknown."""
+
+    wire_name = "NOT_FOUND"
+
+
+class Conflict(ServerError):
+    """The request conflicts with earlier state (e.g. a reused key)."""
+
+    wire_name = "CONFLICT"
+
+
+class FrameRejected(ServerError):
+    """The node refused a frame larger than its limit."""
+
+    wire_name = "FRAME_TOO_LARGE"
+
+
+class SqlError(ServerError):
+    """The SQL statement failed."""
+
+    wire_name = "SQL_ERROR"
+
+
+class ConstraintViolation(ServerError):
+    """The statement broke a table constraint."""
+
+    wire_name = "CONSTRAINT_VIOLATION"
+
+
+class ServerTimeout(ServerError):
+    """The node gave up on the request at its deadline."""
+
+    wire_name = "TIMEOUT"
+
+
+class Overloaded(ServerError):
+    """The node is shedding load."""
+
+    wire_name = "OVERLOADED"
+
+
+class CapacityExceeded(ServerError):
+    """The node is at its connection or request limit."""
+
+    wire_name = "CAPACITY_EXCEEDED"
+
+
+class Unavailable(ServerError):
+    """The node cannot serve right now."""
+
+    wire_name = "UNAVAILABLE"
+
+
+class ShuttingDown(ServerError):
+    """The node is shutting down."""
+
+    wire_name = "SHUTTING_DOWN"
+
+
+class InternalServerError(ServerError):
+    """The node failed unexpectedly."""
+
+    wire_name = "INTERNAL"
+
+
+_BY_WIRE_NAME: dict[str, type[ServerError]] = {
+    cls.wire_name: cls
+    for cls in (
+        ParseError,
+        InvalidRequest,
+        MethodNotFound,
+        Unauthenticated,
+        PermissionDenied,
+        NotFound,
+        Conflict,
+        FrameRejected,
+        SqlError,
+        ConstraintViolation,
+        ServerTimeout,
+        Overloaded,
+        CapacityExceeded,
+        Unavailable,
+        ShuttingDown,
+        InternalServerError,
+    )
+}
+
+
+def server_error_from_wire(
+    *,
+    code: int,
+    name: str,
+    message: str,
+    retryable: bool,
+    retry_after_ms: int | None = None,
+    details: dict[str, Any] | None = None,
+    node: str | None = None,
+) -> ServerError:
+    """Build the ServerError subclass matching a wire ERROR's symbolic name."""
+    cls = _BY_WIRE_NAME.get(name, ServerError)
+    return cls(
+        message,
+        code=code,
+        name=name,
+        retryable=retryable,
+        retry_after_ms=retry_after_ms,
+        details=details,
+        node=node,
+    )

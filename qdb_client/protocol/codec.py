@@ -1,0 +1,54 @@
+"""CBOR bodies: encoding, and decoding with limits and exact consumption.
+
+cbor2's ``loads`` ignores trailing bytes and accepts indefinite-length items
+and deep nesting; a body must instead be exactly one definite-length item of
+bounded depth. Every failure inside cbor2 (including errors raised by its
+tag decoders) becomes a :class:`MessageError`.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import cbor2
+
+from ..errors import MessageError, ValueNotEncodable
+
+__all__ = ["MAX_DEPTH", "decode_body", "encode_body"]
+
+#: Deepest container nesting accepted in a body.
+MAX_DEPTH = 32
+
+
+def encode_body(value: Any) -> bytes:
+    """Encode one value as CBOR, or raise ValueNotEncodable."""
+    try:
+        return cbor2.dumps(value)
+    except (cbor2.CBOREncodeError, TypeError, ValueError, OverflowError) as exc:
+        raise ValueNotEncodable(f"cannot encode {type(value).__name__} as CBOR: {exc}") from exc
+
+
+def decode_body(data: bytes, *, request_id: int = 0, kind: int | None = None) -> Any:
+    """Decode exactly one CBOR item from ``data`` or raise MessageError."""
+    if not data:
+        raise MessageError("empty message body", request_id=request_id, kind=kind)
+    fp = io.BytesIO(data)
+    try:
+        decoder = cbor2.CBORDecoder(
+            fp, max_depth=MAX_DEPTH, allow_indefinite=False, strict_hashable_types=True
+        )
+        value = decoder.decode()
+    except RecursionError as exc:
+        raise MessageError("CBOR body nested too deeply", request_id=request_id, kind=kind) from exc
+    except Exception as exc:  # cbor2 and its tag decoders raise many types
+        raise MessageError(
+            f"undecodable CBOR body: {exc}", request_id=request_id, kind=kind
+        ) from exc
+    if fp.tell() != len(data):
+        raise MessageError(
+            f"{len(data) - fp.tell()} trailing bytes after the CBOR body",
+            request_id=request_id,
+            kind=kind,
+        )
+    return value

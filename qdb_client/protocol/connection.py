@@ -1,0 +1,227 @@
+"""Sans-IO state machine of one protocol v1 connection, for either side.
+
+In the manner of h11: ``send(message)`` returns the bytes to write,
+``receive_data(bytes)`` takes what was read, ``next_event()`` returns the
+next :class:`Message`, a :class:`BadMessage` (a frame whose content was
+unusable; the connection goes on), or None when it needs more bytes.
+Connection-level faults raise :class:`FrameError` or
+:class:`ProtocolViolation`, after which the connection must be closed.
+
+States: HANDSHAKE until the server sent WELCOME (or the client received
+it), OPEN, then CLOSED after a handshake ERROR or end of input. A GOAWAY in
+either direction is recorded; after receiving one, a client may not send
+new REQUESTs.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from ..errors import FrameTooLarge, MessageError, ProtocolViolation
+from .frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
+from .messages import (
+    PROTOCOL_VERSIONS,
+    Error,
+    GoAway,
+    Hello,
+    Kind,
+    Message,
+    Request,
+    Welcome,
+    decode_message,
+    encode_message,
+)
+
+__all__ = ["BadMessage", "ProtocolConnection", "Role", "State", "choose_version"]
+
+
+class Role(enum.Enum):
+    """Which end of the connection this state machine is."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    """Connection lifecycle."""
+
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@attrs.frozen
+class BadMessage:
+    """Event: a whole frame arrived whose content can't be used."""
+
+    error: MessageError
+
+    @property
+    def request_id(self) -> int:
+        """The request the frame claimed to belong to (0 if none)."""
+        return self.error.request_id
+
+
+_SENT_BY = {
+    Role.CLIENT: frozenset(
+        {
+            Kind.HELLO,
+            Kind.REQUEST,
+            Kind.CANCEL,
+            Kind.PING,
+            Kind.PONG,
+            Kind.GOAWAY,
+            Kind.STREAM_CREDIT,
+        }
+    ),
+    Role.SERVER: frozenset(
+        {
+            Kind.WELCOME,
+            Kind.RESPONSE,
+            Kind.ERROR,
+            Kind.PING,
+            Kind.PONG,
+            Kind.GOAWAY,
+            Kind.STREAM_PAGE,
+            Kind.STREAM_END,
+            Kind.EVENT,
+        }
+    ),
+}
+_HANDSHAKE_KINDS = {Role.CLIENT: {Kind.HELLO}, Role.SERVER: {Kind.WELCOME, Kind.ERROR}}
+
+
+def choose_version(
+    offered: tuple[int, ...], supported: tuple[int, ...] = PROTOCOL_VERSIONS
+) -> int | None:
+    """The newest version both sides speak, or None."""
+    common = set(offered) & set(supported)
+    return max(common) if common else None
+
+
+class ProtocolConnection:
+    """Protocol state of one connection, without any I/O."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        versions: tuple[int, ...] = PROTOCOL_VERSIONS,
+    ) -> None:
+        self.role = role
+        self.versions = versions
+        self.state = State.HANDSHAKE
+        #: Version chosen in the handshake (None before WELCOME).
+        self.version: int | None = None
+        #: Largest frame the peer accepts; sends above it raise FrameTooLarge.
+        self.peer_max_frame_size = DEFAULT_MAX_FRAME_SIZE
+        #: The GOAWAY received from the peer, if any.
+        self.received_goaway: GoAway | None = None
+        #: Whether this side sent GOAWAY.
+        self.sent_goaway = False
+        self._decoder = FrameDecoder(max_frame_size)
+        self._peer = Role.SERVER if role is Role.CLIENT else Role.CLIENT
+
+    @property
+    def max_frame_size(self) -> int:
+        """Largest frame this side accepts."""
+        return self._decoder.max_frame_size
+
+    # ------------------------------------------------------------------ send
+
+    def send(self, message: Message) -> bytes:
+        """Validate ``message`` against role and state; return its frame bytes."""
+        kind = message.kind
+        if kind not in _SENT_BY[self.role]:
+            raise ProtocolViolation(f"a {self.role.value} cannot send {kind.name}")
+        if self.state is State.CLOSED:
+            raise ProtocolViolation(f"cannot send {kind.name} on a closed connection")
+        if self.state is State.HANDSHAKE and kind not in _HANDSHAKE_KINDS[self.role]:
+            raise ProtocolViolation(f"cannot send {kind.name} before the handshake completed")
+        if self.state is State.OPEN and kind in (Kind.HELLO, Kind.WELCOME):
+            raise ProtocolViolation(f"handshake already completed; cannot send {kind.name}")
+        if isinstance(message, Request) and self.received_goaway is not None:
+            raise ProtocolViolation("peer sent GOAWAY; no new requests on this connection")
+        data = encode_message(message)
+        if len(data) > self.peer_max_frame_size:
+            raise FrameTooLarge(len(data), self.peer_max_frame_size)
+        self._after_send(message)
+        return data
+
+    def _after_send(self, message: Message) -> None:
+        if isinstance(message, Welcome):
+            self.state = State.OPEN
+            self.version = message.version
+        elif isinstance(message, Error) and self.state is State.HANDSHAKE:
+            self.state = State.CLOSED
+        elif isinstance(message, GoAway):
+            self.sent_goaway = True
+
+    # --------------------------------------------------------------- receive
+
+    def receive_data(self, data: bytes) -> None:
+        """Take bytes read from the peer."""
+        self._decoder.feed(data)
+
+    def receive_eof(self) -> None:
+        """The peer closed its side; raises FrameError if a frame was cut short."""
+        self.state = State.CLOSED
+        self._decoder.check_eof()
+
+    def next_event(self) -> Message | BadMessage | None:
+        """The next message or bad message received, or None if more bytes are needed."""
+        try:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                return None
+            message = decode_message(frame)
+        except MessageError as exc:
+            return BadMessage(exc)
+        if message.kind not in _SENT_BY[self._peer]:
+            return BadMessage(
+                MessageError(
+                    f"a {self._peer.value} cannot send {message.kind.name}",
+                    request_id=message.request_id,
+                    kind=message.kind,
+                )
+            )
+        return self._after_receive(message)
+
+    def _after_receive(self, message: Message) -> Message | BadMessage:
+        if self.state is State.HANDSHAKE:
+            return self._handshake_receive(message)
+        if isinstance(message, (Hello, Welcome)):
+            return BadMessage(
+                MessageError(
+                    f"{message.kind.name} after the handshake",
+                    request_id=message.request_id,
+                    kind=message.kind,
+                )
+            )
+        if isinstance(message, GoAway):
+            self.received_goaway = message
+        return message
+
+    def _handshake_receive(self, message: Message) -> Message:
+        if self.role is Role.SERVER:
+            if not isinstance(message, Hello):
+                raise ProtocolViolation(f"expected HELLO, received {message.kind.name}")
+            if message.max_frame_size is not None:
+                self.peer_max_frame_size = message.max_frame_size
+            return message
+        if isinstance(message, Welcome):
+            if message.version not in self.versions:
+                raise ProtocolViolation(
+                    f"server chose protocol version {message.version}, not offered"
+                )
+            self.state = State.OPEN
+            self.version = message.version
+            self.peer_max_frame_size = message.max_frame_size
+            return message
+        if isinstance(message, Error):
+            self.state = State.CLOSED
+            return message
+        raise ProtocolViolation(f"expected WELCOME, received {message.kind.name}")

@@ -1,0 +1,573 @@
+"""Message kinds of protocol v1 and their CBOR bodies.
+
+Each message is a frozen attrs class. ``encode_message`` turns one into
+frame bytes; ``decode_message`` turns a :class:`Frame` back into a message,
+validating the body against the kind's schema (a wrong body is a
+:class:`MessageError`). Body keys are short lowercase words; optional keys
+are omitted rather than sent as null. See docs/protocol.md for the contract.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import attrs
+
+from ..errors import MessageError
+from .codec import decode_body, encode_body
+from .codes import ErrorCode
+from .frames import MAX_REQUEST_ID, Frame, encode_frame
+
+__all__ = [
+    "PROTOCOL_VERSIONS",
+    "Cancel",
+    "Error",
+    "Event",
+    "GoAway",
+    "Hello",
+    "Kind",
+    "Member",
+    "Message",
+    "Ping",
+    "Pong",
+    "Request",
+    "Response",
+    "StreamCredit",
+    "StreamEnd",
+    "StreamPage",
+    "Welcome",
+    "decode_message",
+    "encode_message",
+    "error_message",
+]
+
+#: Protocol versions this package speaks, newest last.
+PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+
+
+class Kind(enum.IntEnum):
+    """The message-kind byte of a frame header."""
+
+    HELLO = 0x01
+    WELCOME = 0x02
+    REQUEST = 0x10
+    RESPONSE = 0x11
+    ERROR = 0x12
+    CANCEL = 0x13
+    PING = 0x20
+    PONG = 0x21
+    GOAWAY = 0x22
+    STREAM_PAGE = 0x30
+    STREAM_END = 0x31
+    STREAM_CREDIT = 0x32
+    EVENT = 0x40
+
+
+class _Body:
+    """Typed access to a decoded body; every mistake is a MessageError."""
+
+    def __init__(self, raw: Any, frame: Frame) -> None:
+        self._frame = frame
+        if not isinstance(raw, dict):
+            self.fail(f"body must be a map, not {type(raw).__name__}")
+        self._raw: dict[str, Any] = raw
+
+    def fail(self, why: str) -> None:
+        name = _kind_name(self._frame.kind)
+        raise MessageError(
+            f"invalid {name} body: {why}",
+            request_id=self._frame.request_id,
+            kind=self._frame.kind,
+        )
+
+    def get(self, key: str, types: type | tuple[type, ...], default: Any = attrs.NOTHING) -> Any:
+        if key not in self._raw:
+            if default is attrs.NOTHING:
+                self.fail(f"missing {key!r}")
+            return default
+        value = self._raw[key]
+        # bool is an int in Python; an int field must not accept True.
+        allowed = _tuple(types)
+        if not isinstance(value, allowed) or (
+            isinstance(value, bool) and int in allowed and bool not in allowed
+        ):
+            self.fail(f"{key!r} must be {_type_names(types)}, not {type(value).__name__}")
+        return value
+
+    def count(self, key: str, default: Any = attrs.NOTHING) -> Any:
+        value = self.get(key, int, default)
+        if value is not None and value is not default and value < 0:
+            self.fail(f"{key!r} must not be negative")
+        return value
+
+
+def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in _tuple(types))
+
+
+def _kind_name(kind: int) -> str:
+    try:
+        return Kind(kind).name
+    except ValueError:
+        return f"kind {kind:#04x}"
+
+
+def _omit_none(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if v is not None}
+
+
+class Message:
+    """Base of all message classes."""
+
+    kind: ClassVar[Kind]
+    request_id: int
+
+    def body(self) -> dict[str, Any]:
+        """The CBOR map this message travels as."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> Message:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------ handshake
+
+
+@attrs.frozen
+class Member:
+    """A cluster node as announced in WELCOME."""
+
+    node_id: str
+    address: str
+
+
+@attrs.frozen
+class Hello(Message):
+    """Client's opening message: versions spoken, identity, optional auth/session."""
+
+    kind: ClassVar[Kind] = Kind.HELLO
+    versions: tuple[int, ...]
+    client_name: str = "qdb_client"
+    client_version: str = ""
+    credentials: Mapping[str, str] | None = None
+    resume_session: str | None = None
+    max_frame_size: int | None = None
+    request_id: int = 0
+
+    def body(self) -> dict[str, Any]:
+        return _omit_none(
+            {
+                "versions": list(self.versions),
+                "client": self.client_name,
+                "client_version": self.client_version,
+                "auth": dict(self.credentials) if self.credentials is not None else None,
+                "session": self.resume_session,
+                "max_frame": self.max_frame_size,
+            }
+        )
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> Hello:
+        versions = body.get("versions", list)
+        if not versions or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v < 256 for v in versions
+        ):
+            body.fail("'versions' must be a non-empty list of integers 1..255")
+        auth = body.get("auth", dict, None)
+        if auth is not None and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in auth.items()
+        ):
+            body.fail("'auth' must map text to text")
+        return cls(
+            versions=tuple(versions),
+            client_name=body.get("client", str, ""),
+            client_version=body.get("client_version", str, ""),
+            credentials=auth,
+            resume_session=body.get("session", str, None),
+            max_frame_size=body.count("max_frame", None),
+        )
+
+
+@attrs.frozen
+class Welcome(Message):
+    """Server's acceptance of a HELLO: chosen version, identity and limits."""
+
+    kind: ClassVar[Kind] = Kind.WELCOME
+    version: int
+    node_id: str
+    session_id: str
+    max_frame_size: int
+    max_in_flight: int
+    idle_timeout_ms: int
+    members: tuple[Member, ...] = ()
+    server_name: str = ""
+    request_id: int = 0
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "node_id": self.node_id,
+            "session": self.session_id,
+            "max_frame": self.max_frame_size,
+            "max_in_flight": self.max_in_flight,
+            "idle_timeout_ms": self.idle_timeout_ms,
+            "members": [{"node_id": m.node_id, "address": m.address} for m in self.members],
+            "server": self.server_name,
+        }
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> Welcome:
+        members = []
+        for item in body.get("members", list, []):
+            if not (
+                isinstance(item, dict)
+                and isinstance(item.get("node_id"), str)
+                and isinstance(item.get("address"), str)
+            ):
+                body.fail("each member must be a map with text 'node_id' and 'address'")
+            members.append(Member(item["node_id"], item["address"]))
+        return cls(
+            version=body.count("version"),
+            node_id=body.get("node_id", str),
+            session_id=body.get("session", str),
+            max_frame_size=body.count("max_frame"),
+            max_in_flight=body.count("max_in_flight"),
+            idle_timeout_ms=body.count("idle_timeout_ms"),
+            members=tuple(members),
+            server_name=body.get("server", str, ""),
+        )
+
+
+# ------------------------------------------------------------------- requests
+
+
+@attrs.frozen
+class Request(Message):
+    """Call ``method`` with ``args``; the reply echoes ``request_id``."""
+
+    kind: ClassVar[Kind] = Kind.REQUEST
+    request_id: int
+    method: str
+    args: Mapping[str, Any] = attrs.field(factory=dict)
+    deadline_ms: int | None = None
+    idempotency_key: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        return _omit_none(
+            {
+                "method": self.method,
+                "args": dict(self.args),
+                "deadline_ms": self.deadline_ms,
+                "idem_key": self.idempotency_key,
+            }
+        )
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> Request:
+        return cls(
+            request_id=frame.request_id,
+            method=body.get("method", str),
+            args=body.get("args", dict, {}),
+            deadline_ms=body.count("deadline_ms", None),
+            idempotency_key=body.get("idem_key", str, None),
+        )
+
+
+@attrs.frozen
+class Response(Message):
+    """Successful result of the request ``request_id``."""
+
+    kind: ClassVar[Kind] = Kind.RESPONSE
+    request_id: int
+    result: Any = None
+
+    def body(self) -> dict[str, Any]:
+        return {"result": self.result}
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> Response:
+        return cls(request_id=frame.request_id, result=body.get("result", object))
+
+
+@attrs.frozen
+class Error(Message):
+    """Structured failure of request ``request_id`` (0: of the connection)."""
+
+    kind: ClassVar[Kind] = Kind.ERROR
+    request_id: int
+    code: int
+    name: str
+    message: str
+    retryable: bool
+    retry_after_ms: int | None = None
+    details: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return _omit_none(
+            {
+                "code": self.code,
+                "name": self.name,
+                "message": self.message,
+                "retryable": self.retryable,
+                "retry_after_ms": self.retry_after_ms,
+                "details": dict(self.details) if self.details else None,
+            }
+        )
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> Error:
+        return cls(
+            request_id=frame.request_id,
+            code=body.count("code"),
+            name=body.get("name", str),
+            message=body.get("message", str),
+            retryable=body.get("retryable", bool),
+            retry_after_ms=body.count("retry_after_ms", None),
+            details=body.get("details", dict, {}),
+        )
+
+
+@attrs.frozen
+class Cancel(Message):
+    """Client abandons request ``request_id``; the server may stop working on it."""
+
+    kind: ClassVar[Kind] = Kind.CANCEL
+    request_id: int
+
+    def body(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> Cancel:
+        return cls(request_id=frame.request_id)
+
+
+# ------------------------------------------------------------------- liveness
+
+
+@attrs.frozen
+class Ping(Message):
+    """Liveness probe; answered by a PONG with the same ``request_id``."""
+
+    kind: ClassVar[Kind] = Kind.PING
+    request_id: int
+
+    def body(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> Ping:
+        return cls(request_id=frame.request_id)
+
+
+@attrs.frozen
+class Pong(Message):
+    """Answer to the PING with the same ``request_id``."""
+
+    kind: ClassVar[Kind] = Kind.PONG
+    request_id: int
+
+    def body(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> Pong:
+        return cls(request_id=frame.request_id)
+
+
+@attrs.frozen
+class GoAway(Message):
+    """The sender will close the connection.
+
+    Requests with ids up to ``last_request_id`` are (or will be) answered;
+    later ones were not processed and may be sent elsewhere. ``reason`` is
+    one of ``shutdown``, ``idle_timeout``, ``max_lifetime``, ``overloaded``,
+    ``protocol_error`` or ``client_close``.
+    """
+
+    kind: ClassVar[Kind] = Kind.GOAWAY
+    reason: str
+    last_request_id: int
+    message: str = ""
+    request_id: int = 0
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "last_request_id": self.last_request_id,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> GoAway:
+        return cls(
+            reason=body.get("reason", str),
+            last_request_id=body.count("last_request_id"),
+            message=body.get("message", str, ""),
+        )
+
+
+# -------------------------------------------------------------------- streams
+
+
+@attrs.frozen
+class StreamPage(Message):
+    """One page of the result stream opened by request ``request_id``.
+
+    ``seq`` counts pages from 0. ``resume_token`` lets any node continue the
+    stream after this page. ``columns`` is sent with page 0 only.
+    """
+
+    kind: ClassVar[Kind] = Kind.STREAM_PAGE
+    request_id: int
+    seq: int
+    rows: tuple[Any, ...]
+    resume_token: bytes
+    columns: tuple[str, ...] | None = None
+
+    def body(self) -> dict[str, Any]:
+        return _omit_none(
+            {
+                "seq": self.seq,
+                "rows": list(self.rows),
+                "token": self.resume_token,
+                "columns": list(self.columns) if self.columns is not None else None,
+            }
+        )
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> StreamPage:
+        columns = body.get("columns", list, None)
+        if columns is not None and not all(isinstance(c, str) for c in columns):
+            body.fail("'columns' must be a list of text")
+        return cls(
+            request_id=frame.request_id,
+            seq=body.count("seq"),
+            rows=tuple(body.get("rows", list)),
+            resume_token=body.get("token", bytes),
+            columns=tuple(columns) if columns is not None else None,
+        )
+
+
+@attrs.frozen
+class StreamEnd(Message):
+    """End of stream ``request_id``: last page number, row count and digest.
+
+    ``digest`` is SHA-256 over the CBOR encoding of every row in order, so a
+    resumed stream can prove it delivered exactly the original result.
+    """
+
+    kind: ClassVar[Kind] = Kind.STREAM_END
+    request_id: int
+    seq: int
+    row_count: int
+    digest: bytes
+
+    def body(self) -> dict[str, Any]:
+        return {"seq": self.seq, "row_count": self.row_count, "digest": self.digest}
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> StreamEnd:
+        return cls(
+            request_id=frame.request_id,
+            seq=body.count("seq"),
+            row_count=body.count("row_count"),
+            digest=body.get("digest", bytes),
+        )
+
+
+@attrs.frozen
+class StreamCredit(Message):
+    """The client grants stream ``request_id`` permission for ``pages`` more pages."""
+
+    kind: ClassVar[Kind] = Kind.STREAM_CREDIT
+    request_id: int
+    pages: int
+
+    def body(self) -> dict[str, Any]:
+        return {"pages": self.pages}
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> StreamCredit:
+        pages = body.count("pages")
+        if pages == 0:
+            body.fail("'pages' must be positive")
+        return cls(request_id=frame.request_id, pages=pages)
+
+
+@attrs.frozen
+class Event(Message):
+    """Server push: ``topic`` and ``data``; ``request_id`` is the subscription (0: none)."""
+
+    kind: ClassVar[Kind] = Kind.EVENT
+    topic: str
+    data: Mapping[str, Any] = attrs.field(factory=dict)
+    request_id: int = 0
+
+    def body(self) -> dict[str, Any]:
+        return {"topic": self.topic, "data": dict(self.data)}
+
+    @classmethod
+    def from_body(cls, frame: Frame, body: _Body) -> Event:
+        return cls(
+            request_id=frame.request_id,
+            topic=body.get("topic", str),
+            data=body.get("data", dict, {}),
+        )
+
+
+MESSAGE_TYPES: dict[int, type[Message]] = {
+    cls.kind: cls
+    for cls in (
+        Hello,
+        Welcome,
+        Request,
+        Response,
+        Error,
+        Cancel,
+        Ping,
+        Pong,
+        GoAway,
+        StreamPage,
+        StreamEnd,
+        StreamCredit,
+        Event,
+    )
+}
+
+
+def encode_message(message: Message) -> bytes:
+    """Return the frame bytes of ``message``."""
+    if not 0 <= message.request_id <= MAX_REQUEST_ID:
+        raise ValueError(f"request id {message.request_id} out of range")
+    return encode_frame(message.kind, message.request_id, encode_body(message.body()))
+
+
+def decode_message(frame: Frame) -> Message:
+    """Return the message a verified frame carries, or raise MessageError."""
+    cls = MESSAGE_TYPES.get(frame.kind)
+    if cls is None:
+        raise MessageError(
+            f"unknown message kind {frame.kind:#04x}", request_id=frame.request_id, kind=frame.kind
+        )
+    raw = decode_body(frame.body, request_id=frame.request_id, kind=frame.kind)
+    return cls.from_body(frame, _Body(raw, frame))
+
+
+def error_message(request_id: int, code: ErrorCode, message: str, **extra: Any) -> Error:
+    """Build an ERROR for ``code`` with its numeric class and retryable flag filled in."""
+    return Error(
+        request_id=request_id,
+        code=code.code,
+        name=code.value,
+        message=message,
+        retryable=code.retryable,
+        **extra,
+    )
