@@ -1,8 +1,33 @@
-"""qdb_client: a trio-native driver for the QDB distributed SQL database."""
+"""qdb_client: a trio-native driver for the QDB distributed SQL database.
 
+::
+
+    async with qdb_client.open_client(["127.0.0.1:7000", "127.0.0.1:7001"]) as client:
+        await client.execute("INSERT INTO t (name) VALUES (?)", ["ada"])
+        result = await client.query("SELECT id, name FROM t")
+        for row in result:
+            print(row["id"], row["name"])
+
+Every error raised is a :class:`QdbError` (see :mod:`qdb_client.errors`).
+"""
+
+from ._client import Client, Params, Statement, open_client
+from ._version import __version__
+from .config import ClientConfig, Credentials
 from .errors import *  # noqa: F403
 from .errors import __all__ as _error_names
+from .results import ExecuteResult, QueryResult, Row
 
-__version__ = "0.1.0"
-
-__all__ = ["__version__", *_error_names]
+__all__ = [
+    "Client",
+    "ClientConfig",
+    "Credentials",
+    "ExecuteResult",
+    "Params",
+    "QueryResult",
+    "Row",
+    "Statement",
+    "__version__",
+    "open_client",
+    *_error_names,
+]

@@ -13,7 +13,8 @@ that meets them and chained with ``raise ... from``.
     │   │   └── FrameTooLarge
     │   ├── ProtocolViolation        connection-level: a message out of order or direction
     │   └── MessageError             per-message: the frame is intact, its content is not
-    ├── ValueNotEncodable            a parameter can't be sent (no CBOR form)
+    ├── InvalidArgument              a method was called with an argument of the wrong shape
+    │   └── ValueNotEncodable        a parameter can't be sent (no CBOR form)
     ├── TransportError               the connection to a node failed
     │   ├── ConnectError             could not open a connection
     │   │   └── ConnectTimeout
@@ -21,6 +22,7 @@ that meets them and chained with ``raise ... from``.
     │   │   └── VersionMismatch
     │   ├── ConnectionLost           an open connection died; in-flight outcomes unknown
     │   └── ConnectionDraining       the node sent GOAWAY; the request was never processed
+    ├── NoAvailableNode              no configured node could be reached
     ├── RequestTimeout               the client-side deadline passed
     ├── ServerError                  the node answered with a structured error
     │   ├── ParseError, InvalidRequest, MethodNotFound, Unauthenticated,
@@ -53,9 +55,11 @@ __all__ = [
     "FrameTooLarge",
     "HandshakeError",
     "InternalServerError",
+    "InvalidArgument",
     "InvalidRequest",
     "MessageError",
     "MethodNotFound",
+    "NoAvailableNode",
     "NotFound",
     "Overloaded",
     "ParseError",
@@ -135,7 +139,11 @@ class MessageError(ProtocolError):
         self.kind = kind
 
 
-class ValueNotEncodable(QdbError, TypeError):
+class InvalidArgument(QdbError, TypeError):
+    """A driver method was called with an argument of the wrong type or shape."""
+
+
+class ValueNotEncodable(InvalidArgument):
     """A value given to the driver has no representation in protocol v1."""
 
 
@@ -201,6 +209,20 @@ class ConnectionDraining(TransportError):
     def __init__(self, message: str, *, reason: str, node: str | None = None):
         super().__init__(message, node=node, request_sent=False)
         self.reason = reason
+
+
+class NoAvailableNode(QdbError):
+    """No node could take the request.
+
+    ``reasons`` maps each node address to why it was not usable.
+    """
+
+    retryable = True
+
+    def __init__(self, reasons: dict[str, str]) -> None:
+        listing = "; ".join(f"{node}: {why}" for node, why in reasons.items()) or "no nodes"
+        super().__init__(f"no available node ({listing})")
+        self.reasons = dict(reasons)
 
 
 class RequestTimeout(QdbError):

@@ -1,0 +1,488 @@
+"""One multiplexed connection to a node.
+
+Layout: a caller encodes its REQUEST and puts it in the outbox (no await
+between the protocol state change and the enqueue); a writer task drains the
+outbox, coalescing frames into one ``send_all``; a reader task decodes
+replies and hands each to the waiter registered under its request id.
+
+Why a writer task rather than callers writing under a lock: a caller
+cancelled in the middle of ``send_all`` would leave half a frame on the
+wire and poison a connection that other callers' requests share. Here a
+caller's cancellation only ever withdraws a frame not yet written (it was
+not sent) or abandons one already written (a CANCEL goes out and the late
+reply is dropped: ids are never reused, so it can't reach another caller).
+Only the connection's own failure can interrupt a write, and that fails
+every waiter with a typed error.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import Any
+
+import trio
+
+from ..errors import (
+    ClientClosed,
+    ConnectError,
+    ConnectionDraining,
+    ConnectionLost,
+    FrameError,
+    HandshakeError,
+    ProtocolError,
+    ProtocolViolation,
+    QdbError,
+    VersionMismatch,
+    server_error_from_wire,
+)
+from ..protocol import (
+    BadMessage,
+    Cancel,
+    Error,
+    GoAway,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    ProtocolConnection,
+    Request,
+    Response,
+    Role,
+    Welcome,
+)
+
+__all__ = ["Connection", "PendingRequest"]
+
+_READ_SIZE = 65536
+_MAX_WRITE_BATCH = 256 * 1024
+_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class PendingRequest:
+    """A request (or ping) from the moment it is queued until its reply.
+
+    ``sent`` becomes True when the writer starts writing its frame; a request
+    whose caller gives up before that was never sent.
+    """
+
+    __slots__ = (
+        "_connection",
+        "_error",
+        "_event",
+        "_result",
+        "data",
+        "holds_slot",
+        "request_id",
+        "sent",
+        "withdrawn",
+    )
+
+    def __init__(
+        self, connection: Connection, request_id: int, data: bytes, *, holds_slot: bool
+    ) -> None:
+        self._connection = connection
+        self.request_id = request_id
+        self.data = data
+        self.holds_slot = holds_slot
+        self.sent = False
+        self.withdrawn = False
+        self._event = trio.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether a reply (or failure) was delivered."""
+        return self._event.is_set()
+
+    def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self._result = result
+        self._error = error
+        self._event.set()
+
+    async def wait(self) -> Any:
+        """Wait for the reply; return the result or raise the typed error.
+
+        Cancellation withdraws an unsent frame, or abandons a sent one.
+        """
+        try:
+            await self._event.wait()
+        except BaseException:
+            self._connection._abandon(self)
+            raise
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class Connection:
+    """A handshaken protocol v1 connection carrying many requests at once.
+
+    Create it over any trio stream, then ``welcome = await
+    nursery.start(connection.run, hello)``: ``run`` performs the handshake,
+    reports readiness, then runs the reader and writer until the connection
+    closes. ``run`` never raises after readiness; failures are recorded in
+    ``error`` and raised to waiters and later callers.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        address: str,
+        max_frame_size: int,
+        max_in_flight: int,
+    ) -> None:
+        self.address = address
+        self._stream = stream
+        self._protocol = ProtocolConnection(Role.CLIENT, max_frame_size=max_frame_size)
+        self._limit = max_in_flight
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, PendingRequest] = {}
+        self._outbox: deque[PendingRequest | bytes] = deque()
+        self._outbox_lot = trio.lowlevel.ParkingLot()
+        self._slot_lot = trio.lowlevel.ParkingLot()
+        self._in_flight = 0
+        self._scope = trio.CancelScope()
+        self._finished = trio.Event()
+        #: Why the connection stopped working (None while usable).
+        self.error: QdbError | None = None
+        #: The GOAWAY reason once the node asked to drain, else None.
+        self.draining_reason: str | None = None
+        #: WELCOME from the node, after the handshake.
+        self.welcome: Welcome | None = None
+        #: trio time of the last frame sent or received.
+        self.last_activity = trio.current_time()
+        self.requests_sent = 0
+        self.late_replies_dropped = 0
+        self.bad_messages = 0
+
+    # ---------------------------------------------------------------- status
+
+    @property
+    def node_id(self) -> str | None:
+        """The node's id from WELCOME."""
+        return self.welcome.node_id if self.welcome else None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent or queued and not yet answered."""
+        return self._in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        """The effective in-flight cap (ours, lowered to the node's)."""
+        return self._limit
+
+    @property
+    def usable(self) -> bool:
+        """True while new requests may be sent."""
+        return self.error is None and self.draining_reason is None and self.welcome is not None
+
+    def _check_usable(self) -> None:
+        if self.error is not None:
+            raise _copy_error(self.error, request_sent=False)
+        if self.draining_reason is not None:
+            raise ConnectionDraining(
+                f"{self.address} is draining ({self.draining_reason}); request not sent",
+                reason=self.draining_reason,
+                node=self.address,
+            )
+
+    # -------------------------------------------------------------- requests
+
+    async def send_request(
+        self,
+        method: str,
+        args: dict[str, Any],
+        *,
+        deadline_ms: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> PendingRequest:
+        """Queue a REQUEST, waiting for an in-flight slot if the cap is reached.
+
+        Raises at once (nothing sent) if the connection is unusable, the
+        arguments can't be encoded, or the frame exceeds the node's limit.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            self._check_usable()
+            if self._in_flight < self._limit:
+                break
+            await self._slot_lot.park()
+        request_id = next(self._ids)
+        data = self._protocol.send(
+            Request(
+                request_id=request_id,
+                method=method,
+                args=args,
+                deadline_ms=deadline_ms,
+                idempotency_key=idempotency_key,
+            )
+        )
+        self._in_flight += 1
+        self.requests_sent += 1
+        return self._enqueue(request_id, data, holds_slot=True)
+
+    async def request(self, method: str, args: dict[str, Any], **options: Any) -> Any:
+        """Send a request and wait for its result (``send_request`` + ``wait``)."""
+        pending = await self.send_request(method, args, **options)
+        return await pending.wait()
+
+    async def ping(self) -> float:
+        """Send a PING frame and return the round trip in seconds.
+
+        Pings don't take an in-flight slot, so a busy connection can still
+        be checked.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_usable()
+        request_id = next(self._ids)
+        started = trio.current_time()
+        data = self._protocol.send(Ping(request_id))
+        await self._enqueue(request_id, data, holds_slot=False).wait()
+        return trio.current_time() - started
+
+    def _enqueue(self, request_id: int, data: bytes, *, holds_slot: bool) -> PendingRequest:
+        pending = PendingRequest(self, request_id, data, holds_slot=holds_slot)
+        self._waiting[request_id] = pending
+        self._outbox.append(pending)
+        self._outbox_lot.unpark()
+        return pending
+
+    def _abandon(self, pending: PendingRequest) -> None:
+        """The caller stopped waiting (cancelled)."""
+        if pending.done or self._waiting.pop(pending.request_id, None) is None:
+            return
+        self._release_slot(pending)
+        if not pending.sent:
+            pending.withdrawn = True
+        elif self.error is None:
+            # Written already: ask the node to stop; its late reply will find
+            # no waiter and be dropped.
+            self._outbox.append(self._protocol.send(Cancel(pending.request_id)))
+            self._outbox_lot.unpark()
+
+    def _release_slot(self, pending: PendingRequest) -> None:
+        if pending.holds_slot:
+            self._in_flight -= 1
+            self._slot_lot.unpark()
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def run(self, hello: Hello, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Handshake, report the WELCOME via ``task_status``, then serve until closed."""
+        try:
+            welcome = await self._handshake(hello)
+        except BaseException:
+            self.error = self.error or ConnectionLost(
+                "handshake did not complete", node=self.address
+            )
+            await trio.aclose_forcefully(self._stream)
+            self._finished.set()
+            raise
+        self._limit = min(self._limit, max(1, welcome.max_in_flight))
+        task_status.started(welcome)
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._guard, self._read_loop)
+                    nursery.start_soon(self._guard, self._write_loop)
+        finally:
+            self._fail(ConnectionLost(f"connection to {self.address} closed", node=self.address))
+            await trio.aclose_forcefully(self._stream)
+            self._finished.set()
+
+    def close(self) -> None:
+        """Stop the connection now; waiters get ClientClosed."""
+        self._fail(ClientClosed(f"connection to {self.address} was closed by the client"))
+
+    async def aclose(self) -> None:
+        """Close and wait until the reader, writer and socket are gone."""
+        self.close()
+        await self._finished.wait()
+
+    def _fail(self, error: QdbError) -> None:
+        """Record the first failure, fail every waiter, stop the tasks."""
+        if self.error is not None:
+            return
+        self.error = error
+        waiting, self._waiting = self._waiting, {}
+        for pending in waiting.values():
+            pending._finish(error=_copy_error(error, request_sent=pending.sent))
+        self._outbox.clear()
+        self._in_flight = 0
+        self._slot_lot.unpark_all()
+        self._scope.cancel()
+
+    async def _guard(self, loop: Any) -> None:
+        try:
+            await loop()
+        except _TRANSPORT_ERRORS as exc:
+            self._fail(_lost(self.address, f"transport failed: {exc!r}", exc))
+        except (FrameError, ProtocolViolation) as exc:
+            self._fail(_lost(self.address, f"protocol error from node: {exc}", exc))
+        except QdbError as exc:
+            self._fail(exc)
+        except Exception as exc:  # a bug must not crash the owner's nursery
+            self._fail(_lost(self.address, f"internal error: {exc!r}", exc))
+
+    async def _handshake(self, hello: Hello) -> Welcome:
+        try:
+            await self._stream.send_all(self._protocol.send(hello))
+            while True:
+                event = self._protocol.next_event()
+                if event is None:
+                    data = await self._stream.receive_some(_READ_SIZE)
+                    if not data:
+                        raise ConnectError(
+                            f"{self.address} closed the connection during the handshake",
+                            node=self.address,
+                        )
+                    self._protocol.receive_data(data)
+                    continue
+                return self._handshake_reply(event)
+        except _TRANSPORT_ERRORS as exc:
+            raise ConnectError(
+                f"handshake with {self.address} failed: {exc!r}", node=self.address
+            ) from exc
+        except ProtocolError as exc:
+            raise HandshakeError(
+                f"invalid handshake reply from {self.address}: {exc}", node=self.address
+            ) from exc
+
+    def _handshake_reply(self, event: Message | BadMessage) -> Welcome:
+        if isinstance(event, Welcome):
+            self.welcome = event
+            self.last_activity = trio.current_time()
+            return event
+        if isinstance(event, Error):
+            if event.name == "VERSION_MISMATCH":
+                raise VersionMismatch(
+                    f"{self.address} speaks none of our protocol versions: {event.message}",
+                    supported_versions=list(event.details.get("supported_versions", [])),
+                    node=self.address,
+                )
+            raise self._server_error(event)
+        raise HandshakeError(
+            f"unexpected handshake reply from {self.address}: {event!r}", node=self.address
+        )
+
+    def _server_error(self, error: Error) -> QdbError:
+        return server_error_from_wire(
+            code=error.code,
+            name=error.name,
+            message=error.message,
+            retryable=error.retryable,
+            retry_after_ms=error.retry_after_ms,
+            details=dict(error.details),
+            node=self.address,
+        )
+
+    # ----------------------------------------------------------- I/O loops
+
+    async def _write_loop(self) -> None:
+        outbox = self._outbox
+        while True:
+            if not outbox:
+                await self._outbox_lot.park()
+                continue
+            chunks = []
+            size = 0
+            while outbox and size < _MAX_WRITE_BATCH:
+                item = outbox.popleft()
+                if isinstance(item, PendingRequest):
+                    if item.withdrawn:
+                        continue
+                    item.sent = True
+                    item = item.data
+                chunks.append(item)
+                size += len(item)
+            if chunks:
+                await self._stream.send_all(b"".join(chunks))
+                self.last_activity = trio.current_time()
+
+    async def _read_loop(self) -> None:
+        protocol = self._protocol
+        while True:
+            # Frames that arrived with the WELCOME are already buffered.
+            while (event := protocol.next_event()) is not None:
+                self._dispatch(event)
+            data = await self._stream.receive_some(_READ_SIZE)
+            if not data:
+                protocol.receive_eof()
+                reason = self.draining_reason or "without GOAWAY"
+                raise ConnectionLost(
+                    f"{self.address} closed the connection ({reason})", node=self.address
+                )
+            self.last_activity = trio.current_time()
+            protocol.receive_data(data)
+
+    def _dispatch(self, event: Message | BadMessage) -> None:
+        if isinstance(event, Response):
+            self._deliver(event.request_id, result=event.result)
+        elif isinstance(event, Error):
+            if event.request_id == 0:
+                self.bad_messages += 1  # connection-level complaint; a GOAWAY or EOF follows
+            else:
+                self._deliver(event.request_id, error=self._server_error(event))
+        elif isinstance(event, Pong):
+            self._deliver(event.request_id, result=None)
+        elif isinstance(event, Ping):
+            self._outbox.append(self._protocol.send(Pong(event.request_id)))
+            self._outbox_lot.unpark()
+        elif isinstance(event, GoAway):
+            self._on_goaway(event)
+        elif isinstance(event, BadMessage):
+            self.bad_messages += 1
+            if event.request_id in self._waiting:
+                # The reply was corrupted in transit: the request ran, its
+                # result is lost. The MessageError says so.
+                self._deliver(event.request_id, error=event.error)
+        # STREAM_* and EVENT frames belong to features built on top of this
+        # layer; without a subscriber they are ignored.
+
+    def _deliver(
+        self, request_id: int, *, result: Any = None, error: QdbError | None = None
+    ) -> None:
+        pending = self._waiting.pop(request_id, None)
+        if pending is None:
+            self.late_replies_dropped += 1
+            return
+        self._release_slot(pending)
+        pending._finish(result, error)
+
+    def _on_goaway(self, goaway: GoAway) -> None:
+        self.draining_reason = goaway.reason
+        for request_id in [rid for rid in self._waiting if rid > goaway.last_request_id]:
+            pending = self._waiting.pop(request_id)
+            pending.withdrawn = True
+            self._release_slot(pending)
+            pending._finish(
+                error=ConnectionDraining(
+                    f"{self.address} is draining ({goaway.reason}); "
+                    f"request {request_id} was not processed",
+                    reason=goaway.reason,
+                    node=self.address,
+                )
+            )
+        self._slot_lot.unpark_all()
+
+
+def _lost(address: str, message: str, cause: BaseException) -> ConnectionLost:
+    error = ConnectionLost(f"connection to {address} lost: {message}", node=address)
+    error.__cause__ = cause
+    return error
+
+
+def _copy_error(error: QdbError, *, request_sent: bool) -> QdbError:
+    """A fresh exception per waiter, so tracebacks don't pile up on one object."""
+    if isinstance(error, ConnectionLost):
+        copy = ConnectionLost(str(error), node=error.node, request_sent=request_sent)
+    elif isinstance(error, ClientClosed):
+        copy = ClientClosed(str(error))
+    else:
+        return error
+    copy.__cause__ = error.__cause__
+    return copy
