@@ -1,0 +1,86 @@
+"""A scripted QDB node over an in-memory stream, for transport unit tests.
+
+The test decides every byte the "node" sends, so reply order, delays,
+corruption and GOAWAY can be staged exactly, in virtual time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+import trio.testing
+
+from qdb_client.protocol import (
+    PROTOCOL_VERSIONS,
+    ErrorCode,
+    Hello,
+    Message,
+    ProtocolConnection,
+    Request,
+    Response,
+    Role,
+    Welcome,
+    error_message,
+)
+
+
+class FakeNode:
+    """The server end of a connection, driven step by step by a test."""
+
+    def __init__(self, stream: trio.abc.Stream, *, node_id: str = "fake-1", max_in_flight: int = 256):
+        self.stream = stream
+        self.node_id = node_id
+        self.max_in_flight = max_in_flight
+        self.protocol = ProtocolConnection(Role.SERVER)
+
+    async def handshake(self) -> Hello:
+        """Read HELLO and answer WELCOME."""
+        hello = await self.receive()
+        assert isinstance(hello, Hello)
+        await self.send(
+            Welcome(
+                version=PROTOCOL_VERSIONS[-1],
+                node_id=self.node_id,
+                session_id="session-1",
+                max_frame_size=1 << 20,
+                max_in_flight=self.max_in_flight,
+                idle_timeout_ms=30_000,
+            )
+        )
+        return hello
+
+    async def receive(self) -> Any:
+        """Next message (or BadMessage) from the client; None at EOF."""
+        while True:
+            event = self.protocol.next_event()
+            if event is not None:
+                return event
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return None
+            self.protocol.receive_data(data)
+
+    async def receive_request(self) -> Request:
+        message = await self.receive()
+        assert isinstance(message, Request), message
+        return message
+
+    async def send(self, message: Message) -> None:
+        await self.stream.send_all(self.protocol.send(message))
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def reply(self, request: Request, result: Any) -> None:
+        await self.send(Response(request_id=request.request_id, result=result))
+
+    async def fail(self, request: Request, code: ErrorCode, message: str = "failed", **extra: Any) -> None:
+        await self.send(error_message(request.request_id, code, message, **extra))
+
+
+def stream_pair(lockstep: bool = False) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    """(client end, node end). ``lockstep``: a write blocks until the peer reads."""
+    if lockstep:
+        return trio.testing.lockstep_stream_pair()
+    return trio.testing.memory_stream_pair()
