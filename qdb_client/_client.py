@@ -188,14 +188,15 @@ class Client:
             conn = self._current
             if conn is not None and conn.usable:
                 return conn
-            reasons: dict[str, str] = {}
+            errors: dict[str, BaseException] = {}
             for address in self.config.hosts:
                 try:
                     self._current = await self._open(address)
                     return self._current
                 except QdbError as exc:
-                    reasons[address] = f"{type(exc).__name__}: {exc}"
-            raise NoAvailableNode(reasons)
+                    errors[address] = exc
+            reasons = {node: f"{type(exc).__name__}: {exc}" for node, exc in errors.items()}
+            raise NoAvailableNode(reasons, errors)
 
     async def _open(self, address: str) -> Connection:
         assert self._nursery is not None

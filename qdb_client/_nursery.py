@@ -26,6 +26,7 @@ async def owned_nursery(
     An exception raised by the body comes out as itself.
     """
     raised: BaseException | None = None
+    unwrapped: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             try:
@@ -36,6 +37,9 @@ async def owned_nursery(
             finally:
                 await on_exit()
     except BaseExceptionGroup as group:
-        if raised is not None and len(group.exceptions) == 1 and group.exceptions[0] is raised:
-            raise raised from raised.__cause__
-        raise
+        if raised is None or len(group.exceptions) != 1 or group.exceptions[0] is not raised:
+            raise
+        unwrapped = raised
+    if unwrapped is not None:
+        # Raised outside the except block so its __context__ stays its own.
+        raise unwrapped

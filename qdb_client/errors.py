@@ -214,15 +214,18 @@ class ConnectionDraining(TransportError):
 class NoAvailableNode(QdbError):
     """No node could take the request.
 
-    ``reasons`` maps each node address to why it was not usable.
+    ``reasons`` maps each node address to why it was not usable; ``errors``
+    holds the exception behind each reason.
     """
 
     retryable = True
 
-    def __init__(self, reasons: dict[str, str]) -> None:
+    def __init__(self, reasons: dict[str, str], errors: dict[str, BaseException] | None = None):
         listing = "; ".join(f"{node}: {why}" for node, why in reasons.items()) or "no nodes"
         super().__init__(f"no available node ({listing})")
         self.reasons = dict(reasons)
+        #: The exception behind each reason, where there was one.
+        self.errors = dict(errors or {})
 
 
 class RequestTimeout(QdbError):

@@ -28,7 +28,9 @@ from qdb_client.protocol import (
 class FakeNode:
     """The server end of a connection, driven step by step by a test."""
 
-    def __init__(self, stream: trio.abc.Stream, *, node_id: str = "fake-1", max_in_flight: int = 256):
+    def __init__(
+        self, stream: trio.abc.Stream, *, node_id: str = "fake-1", max_in_flight: int = 256
+    ):
         self.stream = stream
         self.node_id = node_id
         self.max_in_flight = max_in_flight
@@ -75,7 +77,9 @@ class FakeNode:
     async def reply(self, request: Request, result: Any) -> None:
         await self.send(Response(request_id=request.request_id, result=result))
 
-    async def fail(self, request: Request, code: ErrorCode, message: str = "failed", **extra: Any) -> None:
+    async def fail(
+        self, request: Request, code: ErrorCode, message: str = "failed", **extra: Any
+    ) -> None:
         await self.send(error_message(request.request_id, code, message, **extra))
 
 

@@ -140,6 +140,7 @@ async def test_cancel_after_write_sends_cancel_and_drops_late_reply(autojump_clo
 
 async def test_server_error_is_typed_and_connection_survives():
     async with connected() as (conn, node, nursery):
+
         async def fail_then_answer() -> None:
             await node.fail(await node.receive_request(), ErrorCode.SQL_ERROR, "no such table: t")
             await node.reply(await node.receive_request(), 42)
@@ -154,6 +155,7 @@ async def test_server_error_is_typed_and_connection_survives():
 
 async def test_retry_after_and_details_are_carried():
     async with connected() as (conn, node, nursery):
+
         async def overload() -> None:
             request = await node.receive_request()
             await node.fail(
@@ -169,6 +171,7 @@ async def test_retry_after_and_details_are_carried():
 
 async def test_corrupted_reply_fails_only_its_caller():
     async with connected() as (conn, node, nursery):
+
         async def corrupt_then_answer() -> None:
             request = await node.receive_request()
             frame = bytearray(encode_message(Response(request.request_id, "x" * 10)))
@@ -251,6 +254,7 @@ async def test_in_flight_cap_makes_callers_wait_for_a_slot():
 
 async def test_ping_measures_round_trip_in_virtual_time(autojump_clock):
     async with connected() as (conn, node, nursery):
+
         async def slow_pong() -> None:
             ping = await node.receive()
             assert isinstance(ping, Ping)
@@ -262,7 +266,7 @@ async def test_ping_measures_round_trip_in_virtual_time(autojump_clock):
 
 
 async def test_node_ping_is_answered():
-    async with connected() as (conn, node, _):
+    async with connected() as (_conn, node, _):
         await node.send(Ping(77))
         pong = await node.receive()
         assert isinstance(pong, Pong) and pong.request_id == 77
