@@ -2,8 +2,10 @@
 
 cbor2's ``loads`` ignores trailing bytes and accepts indefinite-length items
 and deep nesting; a body must instead be exactly one definite-length item of
-bounded depth. Every failure inside cbor2 (including errors raised by its
-tag decoders) becomes a :class:`MessageError`.
+bounded depth. Shared-value tags 28/29 are refused: they let a few hundred
+bytes decode into a graph with billions of paths (or a cycle), which the
+depth bound does not see. Every failure inside cbor2 (including errors
+raised by its tag decoders) becomes a :class:`MessageError`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ __all__ = ["MAX_DEPTH", "decode_body", "encode_body"]
 
 #: Deepest container nesting accepted in a body.
 MAX_DEPTH = 32
+#: CBOR tags for shared values (28 "shareable", 29 "sharedref"); never valid in a body.
+_SHARED_VALUE_TAGS = (28, 29)
+
+
+def _refuse_shared_value(*_args: Any) -> Any:
+    raise cbor2.CBORDecodeError("shared-value tags (28/29) are not allowed")
+
+
+_SEMANTIC_DECODERS = dict.fromkeys(_SHARED_VALUE_TAGS, _refuse_shared_value)
 
 
 def encode_body(value: Any) -> bytes:
@@ -36,7 +47,11 @@ def decode_body(data: bytes, *, request_id: int = 0, kind: int | None = None) ->
     fp = io.BytesIO(data)
     try:
         decoder = cbor2.CBORDecoder(
-            fp, max_depth=MAX_DEPTH, allow_indefinite=False, strict_hashable_types=True
+            fp,
+            max_depth=MAX_DEPTH,
+            allow_indefinite=False,
+            strict_hashable_types=True,
+            semantic_decoders=_SEMANTIC_DECODERS,
         )
         value = decoder.decode()
     except RecursionError as exc:
