@@ -10,7 +10,9 @@ Connection-level faults raise :class:`FrameError` or
 States: HANDSHAKE until the server sent WELCOME (or the client received
 it), OPEN, then CLOSED after a handshake ERROR or end of input. A GOAWAY in
 either direction is recorded; after receiving one, a client may not send
-new REQUESTs.
+new REQUESTs. GOAWAY is the farewell before closing and may be sent in any
+state, so a connection-level fault during the handshake can still be
+answered with ERROR (request id 0), then GOAWAY ``protocol_error``.
 """
 
 from __future__ import annotations
@@ -137,11 +139,13 @@ class ProtocolConnection:
         kind = message.kind
         if kind not in _SENT_BY[self.role]:
             raise ProtocolViolation(f"a {self.role.value} cannot send {kind.name}")
-        if self.state is State.CLOSED:
+        if kind is Kind.GOAWAY:
+            pass  # the farewell before closing: allowed in every state
+        elif self.state is State.CLOSED:
             raise ProtocolViolation(f"cannot send {kind.name} on a closed connection")
-        if self.state is State.HANDSHAKE and kind not in _HANDSHAKE_KINDS[self.role]:
+        elif self.state is State.HANDSHAKE and kind not in _HANDSHAKE_KINDS[self.role]:
             raise ProtocolViolation(f"cannot send {kind.name} before the handshake completed")
-        if self.state is State.OPEN and kind in (Kind.HELLO, Kind.WELCOME):
+        elif self.state is State.OPEN and kind in (Kind.HELLO, Kind.WELCOME):
             raise ProtocolViolation(f"handshake already completed; cannot send {kind.name}")
         if isinstance(message, Request) and self.received_goaway is not None:
             raise ProtocolViolation("peer sent GOAWAY; no new requests on this connection")
