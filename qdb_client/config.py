@@ -15,7 +15,7 @@ import attrs
 from .errors import ConfigError
 from .protocol.frames import HEADER_SIZE
 
-__all__ = ["ClientConfig", "Credentials", "parse_address"]
+__all__ = ["LOAD_BALANCING", "ClientConfig", "Credentials", "parse_address"]
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -57,6 +57,15 @@ def _text(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise ConfigError(f"{attribute.name} must be a non-empty string, not {value!r}")
 
 
+def _boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{attribute.name} must be True or False, not {value!r}")
+
+
+#: Names accepted by ``load_balancing``.
+LOAD_BALANCING = frozenset({"round_robin", "latency_aware"})
+
+
 def _hosts(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
@@ -92,22 +101,12 @@ def _credentials(value: Any) -> Credentials | None:
 class ClientConfig:
     """Everything :func:`qdb_client.open_client` can be told.
 
-    Defaults, and the reference each follows:
-
-    ========================  ===========  ==========================================
-    option                    default      why
-    ========================  ===========  ==========================================
-    connect_timeout           5.0 s        TCP connect plus handshake; Rust SDK seed
-                                           acquire timeout (5000 ms)
-    request_timeout           5.0 s        backend request timeout of seed 000
-    max_frame_size            1 MiB        seed 001 repository default
-    max_in_flight             256          requests multiplexed on one connection;
-                                           lowered to the node's WELCOME limit
-    close_timeout             2.0 s        grace for closing connections on exit
-    ========================  ===========  ==========================================
+    Every option, its default and the reference it follows is listed in
+    docs/configuration.md. Times are in seconds.
     """
 
     hosts: tuple[str, ...] = attrs.field(converter=_hosts)
+    # Connections
     connect_timeout: float = attrs.field(default=5.0, validator=_positive_seconds)
     request_timeout: float = attrs.field(default=5.0, validator=_positive_seconds)
     max_frame_size: int = attrs.field(default=1024 * 1024, validator=_int_in(4096, 2**31 - 1))
@@ -115,6 +114,66 @@ class ClientConfig:
     close_timeout: float = attrs.field(default=2.0, validator=_positive_seconds)
     credentials: Credentials | None = attrs.field(default=None, converter=_credentials)
     client_name: str = attrs.field(default="qdb_client", validator=_text)
+    # Per-node pools
+    min_connections: int = attrs.field(default=1, validator=_int_in(0, 1000))
+    max_connections: int = attrs.field(default=8, validator=_int_in(1, 1000))
+    max_connecting: int = attrs.field(default=2, validator=_int_in(1, 100))
+    idle_timeout: float = attrs.field(default=60.0, validator=_positive_seconds)
+    max_lifetime: float = attrs.field(default=1800.0, validator=_positive_seconds)
+    pool_acquire_timeout: float = attrs.field(default=5.0, validator=_positive_seconds)
+    max_waiters: int = attrs.field(default=1000, validator=_int_in(0, 10**6))
+    # Health checks and reconnection
+    heartbeat_interval: float = attrs.field(default=5.0, validator=_positive_seconds)
+    ping_timeout: float = attrs.field(default=2.0, validator=_positive_seconds)
+    failures_to_down: int = attrs.field(default=3, validator=_int_in(1, 100))
+    suspect_interval: float = attrs.field(default=0.5, validator=_positive_seconds)
+    reconnect_initial: float = attrs.field(default=1.0, validator=_positive_seconds)
+    reconnect_max: float = attrs.field(default=30.0, validator=_positive_seconds)
+    reconnect_multiplier: float = attrs.field(default=1.6)
+    reconnect_jitter: float = attrs.field(default=0.2)
+    # Node selection
+    node_selection_timeout: float = attrs.field(default=2.0, validator=_positive_seconds)
+    load_balancing: str = attrs.field(default="round_robin")
+    slow_start: float = attrs.field(default=5.0)
+    discover_members: bool = attrs.field(default=True, validator=_boolean)
+    random_seed: int | None = attrs.field(default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_connections > self.max_connections:
+            raise ConfigError(
+                f"min_connections ({self.min_connections}) exceeds"
+                f" max_connections ({self.max_connections})"
+            )
+        if self.reconnect_max < self.reconnect_initial:
+            raise ConfigError("reconnect_max must not be below reconnect_initial")
+        if isinstance(self.reconnect_multiplier, bool) or not (
+            isinstance(self.reconnect_multiplier, (int, float))
+            and 1 <= self.reconnect_multiplier <= 10
+        ):
+            raise ConfigError(
+                f"reconnect_multiplier must be within 1..10, not {self.reconnect_multiplier!r}"
+            )
+        if isinstance(self.reconnect_jitter, bool) or not (
+            isinstance(self.reconnect_jitter, (int, float)) and 0 <= self.reconnect_jitter < 1
+        ):
+            raise ConfigError(
+                f"reconnect_jitter must be within [0, 1), not {self.reconnect_jitter!r}"
+            )
+        if self.load_balancing not in LOAD_BALANCING:
+            raise ConfigError(
+                f"load_balancing must be one of {sorted(LOAD_BALANCING)},"
+                f" not {self.load_balancing!r}"
+            )
+        if isinstance(self.slow_start, bool) or not (
+            isinstance(self.slow_start, (int, float)) and 0 <= self.slow_start < math.inf
+        ):
+            raise ConfigError(
+                f"slow_start must be a non-negative number of seconds, not {self.slow_start!r}"
+            )
+        if self.random_seed is not None and (
+            isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int)
+        ):
+            raise ConfigError(f"random_seed must be an integer or None, not {self.random_seed!r}")
 
     @classmethod
     def from_options(cls, hosts: Any, **options: Any) -> ClientConfig:

@@ -23,6 +23,9 @@ that meets them and chained with ``raise ... from``.
     │   ├── ConnectionLost           an open connection died; in-flight outcomes unknown
     │   └── ConnectionDraining       the node sent GOAWAY; the request was never processed
     ├── NoAvailableNode              no configured node could be reached
+    ├── PoolError                    a node's connection pool could not serve in time
+    │   ├── PoolTimeout              waited pool_acquire_timeout for a connection
+    │   └── PoolQueueFull            too many callers already waiting
     ├── RequestTimeout               the client-side deadline passed
     ├── ServerError                  the node answered with a structured error
     │   ├── ParseError, InvalidRequest, MethodNotFound, Unauthenticated,
@@ -64,6 +67,9 @@ __all__ = [
     "Overloaded",
     "ParseError",
     "PermissionDenied",
+    "PoolError",
+    "PoolQueueFull",
+    "PoolTimeout",
     "ProtocolError",
     "ProtocolViolation",
     "QdbError",
@@ -226,6 +232,28 @@ class NoAvailableNode(QdbError):
         self.reasons = dict(reasons)
         #: The exception behind each reason, where there was one.
         self.errors = dict(errors or {})
+
+
+class PoolError(QdbError):
+    """A node's connection pool could not provide a connection.
+
+    ``node`` is the address; ``in_use`` describes the pool at that moment.
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, *, node: str, in_use: str) -> None:
+        super().__init__(f"{message} ({in_use})")
+        self.node = node
+        self.in_use = in_use
+
+
+class PoolTimeout(PoolError):
+    """No connection of a node's pool had room within ``pool_acquire_timeout``."""
+
+
+class PoolQueueFull(PoolError):
+    """The bounded queue of callers waiting for a node's pool is full."""
 
 
 class RequestTimeout(QdbError):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -123,7 +124,9 @@ class Connection:
     nursery.start(connection.run, hello)``: ``run`` performs the handshake,
     reports readiness, then runs the reader and writer until the connection
     closes. ``run`` never raises after readiness; failures are recorded in
-    ``error`` and raised to waiters and later callers.
+    ``error`` and raised to waiters and later callers. ``on_unusable`` is
+    called synchronously when the connection stops taking new requests:
+    once on the first GOAWAY, once when it fails or closes.
     """
 
     def __init__(
@@ -133,8 +136,12 @@ class Connection:
         address: str,
         max_frame_size: int,
         max_in_flight: int,
+        on_unusable: Callable[[Connection], None] | None = None,
     ) -> None:
         self.address = address
+        self._on_unusable = on_unusable
+        #: Free for the owner's bookkeeping (the pool stores its id here).
+        self.tag: object = None
         self._stream = stream
         self._protocol = ProtocolConnection(Role.CLIENT, max_frame_size=max_frame_size)
         self._limit = max_in_flight
@@ -154,6 +161,8 @@ class Connection:
         self.welcome: Welcome | None = None
         #: trio time of the last frame sent or received.
         self.last_activity = trio.current_time()
+        #: trio time of the last bytes received (proof the node is alive).
+        self.last_received = self.last_activity
         self.requests_sent = 0
         self.late_replies_dropped = 0
         self.bad_messages = 0
@@ -315,6 +324,11 @@ class Connection:
         self._in_flight = 0
         self._slot_lot.unpark_all()
         self._scope.cancel()
+        self._notify_unusable()
+
+    def _notify_unusable(self) -> None:
+        if self._on_unusable is not None:
+            self._on_unusable(self)
 
     async def _guard(self, loop: Any) -> None:
         try:
@@ -416,7 +430,7 @@ class Connection:
                 raise ConnectionLost(
                     f"{self.address} closed the connection ({reason})", node=self.address
                 )
-            self.last_activity = trio.current_time()
+            self.last_activity = self.last_received = trio.current_time()
             protocol.receive_data(data)
 
     def _dispatch(self, event: Message | BadMessage) -> None:
@@ -454,7 +468,10 @@ class Connection:
         pending._finish(result, error)
 
     def _on_goaway(self, goaway: GoAway) -> None:
+        first = self.draining_reason is None
         self.draining_reason = goaway.reason
+        if first:
+            self._notify_unusable()
         for request_id in [rid for rid in self._waiting if rid > goaway.last_request_id]:
             pending = self._waiting.pop(request_id)
             pending.withdrawn = True

@@ -58,7 +58,10 @@ class FakeNode:
             event = self.protocol.next_event()
             if event is not None:
                 return event
-            data = await self.stream.receive_some(65536)
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return None  # this end closed the connection itself
             if not data:
                 return None
             self.protocol.receive_data(data)

@@ -6,9 +6,10 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
+import trio.testing
 
 import qdb_client
-import qdb_client._client as client_module
+import qdb_client._transport.establish as establish_module
 from qdb_client.errors import (
     ClientClosed,
     ConfigError,
@@ -18,98 +19,107 @@ from qdb_client.errors import (
     NoAvailableNode,
     RequestTimeout,
 )
-from qdb_client.protocol import Request
+from qdb_client.protocol import Ping, Pong, Request
 
 from .fake_peer import FakeNode, stream_pair
 
-Behaviour = Callable[[FakeNode], Awaitable[None]]
+Handler = Callable[[FakeNode, Request], Awaitable[None]]
 
 
 class FakeNetwork:
-    """Replaces the TCP connector: each address gets a scripted node or a failure."""
+    """Replaces the TCP connector: each address gets a scripted node or a failure.
+
+    A scripted node answers PINGs itself and hands each REQUEST to the
+    address's handler; ``handlers[address]`` may also be "refuse" or "hang".
+    """
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
-        self.behaviours: dict[str, Behaviour | str] = {}
+        self.handlers: dict[str, Handler | str] = {}
         self.connects: list[str] = []
+        self.nodes: list[FakeNode] = []
 
     async def open_tcp(self, address: str) -> trio.abc.Stream:
         self.connects.append(address)
-        behaviour = self.behaviours.get(address, "refuse")
-        if behaviour == "refuse":
+        handler = self.handlers.get(address, "refuse")
+        if handler == "refuse":
             await trio.lowlevel.checkpoint()
             raise ConnectError(f"cannot connect to {address}: refused", node=address)
-        if behaviour == "hang":
+        if handler == "hang":
             await trio.sleep_forever()
         client_end, node_end = stream_pair()
         node = FakeNode(node_end, node_id=f"fake-{address}")
-        self.nursery.start_soon(_serve, node, behaviour)
+        self.nodes.append(node)
+        self.nursery.start_soon(_serve, node, handler)
         return client_end
 
 
-async def _serve(node: FakeNode, behaviour: Behaviour) -> None:
+async def _serve(node: FakeNode, handler: Handler) -> None:
     await node.handshake()
-    await behaviour(node)
-
-
-async def echo_forever(node: FakeNode) -> None:
     while (message := await node.receive()) is not None:
-        if isinstance(message, Request):
-            await node.reply(
-                message, {"method": message.method, "deadline_ms": message.deadline_ms}
-            )
+        if isinstance(message, Ping):
+            await node.send(Pong(message.request_id))
+        elif isinstance(message, Request):
+            await handler(node, message)
 
 
-async def never_answer(node: FakeNode) -> None:
-    while await node.receive() is not None:
-        pass
+async def echo(node: FakeNode, request: Request) -> None:
+    await node.reply(request, {"method": request.method, "deadline_ms": request.deadline_ms})
+
+
+async def never_answer(node: FakeNode, request: Request) -> None:
+    pass
 
 
 @pytest.fixture
 async def network(nursery, monkeypatch):
     net = FakeNetwork(nursery)
-    monkeypatch.setattr(client_module, "open_tcp", net.open_tcp)
+    monkeypatch.setattr(establish_module, "open_tcp", net.open_tcp)
     return net
 
 
-async def test_open_client_connects_to_first_reachable_node(network):
-    network.behaviours["b:2"] = echo_forever
+def node_states(client: qdb_client.Client) -> dict[str, str]:
+    return {n["address"]: n["state"] for n in client.statistics()["nodes"]}
+
+
+async def test_open_client_connects_to_every_configured_node(network):
+    network.handlers["b:2"] = echo
     async with qdb_client.open_client(["a:1", "b:2"]) as client:
-        assert network.connects == ["a:1", "b:2"]
-        assert client.statistics()["connection"]["node_id"] == "fake-b:2"
+        await trio.testing.wait_all_tasks_blocked()
+        assert node_states(client) == {"a:1": "DOWN", "b:2": "UP"}
+        assert client.statistics()["nodes"][1]["node_id"] == "fake-b:2"
 
 
 async def test_no_reachable_node_lists_every_reason(network):
-    network.behaviours["b:2"] = "refuse"
     with pytest.raises(NoAvailableNode) as info:
         async with qdb_client.open_client(["a:1", "b:2"]):
             pytest.fail("must not get here")
     assert set(info.value.reasons) == {"a:1", "b:2"}
     assert "refused" in info.value.reasons["a:1"]
+    assert info.value.reasons["a:1"].startswith("DOWN")
 
 
 async def test_connect_timeout_is_exact(network, autojump_clock):
-    network.behaviours["a:1"] = "hang"
+    network.handlers["a:1"] = "hang"
     started = trio.current_time()
     with pytest.raises(NoAvailableNode) as info:
         async with qdb_client.open_client("a:1", connect_timeout=1.5):
             pass
     assert trio.current_time() - started == pytest.approx(1.5)
-    assert "ConnectTimeout" in info.value.reasons["a:1"]
     assert isinstance(info.value.errors["a:1"], ConnectTimeout)
 
 
 async def test_remaining_budget_is_sent_to_the_node(network, autojump_clock):
-    network.behaviours["a:1"] = echo_forever
+    network.handlers["a:1"] = echo
     async with qdb_client.open_client("a:1", request_timeout=3.0) as client:
-        result = await client._call("query", {}, None)
+        result = await client._call("query", {}, None, read_only=True)
         assert result["deadline_ms"] == 3000
-        result = await client._call("query", {}, 0.25)
+        result = await client._call("query", {}, 0.25, read_only=True)
         assert result["deadline_ms"] == 250
 
 
 async def test_request_timeout_is_exact_and_says_it_was_sent(network, autojump_clock):
-    network.behaviours["a:1"] = never_answer
+    network.handlers["a:1"] = never_answer
     async with qdb_client.open_client("a:1", request_timeout=2.0) as client:
         started = trio.current_time()
         with pytest.raises(RequestTimeout) as info:
@@ -122,43 +132,59 @@ async def test_request_timeout_is_exact_and_says_it_was_sent(network, autojump_c
 
 
 async def test_caller_cancel_scope_composes_with_request_timeout(network, autojump_clock):
-    network.behaviours["a:1"] = never_answer
+    network.handlers["a:1"] = never_answer
     async with qdb_client.open_client("a:1", request_timeout=10.0) as client:
+        started = trio.current_time()
         with trio.move_on_after(0.3) as scope:
             await client.query("select 1")
         assert scope.cancelled_caught
-        assert trio.current_time() == pytest.approx(0.3)
+        assert trio.current_time() - started == pytest.approx(0.3)
 
 
-async def test_body_exception_comes_out_unwrapped_and_tasks_stop(network):
-    network.behaviours["a:1"] = echo_forever
+async def test_body_exception_comes_out_unwrapped(network):
+    network.handlers["a:1"] = echo
     with pytest.raises(KeyError, match="boom"):
         async with qdb_client.open_client("a:1"):
             raise KeyError("boom")
 
 
-async def test_client_reconnects_after_its_connection_dies(network):
-    calls = {"n": 0}
+async def test_lost_write_is_not_retried_and_node_recovers(network, autojump_clock):
+    closed_one = []
 
-    async def die_after_first_request(node: FakeNode) -> None:
-        calls["n"] += 1
-        request = await node.receive()
-        if calls["n"] == 1:
+    async def die_once(node: FakeNode, request: Request) -> None:
+        if not closed_one:
+            closed_one.append(request)
             await node.stream.aclose()
-            return
-        await node.reply(request, "second connection")
-        await echo_forever(node)
+        else:
+            await echo(node, request)
 
-    network.behaviours["a:1"] = die_after_first_request
+    network.handlers["a:1"] = die_once
     async with qdb_client.open_client("a:1") as client:
-        with pytest.raises(qdb_client.ConnectionLost):
-            await client._call("query", {}, None)
-        assert await client._call("query", {}, None) == "second connection"
-        assert network.connects == ["a:1", "a:1"]
+        with pytest.raises(qdb_client.ConnectionLost) as info:
+            await client._call("execute", {}, None, read_only=False)
+        assert info.value.request_sent
+        result = await client._call("execute", {}, None, read_only=False)
+        assert result["method"] == "execute"
+        assert len(closed_one) == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert node_states(client) == {"a:1": "UP"}
+
+
+async def test_read_fails_over_to_another_node_when_connection_dies(network, autojump_clock):
+    async def die(node: FakeNode, request: Request) -> None:
+        await node.stream.aclose()
+
+    network.handlers["a:1"] = die
+    network.handlers["b:2"] = echo
+    async with qdb_client.open_client(["a:1", "b:2"], slow_start=0) as client:
+        for _ in range(4):
+            result = await client._call("query", {}, None, read_only=True)
+            assert result["method"] == "query"
+        assert client.statistics()["failovers"] >= 1
 
 
 async def test_use_after_close_is_client_closed(network):
-    network.behaviours["a:1"] = echo_forever
+    network.handlers["a:1"] = echo
     async with qdb_client.open_client("a:1") as client:
         pass
     with pytest.raises(ClientClosed):
@@ -166,7 +192,7 @@ async def test_use_after_close_is_client_closed(network):
 
 
 async def test_bad_arguments_are_typed_errors(network):
-    network.behaviours["a:1"] = echo_forever
+    network.handlers["a:1"] = echo
     async with qdb_client.open_client("a:1") as client:
         with pytest.raises(InvalidArgument):
             await client.query(b"select 1")  # type: ignore[arg-type]

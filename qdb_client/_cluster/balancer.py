@@ -1,0 +1,103 @@
+"""Load balancing: which of the usable nodes takes the next request.
+
+Both policies see the same candidates (UP nodes, or SUSPECT ones when none
+is UP, minus the nodes this request already failed on) and an injected
+random source, so they are deterministic under test.
+
+- :class:`RoundRobin` (default): each candidate in turn.
+- :class:`LatencyAware`: power of two choices (Finagle, Envoy, MongoDB):
+  draw two candidates, keep the one with the lower ``(in_flight + 1) *
+  latency_ewma``. A slow node accumulates in-flight requests and a high
+  average, so it is picked less without ever being starved of probes.
+
+Slow start: a node that just came back from DOWN is accepted with
+probability growing linearly from 10% to 100% over ``slow_start`` seconds,
+so it isn't hit by the whole load at once.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from .node import Node
+
+__all__ = ["Balancer", "LatencyAware", "RoundRobin", "make_balancer"]
+
+_MIN_RAMP = 0.1
+
+
+class Balancer:
+    """Interface: choose one node among candidates."""
+
+    name = "abstract"
+
+    def __init__(self, rng: random.Random, *, slow_start: float = 0.0) -> None:
+        self.rng = rng
+        self.slow_start = slow_start
+
+    def pick(self, candidates: Sequence[Node], now: float) -> Node:
+        """One of ``candidates`` (never empty)."""
+        raise NotImplementedError
+
+    def ramp(self, node: Node, now: float) -> float:
+        """Share of its normal traffic a recovering node takes now (0.1..1)."""
+        if self.slow_start <= 0 or node.recovered_at is None:
+            return 1.0
+        elapsed = now - node.recovered_at
+        if elapsed >= self.slow_start:
+            return 1.0
+        return max(_MIN_RAMP, elapsed / self.slow_start)
+
+    def _accepts(self, node: Node, now: float) -> bool:
+        share = self.ramp(node, now)
+        return share >= 1.0 or self.rng.random() < share
+
+
+class RoundRobin(Balancer):
+    """Each candidate in turn."""
+
+    name = "round_robin"
+
+    def __init__(self, rng: random.Random, *, slow_start: float = 0.0) -> None:
+        super().__init__(rng, slow_start=slow_start)
+        self._next = 0
+
+    def pick(self, candidates: Sequence[Node], now: float) -> Node:
+        count = len(candidates)
+        for step in range(count):
+            node = candidates[(self._next + step) % count]
+            if step == count - 1 or self._accepts(node, now):
+                self._next = (self._next + step + 1) % count
+                return node
+        raise AssertionError("unreachable")
+
+
+class LatencyAware(Balancer):
+    """Power of two choices by ``(in_flight + 1) * latency_ewma``."""
+
+    name = "latency_aware"
+
+    def pick(self, candidates: Sequence[Node], now: float) -> Node:
+        if len(candidates) == 1:
+            return candidates[0]
+        first, second = self.rng.sample(list(candidates), 2)
+        if not self._accepts(first, now):
+            return second
+        if not self._accepts(second, now):
+            return first
+        return first if _load(first) <= _load(second) else second
+
+
+def _load(node: Node) -> float:
+    # Unknown latency counts as fast so a new node gets measured.
+    latency = node.latency_ewma if node.latency_ewma is not None else 0.0
+    return (node.in_flight + 1) * (latency + 1e-6)
+
+
+def make_balancer(name: str, rng: random.Random, *, slow_start: float) -> Balancer:
+    """The balancer called ``name`` (``round_robin`` or ``latency_aware``)."""
+    for cls in (RoundRobin, LatencyAware):
+        if cls.name == name:
+            return cls(rng, slow_start=slow_start)
+    raise ValueError(f"unknown load balancing policy {name!r}")

@@ -1,0 +1,221 @@
+"""The node registry: nodes, their pools and health monitors, node selection.
+
+Nodes come from the configured hosts and from the members a node announces
+in WELCOME (deduplicated by node id). ``select()`` asks the balancer for a
+node among the usable ones and waits, at most ``node_selection_timeout``,
+for one to become usable before raising NoAvailableNode with each node's
+state and reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from .._pool import NodePool, PoolLimits, PoolListener
+from .._transport import Connection
+from ..errors import ClientClosed, ConfigError, NoAvailableNode, QdbError
+from .balancer import Balancer
+from .health import HealthMonitor, HealthSettings
+from .node import Node, NodeState
+
+__all__ = ["Cluster", "ClusterSettings"]
+
+#: Opens a connection to an address; the callback hears when it becomes unusable.
+Connect = Callable[[str, Callable[[Connection], None] | None], Awaitable[Connection]]
+
+
+@attrs.frozen(kw_only=True)
+class ClusterSettings:
+    """Everything the registry needs from ClientConfig."""
+
+    pool: PoolLimits
+    health: HealthSettings
+    acquire_timeout: float
+    max_waiters: int
+    selection_timeout: float
+    startup_timeout: float
+    discover_members: bool = True
+
+
+class _NodeListener(PoolListener):
+    """Routes pool events of one node to its monitor and the registry."""
+
+    node: Node
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def opened(self, pool: NodePool, connection: Connection) -> None:
+        self.cluster._on_opened(self.node, connection)
+
+    def open_failed(self, pool: NodePool, error: QdbError) -> None:
+        self.cluster._monitors[self.node.address].connect_failed(f"connect failed: {error}")
+        self.cluster._changed()
+
+    def connection_failed(self, pool: NodePool, connection: Connection) -> None:
+        self.cluster._monitors[self.node.address].connection_failed(
+            f"connection lost: {connection.error}"
+        )
+        self.cluster._changed()
+
+
+class Cluster:
+    """All known nodes of one client."""
+
+    def __init__(
+        self,
+        settings: ClusterSettings,
+        *,
+        connect: Connect,
+        nursery: trio.Nursery,
+        balancer: Balancer,
+        rng: random.Random,
+    ) -> None:
+        self.settings = settings
+        self.balancer = balancer
+        self.nodes: list[Node] = []
+        self._connect = connect
+        self._nursery = nursery
+        self._rng = rng
+        self._by_address: dict[str, Node] = {}
+        self._monitors: dict[str, HealthMonitor] = {}
+        self._lot = trio.lowlevel.ParkingLot()
+        self._closed = False
+
+    # ------------------------------------------------------------ registry
+
+    def add_node(self, address: str, node_id: str | None = None) -> Node:
+        """Register a node and start its pool maintenance and health monitor."""
+        existing = self._by_address.get(address)
+        if existing is not None:
+            return existing
+        listener = _NodeListener(self)
+        pool = NodePool(
+            address,
+            self.settings.pool,
+            connect=functools.partial(self._connect, address),
+            nursery=self._nursery,
+            acquire_timeout=self.settings.acquire_timeout,
+            max_waiters=self.settings.max_waiters,
+            listener=listener,
+        )
+        node = listener.node = Node(address, pool, node_id=node_id)
+        node.changed_at = trio.current_time()
+        monitor = HealthMonitor(
+            node,
+            self.settings.health,
+            connect=functools.partial(self._connect, address, None),
+            rng=self._rng,
+            on_change=lambda _node: self._changed(),
+        )
+        self.nodes.append(node)
+        self._by_address[address] = node
+        self._monitors[address] = monitor
+        self._nursery.start_soon(pool.maintain)
+        self._nursery.start_soon(monitor.run)
+        pool.warm()
+        return node
+
+    def find(self, ref: str) -> Node:
+        """The node with this address or node id."""
+        node = self._by_address.get(ref)
+        if node is None:
+            node = next((n for n in self.nodes if n.node_id == ref), None)
+        if node is None:
+            known = [f"{n.address} ({n.node_id})" for n in self.nodes]
+            raise ConfigError(f"no node {ref!r}; known nodes: {known}")
+        return node
+
+    def mark(self, ref: str, *, healthy: bool) -> None:
+        """Operator override of a node's health."""
+        node = self.find(ref)
+        self._monitors[node.address].force(healthy)
+        self._changed()
+
+    def _on_opened(self, node: Node, connection: Connection) -> None:
+        welcome = connection.welcome
+        if welcome is None:
+            return
+        node.node_id = welcome.node_id
+        if self.settings.discover_members:
+            known_ids = {n.node_id for n in self.nodes if n.node_id is not None}
+            for member in welcome.members:
+                if member.node_id not in known_ids and member.address not in self._by_address:
+                    self.add_node(member.address, member.node_id)
+                    known_ids.add(member.node_id)
+        self._changed()
+
+    def _changed(self) -> None:
+        self._lot.unpark_all()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, hosts: Sequence[str]) -> None:
+        """Register ``hosts`` and wait until one of them holds a connection."""
+        for address in hosts:
+            self.add_node(address).pool.ensure_connection()
+        with trio.move_on_after(self.settings.startup_timeout):
+            while True:
+                if any(node.pool.state.connections for node in self.nodes):
+                    return
+                if all(node.state is NodeState.DOWN for node in self.nodes):
+                    break
+                await self._lot.park()
+        raise self._no_node()
+
+    async def aclose(self) -> None:
+        """Close every pool; the owner cancels the background tasks after."""
+        self._closed = True
+        self._changed()
+        for node in self.nodes:
+            await node.pool.aclose()
+
+    # ------------------------------------------------------------ selection
+
+    def candidates(self, exclude: Sequence[Node] = ()) -> list[Node]:
+        """Nodes that may take a request: UP ones, else SUSPECT ones.
+
+        Nodes in ``exclude`` (already failed this request) are used only if
+        nothing else is left.
+        """
+        for pool in (
+            [n for n in self.nodes if n.state is NodeState.UP and n not in exclude],
+            [n for n in self.nodes if n.state is NodeState.SUSPECT and n not in exclude],
+            [n for n in self.nodes if n.state is NodeState.UP],
+            [n for n in self.nodes if n.state is NodeState.SUSPECT],
+        ):
+            if pool:
+                return pool
+        return []
+
+    async def select(self, exclude: Sequence[Node] = ()) -> Node:
+        """A node for the next attempt, waiting for one to come UP if needed."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with trio.move_on_after(self.settings.selection_timeout):
+            while True:
+                if self._closed:
+                    raise ClientClosed("the client is closed")
+                candidates = self.candidates(exclude)
+                if candidates:
+                    return self.balancer.pick(candidates, trio.current_time())
+                await self._lot.park()
+        raise self._no_node()
+
+    def _no_node(self) -> NoAvailableNode:
+        now = trio.current_time()
+        errors: dict[str, BaseException] = {}
+        for node in self.nodes:
+            if node.pool.last_open_error is not None:
+                errors[node.address] = node.pool.last_open_error
+        return NoAvailableNode({node.address: node.describe(now) for node in self.nodes}, errors)
+
+    def statistics(self) -> list[dict[str, Any]]:
+        """Per-node snapshots."""
+        now = trio.current_time()
+        return [node.statistics(now) for node in self.nodes]

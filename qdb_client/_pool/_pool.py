@@ -1,0 +1,340 @@
+"""One node's connection pool: the trio side of ``_state.PoolState``.
+
+Callers ``reserve()`` a slot for one multiplexed request, or ``lease()`` a
+whole connection. When nothing has room the pool opens a connection in the
+background (never in the caller's task, so a caller giving up doesn't
+abort a half-made connection) and the caller waits in a bounded queue for
+at most ``acquire_timeout``. A failed open wakes the waiters with its error
+rather than letting them wait out the timeout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from .._transport import Connection
+from ..errors import ClientClosed, ConnectError, PoolQueueFull, PoolTimeout, QdbError
+from ._state import PoolLimits, PoolState
+
+__all__ = ["NodePool", "PoolListener"]
+
+Connector = Callable[[Callable[[Connection], None]], Awaitable[Connection]]
+
+
+class PoolListener:
+    """What a pool tells its owner (the node's health tracking)."""
+
+    def opened(self, pool: NodePool, connection: Connection) -> None:
+        """A connection was opened and handshaken."""
+
+    def open_failed(self, pool: NodePool, error: QdbError) -> None:
+        """Opening a connection failed."""
+
+    def connection_failed(self, pool: NodePool, connection: Connection) -> None:
+        """An open connection died (not a GOAWAY drain, not our own close)."""
+
+
+class NodePool:
+    """Connections to one node, shared by multiplexing or leased whole."""
+
+    def __init__(
+        self,
+        address: str,
+        limits: PoolLimits,
+        *,
+        connect: Connector,
+        nursery: trio.Nursery,
+        acquire_timeout: float,
+        max_waiters: int,
+        listener: PoolListener | None = None,
+    ) -> None:
+        self.address = address
+        self.state = PoolState(limits)
+        self._connect = connect
+        self._nursery = nursery
+        self._acquire_timeout = acquire_timeout
+        self._max_waiters = max_waiters
+        self._listener = listener or PoolListener()
+        self._connections: dict[int, Connection] = {}
+        self._ids = itertools.count(1)
+        self._waiters = trio.lowlevel.ParkingLot()
+        self._maintenance = trio.Event()
+        self._open_failures = 0
+        self._warm_after_failure = False
+        #: The last error from opening a connection, if the last open failed.
+        self.last_open_error: QdbError | None = None
+        self._disabled: str | None = None
+        self._closed = False
+
+    # ---------------------------------------------------------------- public
+
+    @asynccontextmanager
+    async def reserve(self) -> AsyncIterator[Connection]:
+        """A connection with room for one more request, held for the block."""
+        connection_id, connection = await self._acquire(exclusive=False)
+        try:
+            yield connection
+        finally:
+            self.state.release(connection_id, trio.current_time())
+            self._after_release(connection_id)
+
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[Connection]:
+        """A connection for this block alone (transactions, streams).
+
+        If the block fails or is cancelled, the connection may hold state
+        the next owner must not inherit, so it is retired, not reused.
+        """
+        connection_id, connection = await self._acquire(exclusive=True)
+        clean = False
+        try:
+            yield connection
+            clean = True
+        finally:
+            reusable = clean and connection.usable
+            self.state.return_lease(connection_id, trio.current_time(), reusable=reusable)
+            self._after_release(connection_id)
+
+    def disable(self, reason: str) -> None:
+        """Stop serving (node DOWN): waiters fail, connections close as they drain."""
+        self._disabled = reason
+        for connection_id in list(self._connections):
+            self.state.retire(connection_id)
+            self._close_if_drained(connection_id)
+        self._waiters.unpark_all()
+
+    def enable(self) -> None:
+        """Serve again and re-warm ``min_connections``."""
+        self._disabled = None
+        self._warm_after_failure = True
+        self._wake_maintenance()
+
+    def warm(self) -> None:
+        """Ask the maintenance task to top up to ``min_connections`` now."""
+        self._warm_after_failure = True
+        self._wake_maintenance()
+
+    def any_connection(self) -> Connection | None:
+        """An open, usable connection that still takes work (for pings), or None."""
+        for connection_id, connection in self._connections.items():
+            if connection.usable and not self.state.connections[connection_id].retiring:
+                return connection
+        return None
+
+    def connections(self) -> list[Connection]:
+        """Open connections that still take work."""
+        return [
+            connection
+            for connection_id, connection in self._connections.items()
+            if not self.state.connections[connection_id].retiring
+        ]
+
+    def retire(self, connection: Connection) -> None:
+        """Take a connection out of service (e.g. it missed a PONG)."""
+        connection_id = connection.tag
+        if isinstance(connection_id, int) and connection_id in self._connections:
+            self.state.retire(connection_id)
+            self._close_if_drained(connection_id)
+
+    def ensure_connection(self) -> None:
+        """Start opening a connection unless one is open or opening."""
+        if not self.state.connections and not self.state.opening and self.state.can_open():
+            self._start_open()
+
+    def statistics(self) -> dict[str, int]:
+        """Connection and request counts of this pool."""
+        state = self.state
+        return {
+            "open": len(state.connections),
+            "idle": state.idle,
+            "leased": state.leased,
+            "opening": state.opening,
+            "retiring": len(state.connections) - state.active,
+            "in_flight": state.reserved,
+            "waiting": len(self._waiters),
+        }
+
+    async def maintain(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Background task: expire idle/old connections, keep the minimum warm."""
+        task_status.started()
+        while not self._closed:
+            now = trio.current_time()
+            for connection_id in self.state.expired(now):
+                self._close(connection_id)
+            if self._disabled is None and self._warm_after_failure:
+                for _ in range(self.state.deficit()):
+                    if self.state.can_open():
+                        self._start_open()
+            wake_at = self.state.next_expiry(now)
+            with trio.move_on_at(math.inf if wake_at is None else wake_at):
+                await self._maintenance.wait()
+            self._maintenance = trio.Event()
+
+    async def aclose(self) -> None:
+        """Close every connection; waiters get ClientClosed."""
+        self._closed = True
+        self._waiters.unpark_all()
+        self._wake_maintenance()
+        connections = list(self._connections.values())
+        self._connections.clear()
+        for connection_id in list(self.state.connections):
+            self.state.closed(connection_id)
+        for connection in connections:
+            await connection.aclose()
+
+    # -------------------------------------------------------------- internals
+
+    def _describe(self) -> str:
+        s = self.statistics()
+        limits = self.state.limits
+        return (
+            f"{s['open']}/{limits.max_connections} connections open, {s['opening']} opening, "
+            f"{s['in_flight']} requests in flight, {s['leased']} leased, "
+            f"{s['waiting']} callers waiting"
+        )
+
+    def _check_serving(self) -> None:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        if self._disabled is not None:
+            raise ConnectError(
+                f"{self.address} is not in service: {self._disabled}", node=self.address
+            )
+
+    async def _acquire(self, *, exclusive: bool) -> tuple[int, Connection]:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        failures_before = self._open_failures
+        with trio.move_on_after(self._acquire_timeout):
+            while True:
+                self._check_serving()
+                picked = self._pick(exclusive)
+                if picked is not None:
+                    return picked
+                if (
+                    self._open_failures != failures_before
+                    and self.last_open_error is not None
+                    and not self.state.connections
+                    and not self.state.opening
+                ):
+                    raise _copy(self.last_open_error)
+                if self.state.can_open():
+                    self._start_open()
+                if len(self._waiters) >= self._max_waiters:
+                    raise PoolQueueFull(
+                        f"{self._max_waiters} callers already wait for {self.address}",
+                        node=self.address,
+                        in_use=self._describe(),
+                    )
+                await self._waiters.park()
+        raise PoolTimeout(
+            f"no connection to {self.address} within {self._acquire_timeout:g} s",
+            node=self.address,
+            in_use=self._describe(),
+        )
+
+    def _pick(self, exclusive: bool) -> tuple[int, Connection] | None:
+        now = trio.current_time()
+        while True:
+            record = self.state.pick_exclusive() if exclusive else self.state.pick_shared()
+            if record is None:
+                return None
+            connection = self._connections[record.id]
+            if not connection.usable:
+                self.state.retire(record.id)
+                self._close_if_drained(record.id)
+                continue
+            if exclusive:
+                self.state.lease(record.id, now)
+            else:
+                self.state.reserve(record.id, now)
+            return record.id, connection
+
+    def _after_release(self, connection_id: int) -> None:
+        self._close_if_drained(connection_id)
+        self._waiters.unpark()
+        self._wake_maintenance()
+
+    def _close_if_drained(self, connection_id: int) -> None:
+        record = self.state.connections.get(connection_id)
+        if record is not None and record.retiring and record.idle:
+            self._close(connection_id)
+
+    def _close(self, connection_id: int) -> None:
+        connection = self._connections.pop(connection_id, None)
+        self.state.closed(connection_id)
+        if connection is not None and not self._closed:
+            self._nursery.start_soon(connection.aclose)
+        self._wake_maintenance()
+
+    def _start_open(self) -> None:
+        self.state.open_started()
+        self._nursery.start_soon(self._open_one)
+
+    async def _open_one(self) -> None:
+        try:
+            connection = await self._connect(self._on_unusable)
+        except QdbError as exc:
+            self.state.open_finished(None, trio.current_time())
+            self._open_failures += 1
+            self._warm_after_failure = False
+            self.last_open_error = exc
+            self._listener.open_failed(self, exc)
+            self._waiters.unpark_all()
+            return
+        except BaseException:
+            self.state.open_finished(None, trio.current_time())
+            raise
+        if self._closed:
+            self.state.open_finished(None, trio.current_time())
+            await connection.aclose()
+            return
+        connection_id = next(self._ids)
+        connection.tag = connection_id
+        self._connections[connection_id] = connection
+        self.state.open_finished(
+            connection_id, trio.current_time(), capacity=connection.max_in_flight
+        )
+        self.last_open_error = None
+        self._warm_after_failure = True
+        self._listener.opened(self, connection)
+        if not connection.usable:
+            self._on_unusable(connection)
+        self._waiters.unpark_all()
+        self._wake_maintenance()
+
+    def _on_unusable(self, connection: Connection) -> None:
+        connection_id = connection.tag
+        if not isinstance(connection_id, int) or connection_id not in self._connections:
+            return
+        if connection.error is not None:
+            # Dead: forget it now; its requests already got their errors.
+            self._connections.pop(connection_id, None)
+            self.state.closed(connection_id)
+            if not isinstance(connection.error, ClientClosed):
+                self._listener.connection_failed(self, connection)
+            self._waiters.unpark_all()
+            self._wake_maintenance()
+        else:
+            # GOAWAY: drain, then close; replacements open on demand.
+            self.state.retire(connection_id)
+            self._close_if_drained(connection_id)
+            self._waiters.unpark_all()
+
+    def _wake_maintenance(self) -> None:
+        self._maintenance.set()
+
+
+def _copy(error: QdbError) -> QdbError:
+    """A fresh instance of an open failure for each waiter that raises it."""
+    if isinstance(error, ConnectError):
+        copy = type(error)(str(error), node=error.node)
+        copy.__cause__ = error
+        return copy
+    return error

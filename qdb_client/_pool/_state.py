@@ -1,0 +1,207 @@
+"""Decisions of one node's connection pool, as plain synchronous code.
+
+No trio here: time comes in as ``now`` and the methods return what to do
+(open one more connection, close these). The trio wrapper in ``_pool.py``
+carries the decisions out. Invariants, checked by the stateful tests:
+
+- open + opening connections never exceed ``max_connections``, and at most
+  ``max_connecting`` are being opened at once;
+- a connection never carries more reserved requests than its capacity;
+- an exclusively leased connection carries nothing else, and a lease is
+  returned exactly once;
+- a connection idle for ``idle_timeout`` (beyond ``min_connections``) or
+  older than ``max_lifetime`` is closed, but never while requests are on it:
+  an old busy connection is *retired* (no new requests) and closed when it
+  drains.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = ["ConnectionRecord", "PoolLimits", "PoolState"]
+
+
+@attrs.frozen(kw_only=True)
+class PoolLimits:
+    """Sizes and ages of one node's pool (validated by ClientConfig)."""
+
+    min_connections: int = 1
+    max_connections: int = 8
+    max_connecting: int = 2
+    idle_timeout: float = 60.0
+    max_lifetime: float = 1800.0
+
+
+@attrs.define(kw_only=True)
+class ConnectionRecord:
+    """What the pool knows of one open connection."""
+
+    id: int
+    opened_at: float
+    last_used: float
+    capacity: int
+    reserved: int = 0
+    leased: bool = False
+    retiring: bool = False
+
+    @property
+    def idle(self) -> bool:
+        """No request on it and not leased."""
+        return self.reserved == 0 and not self.leased
+
+    @property
+    def shareable(self) -> bool:
+        """May take one more multiplexed request."""
+        return not self.leased and not self.retiring and self.reserved < self.capacity
+
+
+class PoolState:
+    """Bookkeeping and decisions for one node's pool."""
+
+    def __init__(self, limits: PoolLimits) -> None:
+        self.limits = limits
+        self.connections: dict[int, ConnectionRecord] = {}
+        self.opening = 0
+
+    # --------------------------------------------------------------- counts
+
+    @property
+    def active(self) -> int:
+        """Open connections that still take new work."""
+        return sum(1 for c in self.connections.values() if not c.retiring)
+
+    @property
+    def reserved(self) -> int:
+        """Requests currently reserved across all connections."""
+        return sum(c.reserved for c in self.connections.values())
+
+    @property
+    def leased(self) -> int:
+        """Connections under an exclusive lease."""
+        return sum(1 for c in self.connections.values() if c.leased)
+
+    @property
+    def idle(self) -> int:
+        """Open connections with nothing on them."""
+        return sum(1 for c in self.connections.values() if c.idle)
+
+    # ------------------------------------------------------------ decisions
+
+    def can_open(self) -> bool:
+        """Whether one more connection may be opened now."""
+        total = len(self.connections) + self.opening
+        return total < self.limits.max_connections and self.opening < self.limits.max_connecting
+
+    def deficit(self) -> int:
+        """Connections to open to reach ``min_connections`` (counting those opening)."""
+        return max(0, self.limits.min_connections - self.active - self.opening)
+
+    def pick_shared(self) -> ConnectionRecord | None:
+        """The connection for one more multiplexed request, or None.
+
+        Packs requests onto the busiest connection that has room, so that
+        surplus connections go idle and expire instead of all staying warm.
+        """
+        best: ConnectionRecord | None = None
+        for record in self.connections.values():
+            if record.shareable and (best is None or record.reserved > best.reserved):
+                best = record
+        return best
+
+    def pick_exclusive(self) -> ConnectionRecord | None:
+        """An idle connection that can be leased exclusively, or None."""
+        for record in self.connections.values():
+            if record.idle and not record.retiring:
+                return record
+        return None
+
+    def expired(self, now: float) -> list[int]:
+        """Retire what is too old, and return the ids to close now."""
+        close: list[int] = []
+        spare = self.active - self.limits.min_connections
+        for record in sorted(self.connections.values(), key=lambda r: r.last_used):
+            if not record.retiring and now - record.opened_at >= self.limits.max_lifetime:
+                record.retiring = True
+            if record.retiring:
+                if record.idle:
+                    close.append(record.id)
+            elif record.idle and spare > 0 and now - record.last_used >= self.limits.idle_timeout:
+                close.append(record.id)
+                spare -= 1
+        return close
+
+    def next_expiry(self, now: float) -> float | None:
+        """The earliest time ``expired`` could close or retire something."""
+        times = []
+        spare = self.active > self.limits.min_connections
+        for record in self.connections.values():
+            if not record.retiring:
+                times.append(record.opened_at + self.limits.max_lifetime)
+                if spare and record.idle:
+                    times.append(record.last_used + self.limits.idle_timeout)
+        return min(times, default=None)
+
+    # --------------------------------------------------------------- events
+
+    def open_started(self) -> None:
+        """A connection attempt began."""
+        if not self.can_open():
+            raise AssertionError("open_started beyond the pool's limits")
+        self.opening += 1
+
+    def open_finished(self, connection_id: int | None, now: float, capacity: int = 1) -> None:
+        """A connection attempt ended, successfully if ``connection_id`` is given."""
+        self.opening -= 1
+        if connection_id is not None:
+            self.connections[connection_id] = ConnectionRecord(
+                id=connection_id, opened_at=now, last_used=now, capacity=max(1, capacity)
+            )
+
+    def reserve(self, connection_id: int, now: float) -> None:
+        """One more request goes on this connection."""
+        record = self.connections[connection_id]
+        if not record.shareable:
+            raise AssertionError(f"connection {connection_id} has no room")
+        record.reserved += 1
+        record.last_used = now
+
+    def release(self, connection_id: int, now: float) -> None:
+        """A request on this connection finished."""
+        record = self.connections.get(connection_id)
+        if record is None:
+            return  # closed meanwhile
+        if record.reserved <= 0:
+            raise AssertionError(f"release without reserve on connection {connection_id}")
+        record.reserved -= 1
+        record.last_used = now
+
+    def lease(self, connection_id: int, now: float) -> None:
+        """Hand the whole connection to one owner."""
+        record = self.connections[connection_id]
+        if not record.idle or record.retiring:
+            raise AssertionError(f"connection {connection_id} is not free to lease")
+        record.leased = True
+        record.last_used = now
+
+    def return_lease(self, connection_id: int, now: float, *, reusable: bool) -> None:
+        """The owner is done; an unusable (dirty) connection is retired."""
+        record = self.connections.get(connection_id)
+        if record is None:
+            return
+        if not record.leased:
+            raise AssertionError(f"connection {connection_id} returned twice")
+        record.leased = False
+        record.last_used = now
+        if not reusable:
+            record.retiring = True
+
+    def retire(self, connection_id: int) -> None:
+        """No new work for this connection (draining, or found broken)."""
+        record = self.connections.get(connection_id)
+        if record is not None:
+            record.retiring = True
+
+    def closed(self, connection_id: int) -> None:
+        """The connection is gone."""
+        self.connections.pop(connection_id, None)
