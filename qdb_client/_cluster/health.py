@@ -166,6 +166,7 @@ class HealthMonitor:
         if reason is None:
             node.consecutive_failures = 0
             self._transition(NodeState.UP, None)
+            node.pool.warm()
             return
         node.consecutive_failures += 1
         if reason.startswith("connect failed") or (
@@ -192,10 +193,13 @@ class HealthMonitor:
     async def _reconnect_step(self) -> None:
         node = self.node
         delay = self.settings.reconnect.delay(node.reconnect_attempts, self._rng)
-        node.next_reconnect_at = trio.current_time() + delay
-        await self._sleep_until(node.next_reconnect_at)
-        if node.state is not NodeState.DOWN or node.forced_down:
-            return
+        node.next_reconnect_at = wake_at = trio.current_time() + delay
+        # Other failure reports must not cut the backoff short; only a
+        # change of state (an operator's mark) does.
+        while trio.current_time() < wake_at:
+            await self._sleep_until(wake_at)
+            if node.state is not NodeState.DOWN or node.forced_down:
+                return
         node.next_reconnect_at = None
         reason = await self._probe()
         if reason is None:

@@ -318,6 +318,9 @@ class NodePool:
             self._connections.pop(connection_id, None)
             self.state.closed(connection_id)
             if not isinstance(connection.error, ClientClosed):
+                # Don't re-warm on our own: the health monitor probes first
+                # and calls warm() once the node answers.
+                self._warm_after_failure = False
                 self._listener.connection_failed(self, connection)
             self._waiters.unpark_all()
             self._wake_maintenance()

@@ -15,6 +15,7 @@ from qdb_client.protocol import (
     PROTOCOL_VERSIONS,
     ErrorCode,
     Hello,
+    Member,
     Message,
     ProtocolConnection,
     Request,
@@ -29,12 +30,22 @@ class FakeNode:
     """The server end of a connection, driven step by step by a test."""
 
     def __init__(
-        self, stream: trio.abc.Stream, *, node_id: str = "fake-1", max_in_flight: int = 256
+        self,
+        stream: trio.abc.Stream,
+        *,
+        node_id: str = "fake-1",
+        max_in_flight: int = 256,
+        members: tuple[Member, ...] = (),
     ):
         self.stream = stream
         self.node_id = node_id
         self.max_in_flight = max_in_flight
         self.protocol = ProtocolConnection(Role.SERVER)
+        self.members = members
+        #: Set by the serving loop once the client's side of the stream closed.
+        self.finished = False
+        #: trio times at which PINGs arrived (filled by the serving loop).
+        self.pings: list[float] = []
 
     async def handshake(self) -> Hello:
         """Read HELLO and answer WELCOME."""
@@ -48,6 +59,7 @@ class FakeNode:
                 max_frame_size=1 << 20,
                 max_in_flight=self.max_in_flight,
                 idle_timeout_ms=30_000,
+                members=self.members,
             )
         )
         return hello

@@ -2,80 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import pytest
 import trio
 import trio.testing
 
 import qdb_client
-import qdb_client._transport.establish as establish_module
 from qdb_client.errors import (
     ClientClosed,
     ConfigError,
-    ConnectError,
     ConnectTimeout,
     InvalidArgument,
     NoAvailableNode,
     RequestTimeout,
 )
-from qdb_client.protocol import Ping, Pong, Request
+from qdb_client.protocol import Request
 
-from .fake_peer import FakeNode, stream_pair
-
-Handler = Callable[[FakeNode, Request], Awaitable[None]]
-
-
-class FakeNetwork:
-    """Replaces the TCP connector: each address gets a scripted node or a failure.
-
-    A scripted node answers PINGs itself and hands each REQUEST to the
-    address's handler; ``handlers[address]`` may also be "refuse" or "hang".
-    """
-
-    def __init__(self, nursery: trio.Nursery) -> None:
-        self.nursery = nursery
-        self.handlers: dict[str, Handler | str] = {}
-        self.connects: list[str] = []
-        self.nodes: list[FakeNode] = []
-
-    async def open_tcp(self, address: str) -> trio.abc.Stream:
-        self.connects.append(address)
-        handler = self.handlers.get(address, "refuse")
-        if handler == "refuse":
-            await trio.lowlevel.checkpoint()
-            raise ConnectError(f"cannot connect to {address}: refused", node=address)
-        if handler == "hang":
-            await trio.sleep_forever()
-        client_end, node_end = stream_pair()
-        node = FakeNode(node_end, node_id=f"fake-{address}")
-        self.nodes.append(node)
-        self.nursery.start_soon(_serve, node, handler)
-        return client_end
-
-
-async def _serve(node: FakeNode, handler: Handler) -> None:
-    await node.handshake()
-    while (message := await node.receive()) is not None:
-        if isinstance(message, Ping):
-            await node.send(Pong(message.request_id))
-        elif isinstance(message, Request):
-            await handler(node, message)
-
-
-async def echo(node: FakeNode, request: Request) -> None:
-    await node.reply(request, {"method": request.method, "deadline_ms": request.deadline_ms})
-
-
-async def never_answer(node: FakeNode, request: Request) -> None:
-    pass
-
-
-@pytest.fixture
-async def network(nursery, monkeypatch):
-    net = FakeNetwork(nursery)
-    monkeypatch.setattr(establish_module, "open_tcp", net.open_tcp)
-    return net
+from .fake_network import echo, never_answer
+from .fake_peer import FakeNode
 
 
 def node_states(client: qdb_client.Client) -> dict[str, str]:

@@ -1,0 +1,204 @@
+"""Node health, reconnection and routing in virtual time, against scripted nodes."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+import qdb_client
+from qdb_client.errors import NoAvailableNode
+from qdb_client.protocol import GoAway, Member, Request
+
+from .fake_network import FakeNetwork, echo
+from .fake_peer import FakeNode
+
+# Jitter off so reconnect times are exact; slow start off so routing is plain round robin.
+EXACT = {"reconnect_jitter": 0.0, "slow_start": 0.0, "random_seed": 1}
+
+
+def states(client: qdb_client.Client) -> dict[str, str]:
+    return {n["address"]: n["state"] for n in client.statistics()["nodes"]}
+
+
+def node_stats(client: qdb_client.Client, address: str) -> dict:
+    return next(n for n in client.statistics()["nodes"] if n["address"] == address)
+
+
+async def wait_for_state(client: qdb_client.Client, address: str, state: str) -> float:
+    """Virtual time at which ``address`` reaches ``state`` (polls every 1 ms)."""
+    while states(client)[address] != state:  # noqa: ASYNC110 - polling a snapshot API
+        await trio.sleep(0.001)
+    return trio.current_time()
+
+
+async def test_heartbeats_ping_idle_connections_on_the_interval(network, autojump_clock):
+    network.handlers["a:1"] = echo
+    async with qdb_client.open_client("a:1", heartbeat_interval=5.0, **EXACT):
+        start = trio.current_time()
+        await trio.sleep(16.0)
+    [node] = network.nodes
+    assert [t - start for t in node.pings] == pytest.approx([5.0, 10.0, 15.0])
+
+
+async def test_silent_node_goes_down_exactly_at_the_detection_time(network, autojump_clock):
+    network.handlers["a:1"] = echo
+    network.handlers["b:2"] = echo
+    options = dict(heartbeat_interval=5.0, ping_timeout=2.0, failures_to_down=3, **EXACT)
+    async with qdb_client.open_client(["a:1", "b:2"], **options) as client:
+        start = trio.current_time()
+        network.muted.add("a:1")
+        suspect_at = await wait_for_state(client, "a:1", "SUSPECT")
+        down_at = await wait_for_state(client, "a:1", "DOWN")
+        # heartbeat at 5 s, no PONG by 7 s; re-probes at 7.5 and 10 fail 2 s later each.
+        assert suspect_at - start == pytest.approx(7.0, abs=0.002)
+        assert down_at - start == pytest.approx(12.0, abs=0.002)
+        assert states(client)["b:2"] == "UP"
+        assert "PONG" in node_stats(client, "a:1")["reason"]
+
+
+async def test_killed_node_is_down_at_once_and_reconnects_on_the_backoff_schedule(
+    network: FakeNetwork, autojump_clock
+):
+    network.handlers["a:1"] = echo
+    network.handlers["b:2"] = echo
+    options = dict(reconnect_initial=1.0, reconnect_multiplier=1.6, reconnect_max=30.0, **EXACT)
+    async with qdb_client.open_client(["a:1", "b:2"], **options) as client:
+        killed_at = trio.current_time()
+        await network.kill("a:1")
+        assert await wait_for_state(client, "a:1", "DOWN") == pytest.approx(killed_at, abs=0.002)
+        # Reads keep working on the other node meanwhile.
+        for _ in range(5):
+            await client._call("query", {}, None, read_only=True)
+        await trio.sleep(5.5)
+        attempts = [
+            t - killed_at for t, a in network.connect_times if a == "a:1" and t >= killed_at
+        ]
+        # Refused at once (that makes it DOWN), then after 1.0, 1.6 and 2.56 s.
+        immediate = [t for t in attempts if t < 0.002]
+        assert immediate and attempts[len(immediate) :] == pytest.approx(
+            [1.0, 2.6, 5.16], abs=0.002
+        )
+        network.handlers["a:1"] = echo
+        up_at = await wait_for_state(client, "a:1", "UP")
+        assert up_at - killed_at == pytest.approx(1.0 + 1.6 + 2.56 + 4.096, abs=0.002)
+        sent_before = node_stats(client, "a:1")["requests_sent"]
+        for _ in range(4):
+            await client._call("query", {}, None, read_only=True)
+        assert node_stats(client, "a:1")["requests_sent"] == sent_before + 2
+
+
+async def test_down_node_gets_no_requests(network, autojump_clock):
+    for address in ("a:1", "b:2", "c:3"):
+        network.handlers[address] = echo
+    async with qdb_client.open_client(["a:1", "b:2", "c:3"], **EXACT) as client:
+        client.mark_node_unhealthy("b:2")
+        for _ in range(30):
+            await client._call("query", {}, None, read_only=True)
+        counts = {n["address"]: n["requests_sent"] for n in client.statistics()["nodes"]}
+        assert counts == {"a:1": 15, "b:2": 0, "c:3": 15}
+        # Marked unhealthy by an operator: no automatic recovery, however long.
+        await trio.sleep(120)
+        assert states(client)["b:2"] == "DOWN"
+        client.mark_node_healthy("fake-b:2")
+        for _ in range(30):
+            await client._call("query", {}, None, read_only=True)
+        counts = {n["address"]: n["requests_sent"] for n in client.statistics()["nodes"]}
+        assert counts == {"a:1": 25, "b:2": 10, "c:3": 25}
+
+
+async def test_unknown_node_name_is_a_config_error(network):
+    network.handlers["a:1"] = echo
+    async with qdb_client.open_client("a:1") as client:
+        with pytest.raises(qdb_client.ConfigError, match="no node"):
+            client.mark_node_unhealthy("z:9")
+
+
+async def test_all_nodes_down_waits_the_selection_timeout_then_explains(network, autojump_clock):
+    network.handlers["a:1"] = echo
+    network.handlers["b:2"] = echo
+    options = dict(node_selection_timeout=1.5, request_timeout=10.0, **EXACT)
+    async with qdb_client.open_client(["a:1", "b:2"], **options) as client:
+        client.mark_node_unhealthy("a:1")
+        await network.kill("b:2")
+        await wait_for_state(client, "b:2", "DOWN")
+        started = trio.current_time()
+        with pytest.raises(NoAvailableNode) as info:
+            await client.query("select 1")
+        assert trio.current_time() - started == pytest.approx(1.5)
+        assert "marked unhealthy by operator" in info.value.reasons["a:1"]
+        assert info.value.reasons["b:2"].startswith("DOWN (connect failed")
+        assert "next reconnect in" in info.value.reasons["b:2"]
+
+
+async def test_request_waiting_for_a_node_proceeds_when_one_comes_back(network, autojump_clock):
+    network.handlers["a:1"] = echo
+    options = dict(node_selection_timeout=5.0, **EXACT)
+    async with qdb_client.open_client("a:1", **options) as client:
+        client.mark_node_unhealthy("a:1")
+
+        async def heal_later() -> None:
+            await trio.sleep(0.7)
+            client.mark_node_healthy("a:1")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heal_later)
+            started = trio.current_time()
+            await client._call("query", {}, None, read_only=True)
+            assert trio.current_time() - started == pytest.approx(0.7)
+
+
+async def test_goaway_is_not_a_node_failure(network, autojump_clock):
+    async def goaway_then_echo(node: FakeNode, request: Request) -> None:
+        if len(network.nodes) == 1:
+            await node.reply(request, {"first": True})
+            await node.send(GoAway(reason="idle_timeout", last_request_id=request.request_id))
+            await node.stream.aclose()
+        else:
+            await echo(node, request)
+
+    network.handlers["a:1"] = goaway_then_echo
+    async with qdb_client.open_client("a:1", **EXACT) as client:
+        assert await client._call("query", {}, None, read_only=True) == {"first": True}
+        await trio.testing.wait_all_tasks_blocked()
+        assert states(client) == {"a:1": "UP"}
+        assert node_stats(client, "a:1")["failures"] == 0
+        result = await client._call("query", {}, None, read_only=True)
+        assert result["method"] == "query"
+        assert len(network.nodes) == 2
+
+
+async def test_members_announced_in_welcome_join_the_rotation(network, autojump_clock):
+    network.members = (Member("fake-a:1", "a:1"), Member("fake-b:2", "b:2"))
+    network.handlers["a:1"] = echo
+    network.handlers["b:2"] = echo
+    async with qdb_client.open_client("a:1", **EXACT) as client:
+        await trio.testing.wait_all_tasks_blocked()
+        assert states(client) == {"a:1": "UP", "b:2": "UP"}
+        for _ in range(10):
+            await client._call("query", {}, None, read_only=True)
+        counts = {n["address"]: n["requests_sent"] for n in client.statistics()["nodes"]}
+        assert counts == {"a:1": 5, "b:2": 5}
+
+
+async def test_closing_the_client_closes_every_connection_and_task(network, autojump_clock):
+    for address in ("a:1", "b:2"):
+        network.handlers[address] = echo
+    async with trio.open_nursery() as outer:
+        async with (
+            qdb_client.open_client(["a:1", "b:2"], min_connections=2, **EXACT) as client,
+            trio.open_nursery() as callers,
+        ):
+            for _ in range(20):
+                callers.start_soon(client.ping)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = client.statistics()
+        assert stats["closed"]
+        for node in stats["nodes"]:
+            assert node["connections"] == dict.fromkeys(
+                ("open", "idle", "leased", "opening", "retiring"), 0
+            )
+            assert node["in_flight"] == 0
+        # Every scripted node saw its connection end.
+        assert len(network.nodes) >= 4 and all(node.finished for node in network.nodes)
+        outer.cancel_scope.cancel()
