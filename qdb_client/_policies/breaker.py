@@ -1,0 +1,142 @@
+"""Circuit breaker of one node. Pure: time comes in as ``now``.
+
+CLOSED: requests flow; ``failure_threshold`` consecutive failures open it.
+OPEN: requests are refused (counted as ``circuit_open_requests``) until
+``open_timeout`` has passed, then HALF_OPEN.
+HALF_OPEN: at most ``half_open_probes`` requests at a time are let through;
+``success_threshold`` successes close it, any failure opens it again.
+
+Only failures that say something about the node count (transport failures,
+timeouts, retryable server errors); a SQL error is the caller's problem and
+counts as a success of the node. Defaults follow seed 000: 5 failures to
+open, 2 successes to close, 30 s before half-open.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attrs
+
+__all__ = ["BreakerSettings", "BreakerState", "CircuitBreaker"]
+
+
+class BreakerState(enum.Enum):
+    """The three breaker states."""
+
+    CLOSED = "CLOSED"
+    OPEN = "OPEN"
+    HALF_OPEN = "HALF_OPEN"
+
+
+@attrs.frozen(kw_only=True)
+class BreakerSettings:
+    """Thresholds of a circuit breaker."""
+
+    failure_threshold: int = 5
+    success_threshold: int = 2
+    open_timeout: float = 30.0
+    half_open_probes: int = 1
+
+
+class CircuitBreaker:
+    """Failure accounting and admission for one node."""
+
+    def __init__(self, settings: BreakerSettings) -> None:
+        self.settings = settings
+        self._state = BreakerState.CLOSED
+        self._opened_at = 0.0
+        self._consecutive_failures = 0
+        self._half_open_successes = 0
+        self._probes = 0
+        self.total_requests = 0
+        self.successful_requests = 0
+        self.failed_requests = 0
+        self.circuit_open_requests = 0
+        #: (time, new state) of every transition, oldest first (last 100 kept).
+        self.transitions: list[tuple[float, BreakerState]] = []
+
+    def state(self, now: float) -> BreakerState:
+        """The state at ``now`` (OPEN turns HALF_OPEN once its timeout passed)."""
+        if self._state is BreakerState.OPEN and now >= self._opened_at + self.settings.open_timeout:
+            self._move(BreakerState.HALF_OPEN, now)
+        return self._state
+
+    def reopens_at(self) -> float | None:
+        """When an OPEN breaker turns HALF_OPEN (None unless OPEN)."""
+        if self._state is BreakerState.OPEN:
+            return self._opened_at + self.settings.open_timeout
+        return None
+
+    def allow(self, now: float) -> bool:
+        """Admit one request? Every True must be followed by one record_*()."""
+        self.total_requests += 1
+        state = self.state(now)
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.HALF_OPEN and self._probes < self.settings.half_open_probes:
+            self._probes += 1
+            return True
+        self.circuit_open_requests += 1
+        return False
+
+    def would_allow(self, now: float) -> bool:
+        """Whether ``allow`` would admit a request now, without counting one."""
+        state = self.state(now)
+        return state is BreakerState.CLOSED or (
+            state is BreakerState.HALF_OPEN and self._probes < self.settings.half_open_probes
+        )
+
+    def record_success(self, now: float) -> None:
+        """An admitted request succeeded (as far as the node is concerned)."""
+        self.successful_requests += 1
+        self._consecutive_failures = 0
+        if self._state is BreakerState.HALF_OPEN:
+            self._probes = max(0, self._probes - 1)
+            self._half_open_successes += 1
+            if self._half_open_successes >= self.settings.success_threshold:
+                self._move(BreakerState.CLOSED, now)
+
+    def record_failure(self, now: float) -> None:
+        """An admitted request failed because of the node."""
+        self.failed_requests += 1
+        if self._state is BreakerState.HALF_OPEN:
+            self._probes = max(0, self._probes - 1)
+            self._open(now)
+            return
+        self._consecutive_failures += 1
+        if (
+            self._state is BreakerState.CLOSED
+            and self._consecutive_failures >= self.settings.failure_threshold
+        ):
+            self._open(now)
+
+    def record_ignored(self) -> None:
+        """An admitted request ended without saying anything about the node
+        (e.g. the caller cancelled it): release its half-open probe slot."""
+        if self._state is BreakerState.HALF_OPEN:
+            self._probes = max(0, self._probes - 1)
+
+    def _open(self, now: float) -> None:
+        self._opened_at = now
+        self._move(BreakerState.OPEN, now)
+
+    def _move(self, state: BreakerState, now: float) -> None:
+        self._state = state
+        self._consecutive_failures = 0
+        self._half_open_successes = 0
+        self._probes = 0
+        self.transitions.append((now, state))
+        del self.transitions[:-100]
+
+    def metrics(self, now: float) -> dict[str, Any]:
+        """Counters named as in the reliability catalogue (seed 003)."""
+        return {
+            "total_requests": self.total_requests,
+            "successful_requests": self.successful_requests,
+            "failed_requests": self.failed_requests,
+            "circuit_open_requests": self.circuit_open_requests,
+            "current_state": self.state(now).value,
+            "transitions": len(self.transitions),
+        }
