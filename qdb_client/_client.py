@@ -11,29 +11,30 @@ from __future__ import annotations
 
 import math
 import random
+import re
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
-from ._cluster import Cluster, ClusterSettings, HealthSettings, Node, make_balancer
+from ._cluster import Cluster, ClusterSettings, HealthSettings, make_balancer
 from ._nursery import owned_nursery
-from ._policies import Backoff
+from ._policies import Backoff, BreakerSettings, RetryBudget, RetryBudgetSettings, RetryPolicy
 from ._pool import PoolLimits
-from ._transport import Connection, PendingRequest
+from ._request import RequestPipeline
+from ._transport import Connection
 from ._transport.establish import establish
 from ._version import __version__
 from .config import ClientConfig
 from .errors import (
+    BulkheadFull,
     ClientClosed,
     ConfigError,
     InvalidArgument,
-    PoolError,
     ProtocolError,
-    QdbError,
     RequestTimeout,
-    TransportError,
 )
 from .protocol import PROTOCOL_VERSIONS, Hello
 from .results import ExecuteResult, QueryResult
@@ -65,22 +66,8 @@ async def open_client(hosts: str | Iterable[str], **options: Any) -> AsyncIterat
         yield client
 
 
-#: Attempts of one call across nodes when a transport failure makes it safe
-#: to try elsewhere (the full retry policy builds on this).
-MAX_ATTEMPTS = 3
-
-
-class _Attempt:
-    """The request of the current attempt, to tell whether it was sent."""
-
-    __slots__ = ("pending",)
-
-    def __init__(self) -> None:
-        self.pending: PendingRequest | None = None
-
-    @property
-    def sent(self) -> bool:
-        return self.pending is not None and self.pending.sent
+#: Idempotency keys: 1..128 characters of this set (docs/protocol.md).
+_KEY_PATTERN = re.compile(r"[A-Za-z0-9_\-:.]{1,128}")
 
 
 class Client:
@@ -98,33 +85,56 @@ class Client:
         )
         self._nursery: trio.Nursery | None = None
         self._cluster: Cluster | None = None
+        self._pipeline: RequestPipeline | None = None
         self._closed = False
-        self._requests = 0
-        self._failures = 0
-        self._failovers = 0
+        self._active = 0
+        self._bulkhead_rejections = 0
 
     # ------------------------------------------------------------ public API
 
     async def execute(
-        self, sql: str, params: Params = None, *, timeout: float | None = None
+        self,
+        sql: str,
+        params: Params = None,
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | bool = True,
     ) -> ExecuteResult:
-        """Run one statement that returns no rows; return its counts."""
-        result = await self._call("execute", _statement_args(sql, params), timeout, read_only=False)
+        """Run one statement that returns no rows; return its counts.
+
+        By default the write carries a fresh idempotency key, so it can be
+        retried safely and is applied exactly once. Pass a string to choose
+        the key (e.g. to deduplicate across your own restarts), or False to
+        send none: then a lost reply raises OutcomeUnknown instead of being
+        retried.
+        """
+        args = _statement_args(sql, params)
+        result = await self._call("execute", args, timeout, idempotency_key=idempotency_key)
         return ExecuteResult.from_wire(result)
 
     async def query(
         self, sql: str, params: Params = None, *, timeout: float | None = None
     ) -> QueryResult:
-        """Run a query; return all its rows (``result.columns``, ``result.rows``)."""
+        """Run a query; return all its rows (``result.columns``, ``result.rows``).
+
+        Queries are retried freely on failure (on another node when possible).
+        """
         result = await self._call("query", _statement_args(sql, params), timeout, read_only=True)
         return QueryResult.from_wire(result)
 
     async def batch(
-        self, statements: Iterable[Statement], *, timeout: float | None = None
+        self,
+        statements: Iterable[Statement],
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | bool = True,
     ) -> list[ExecuteResult]:
-        """Run several statements atomically: all are applied or none is."""
+        """Run several statements atomically: all are applied or none is.
+
+        ``idempotency_key`` as for :meth:`execute`.
+        """
         args = {"statements": [_batch_entry(item) for item in statements]}
-        result = await self._call("batch", args, timeout, read_only=False)
+        result = await self._call("batch", args, timeout, idempotency_key=idempotency_key)
         if not isinstance(result, dict) or not isinstance(result.get("results"), list):
             raise ProtocolError(f"malformed batch result from node: {result!r:.200}")
         return [ExecuteResult.from_wire(item) for item in result["results"]]
@@ -159,11 +169,18 @@ class Client:
         ``consecutive_failures``, ``last_ping_rtt``, ``latency_ewma``,
         ``next_reconnect_in``.
         """
+        counters = self._pipeline.counters if self._pipeline is not None else None
         return {
             "closed": self._closed,
-            "requests": self._requests,
-            "failures": self._failures,
-            "failovers": self._failovers,
+            "in_progress": self._active,
+            "calls": counters.calls if counters else 0,
+            "attempts": counters.attempts if counters else 0,
+            "retries": counters.retries if counters else 0,
+            "failures": counters.failures if counters else 0,
+            "outcome_unknown": counters.outcome_unknown if counters else 0,
+            "retry_budget_exhausted": counters.budget_exhausted if counters else 0,
+            "circuit_rejections": counters.circuit_rejections if counters else 0,
+            "bulkhead_rejections": self._bulkhead_rejections,
             "load_balancing": self.config.load_balancing,
             "nodes": [] if self._cluster is None else self._cluster.statistics(),
         }
@@ -209,10 +226,38 @@ class Client:
             # as its own ConnectTimeout rather than as the wait for it.
             startup_timeout=config.connect_timeout + 1.0,
             discover_members=config.discover_members,
+            breaker=BreakerSettings(
+                failure_threshold=config.breaker_failure_threshold,
+                success_threshold=config.breaker_success_threshold,
+                open_timeout=config.breaker_open_timeout,
+                half_open_probes=config.breaker_half_open_probes,
+            ),
         )
         balancer = make_balancer(config.load_balancing, self._rng, slow_start=config.slow_start)
         self._cluster = Cluster(
             settings, connect=self._connect, nursery=nursery, balancer=balancer, rng=self._rng
+        )
+        self._pipeline = RequestPipeline(
+            self._cluster,
+            policy=RetryPolicy(
+                max_retries=config.max_retries,
+                backoff=Backoff(
+                    initial=config.retry_initial_backoff,
+                    maximum=config.retry_max_backoff,
+                    multiplier=config.retry_multiplier,
+                    jitter=config.retry_jitter,
+                    factor=config.retry_jitter_factor,
+                ),
+                min_attempt_time=config.min_attempt_time,
+            ),
+            budget=RetryBudget(
+                RetryBudgetSettings(
+                    ratio=config.retry_budget_ratio,
+                    min_per_second=config.retry_budget_min_per_second,
+                    ttl=config.retry_budget_window,
+                )
+            ),
+            rng=self._rng,
         )
         await self._cluster.start(config.hosts)
 
@@ -249,58 +294,44 @@ class Client:
         return float(timeout)
 
     async def _call(
-        self, method: str, args: dict[str, Any], timeout: float | None, *, read_only: bool
+        self,
+        method: str,
+        args: dict[str, Any],
+        timeout: float | None,
+        *,
+        read_only: bool = False,
+        idempotency_key: str | bool = False,
     ) -> Any:
         budget = self._budget(timeout)
-        cluster = self._require_cluster()
-        deadline = trio.current_time() + budget
-        attempt = _Attempt()
-        tried: list[Node] = []
-        self._requests += 1
+        self._require_cluster()
+        assert self._pipeline is not None
+        key = self._key(idempotency_key) if not read_only else None
+        if self._active >= self.config.max_concurrent_requests:
+            self._bulkhead_rejections += 1
+            await trio.lowlevel.checkpoint()
+            raise BulkheadFull(
+                f"{self._active} calls already in progress"
+                f" (max_concurrent_requests={self.config.max_concurrent_requests})"
+            )
+        self._active += 1
         try:
-            with trio.fail_at(deadline):
-                while True:
-                    node = await cluster.select(exclude=tried)
-                    try:
-                        return await self._send(node, method, args, deadline, attempt)
-                    except (TransportError, PoolError) as exc:
-                        # Safe elsewhere: the node never saw it, or it only reads.
-                        safe = read_only or not getattr(exc, "request_sent", False)
-                        if not safe or len(tried) + 1 >= MAX_ATTEMPTS:
-                            raise
-                        tried.append(node)
-                        self._failovers += 1
-        except trio.TooSlowError as exc:
-            self._failures += 1
-            sent = attempt.sent
-            raise RequestTimeout(
-                f"{method} did not complete within {budget:g} s"
-                + (" (sent; outcome unknown)" if sent else " (never sent)"),
-                timeout=budget,
-                request_sent=sent,
-            ) from exc
-        except QdbError:
-            self._failures += 1
-            raise
+            return await self._pipeline.call(
+                method, args, budget_seconds=budget, idempotent=read_only, idempotency_key=key
+            )
+        finally:
+            self._active -= 1
 
-    async def _send(
-        self, node: Node, method: str, args: dict[str, Any], deadline: float, attempt: _Attempt
-    ) -> Any:
-        node.requests_sent += 1
-        started = trio.current_time()
-        attempt.pending = None
-        try:
-            async with node.pool.reserve() as connection:
-                remaining_ms = max(1, math.ceil((deadline - trio.current_time()) * 1000))
-                attempt.pending = await connection.send_request(
-                    method, args, deadline_ms=remaining_ms
-                )
-                result = await attempt.pending.wait()
-        except (TransportError, PoolError):
-            node.failures += 1
-            raise
-        node.record_latency(trio.current_time() - started)
-        return result
+    def _key(self, choice: str | bool) -> str | None:
+        if choice is True:
+            return f"qdb-{uuid.uuid4().hex}" if self.config.idempotency_keys else None
+        if choice is False or choice is None:
+            return None
+        if not isinstance(choice, str) or not _KEY_PATTERN.fullmatch(choice):
+            raise InvalidArgument(
+                f"idempotency_key must be 1..128 characters of A-Z a-z 0-9 _ - : . ,"
+                f" True (generate one) or False (none), not {choice!r}"
+            )
+        return choice
 
 
 def _credentials(config: ClientConfig) -> dict[str, str] | None:

@@ -62,6 +62,15 @@ def _boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise ConfigError(f"{attribute.name} must be True or False, not {value!r}")
 
 
+#: Names accepted by ``retry_jitter``.
+JITTER_MODES = frozenset({"none", "proportional", "full", "decorrelated"})
+
+
+def _check_number(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a number within {low}..{high}, not {value!r}")
+
+
 #: Names accepted by ``load_balancing``.
 LOAD_BALANCING = frozenset({"round_robin", "latency_aware"})
 
@@ -137,6 +146,25 @@ class ClientConfig:
     slow_start: float = attrs.field(default=5.0)
     discover_members: bool = attrs.field(default=True, validator=_boolean)
     random_seed: int | None = attrs.field(default=None)
+    # Retries
+    max_retries: int = attrs.field(default=3, validator=_int_in(0, 100))
+    retry_initial_backoff: float = attrs.field(default=0.1, validator=_positive_seconds)
+    retry_max_backoff: float = attrs.field(default=5.0, validator=_positive_seconds)
+    retry_multiplier: float = attrs.field(default=2.0)
+    retry_jitter: str = attrs.field(default="proportional")
+    retry_jitter_factor: float = attrs.field(default=0.1)
+    min_attempt_time: float = attrs.field(default=0.01, validator=_positive_seconds)
+    retry_budget_ratio: float = attrs.field(default=0.2)
+    retry_budget_min_per_second: float = attrs.field(default=10.0)
+    retry_budget_window: float = attrs.field(default=10.0, validator=_positive_seconds)
+    idempotency_keys: bool = attrs.field(default=True, validator=_boolean)
+    # Circuit breakers (per node)
+    breaker_failure_threshold: int = attrs.field(default=5, validator=_int_in(1, 10**6))
+    breaker_success_threshold: int = attrs.field(default=2, validator=_int_in(1, 10**6))
+    breaker_open_timeout: float = attrs.field(default=30.0, validator=_positive_seconds)
+    breaker_half_open_probes: int = attrs.field(default=1, validator=_int_in(1, 10**6))
+    # Bulkheads
+    max_concurrent_requests: int = attrs.field(default=10_000, validator=_int_in(1, 10**7))
 
     def __attrs_post_init__(self) -> None:
         if self.min_connections > self.max_connections:
@@ -170,6 +198,16 @@ class ClientConfig:
             raise ConfigError(
                 f"slow_start must be a non-negative number of seconds, not {self.slow_start!r}"
             )
+        _check_number("retry_multiplier", self.retry_multiplier, 1, 10)
+        _check_number("retry_jitter_factor", self.retry_jitter_factor, 0, 0.999)
+        _check_number("retry_budget_ratio", self.retry_budget_ratio, 0, 100)
+        _check_number("retry_budget_min_per_second", self.retry_budget_min_per_second, 0, 10**6)
+        if self.retry_jitter not in JITTER_MODES:
+            raise ConfigError(
+                f"retry_jitter must be one of {sorted(JITTER_MODES)}, not {self.retry_jitter!r}"
+            )
+        if self.retry_max_backoff < self.retry_initial_backoff:
+            raise ConfigError("retry_max_backoff must not be below retry_initial_backoff")
         if self.random_seed is not None and (
             isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int)
         ):

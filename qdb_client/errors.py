@@ -27,6 +27,10 @@ that meets them and chained with ``raise ... from``.
     │   ├── PoolTimeout              waited pool_acquire_timeout for a connection
     │   └── PoolQueueFull            too many callers already waiting
     ├── RequestTimeout               the client-side deadline passed
+    ├── RetryExhausted               retries stopped; carries every attempt and the last error
+    ├── OutcomeUnknown               a write without idempotency key may or may not have run
+    ├── CircuitOpen                  every usable node's circuit breaker is open
+    ├── BulkheadFull                 the client's concurrent-request cap is reached
     ├── ServerError                  the node answered with a structured error
     │   ├── ParseError, InvalidRequest, MethodNotFound, Unauthenticated,
     │   │   PermissionDenied, NotFound, Conflict, FrameRejected, SqlError,
@@ -36,15 +40,25 @@ that meets them and chained with ``raise ... from``.
 
 ``retryable`` tells whether the same request may succeed if tried again
 (possibly on another node). It says nothing about whether a write that
-failed with it was applied; see :attr:`QdbError.request_sent`.
+failed with it was applied: a write whose outcome can't be known raises
+:class:`OutcomeUnknown`.
+
+Every error raised by a client call carries ``attempts``: one
+:class:`Attempt` per try (node, timing, outcome, and why it was or wasn't
+retried).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import attrs
+
 __all__ = [
+    "Attempt",
+    "BulkheadFull",
     "CapacityExceeded",
+    "CircuitOpen",
     "ClientClosed",
     "ConfigError",
     "Conflict",
@@ -64,6 +78,7 @@ __all__ = [
     "MethodNotFound",
     "NoAvailableNode",
     "NotFound",
+    "OutcomeUnknown",
     "Overloaded",
     "ParseError",
     "PermissionDenied",
@@ -74,6 +89,7 @@ __all__ = [
     "ProtocolViolation",
     "QdbError",
     "RequestTimeout",
+    "RetryExhausted",
     "ServerError",
     "ServerTimeout",
     "ShuttingDown",
@@ -87,11 +103,39 @@ __all__ = [
 ]
 
 
+@attrs.frozen
+class Attempt:
+    """One try of a client call, as recorded in ``QdbError.attempts``.
+
+    ``started`` and ``elapsed`` are seconds from the start of the call and
+    of the attempt; ``outcome`` is ``"ok"`` or the error's class and
+    message; ``retried`` and ``reason`` say whether another attempt followed
+    and why (or why not).
+    """
+
+    number: int
+    node: str | None
+    started: float
+    elapsed: float
+    outcome: str
+    retried: bool
+    reason: str
+
+    def __str__(self) -> str:
+        verdict = "retried" if self.retried else "not retried"
+        return (
+            f"#{self.number} on {self.node or '(no node)'} at +{self.started:.3f}s"
+            f" took {self.elapsed:.3f}s: {self.outcome}; {verdict}: {self.reason}"
+        )
+
+
 class QdbError(Exception):
     """Base class of every error raised by qdb_client."""
 
     #: True when repeating the request (perhaps elsewhere) may succeed.
     retryable: ClassVar[bool] = False
+    #: The attempts of the call that raised this error (empty if none was made).
+    attempts: tuple[Attempt, ...] = ()
 
 
 class ConfigError(QdbError, ValueError):
@@ -268,6 +312,51 @@ class RequestTimeout(QdbError):
         super().__init__(message)
         self.timeout = timeout
         self.request_sent = request_sent
+
+
+class RetryExhausted(QdbError):
+    """A call failed with retryable errors and retrying stopped.
+
+    Stopped because ``max_retries`` were used, the deadline couldn't fit
+    another attempt, or the retry budget was spent. ``last_error`` is the
+    final attempt's error (also the ``__cause__``); ``attempts`` lists them all.
+    """
+
+    def __init__(self, message: str, *, last_error: BaseException, attempts: tuple[Attempt, ...]):
+        lines = "\n  ".join(str(a) for a in attempts)
+        super().__init__(f"{message} after {len(attempts)} attempt(s):\n  {lines}")
+        self.last_error = last_error
+        self.attempts = attempts
+
+
+class OutcomeUnknown(QdbError):
+    """A write reached a node but its result never came back.
+
+    Without an idempotency key the driver can't repeat it safely nor know
+    whether it was applied. Check the data, or send writes with keys (the
+    default) so they can be retried exactly once. ``__cause__`` is the
+    underlying ConnectionLost or RequestTimeout.
+    """
+
+
+class CircuitOpen(QdbError):
+    """The circuit breakers of all usable nodes are open; failing fast.
+
+    ``reopens_in`` maps each node to seconds until its breaker lets a probe
+    through.
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, *, reopens_in: dict[str, float]) -> None:
+        super().__init__(message)
+        self.reopens_in = dict(reopens_in)
+
+
+class BulkheadFull(QdbError):
+    """The client already runs ``max_concurrent_requests`` calls; this one was refused."""
+
+    retryable = True
 
 
 class ClientClosed(QdbError):

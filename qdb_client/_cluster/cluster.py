@@ -17,9 +17,10 @@ from typing import Any
 import attrs
 import trio
 
+from .._policies import BreakerSettings
 from .._pool import NodePool, PoolLimits, PoolListener
 from .._transport import Connection
-from ..errors import ClientClosed, ConfigError, NoAvailableNode, QdbError
+from ..errors import CircuitOpen, ClientClosed, ConfigError, NoAvailableNode, QdbError
 from .balancer import Balancer
 from .health import HealthMonitor, HealthSettings
 from .node import Node, NodeState
@@ -36,6 +37,7 @@ class ClusterSettings:
 
     pool: PoolLimits
     health: HealthSettings
+    breaker: BreakerSettings = attrs.field(factory=BreakerSettings)
     acquire_timeout: float
     max_waiters: int
     selection_timeout: float
@@ -105,7 +107,7 @@ class Cluster:
             max_waiters=self.settings.max_waiters,
             listener=listener,
         )
-        node = listener.node = Node(address, pool, node_id=node_id)
+        node = listener.node = Node(address, pool, node_id=node_id, breaker=self.settings.breaker)
         node.changed_at = trio.current_time()
         monitor = HealthMonitor(
             node,
@@ -203,9 +205,25 @@ class Cluster:
                     raise ClientClosed("the client is closed")
                 candidates = self.candidates(exclude)
                 if candidates:
-                    return self.balancer.pick(candidates, trio.current_time())
+                    return self._admit(candidates, exclude)
                 await self._lot.park()
         raise self._no_node()
+
+    def _admit(self, candidates: list[Node], exclude: Sequence[Node]) -> Node:
+        """Pick among candidates whose breaker admits; fail fast if none does."""
+        now = trio.current_time()
+        admitted = [n for n in candidates if n.breaker.would_allow(now)]
+        if not admitted:
+            # Nodes this call already failed on are still better than none.
+            live = self.candidates()
+            admitted = [n for n in live if n.breaker.would_allow(now)]
+        if admitted:
+            return self.balancer.pick(admitted, now)
+        reopens = {n.address: max(0.0, (n.breaker.reopens_at() or now) - now) for n in candidates}
+        listing = ", ".join(f"{a} reopens in {t:.2f} s" for a, t in reopens.items())
+        raise CircuitOpen(
+            f"circuit breakers open for every usable node ({listing})", reopens_in=reopens
+        )
 
     def _no_node(self) -> NoAvailableNode:
         now = trio.current_time()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+from .._policies import BreakerSettings, CircuitBreaker
 from .._pool import NodePool
 
 __all__ = ["Node", "NodeState"]
@@ -36,9 +37,17 @@ class NodeState(enum.Enum):
 class Node:
     """One QDB node: its pool, health and statistics."""
 
-    def __init__(self, address: str, pool: NodePool, *, node_id: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        pool: NodePool,
+        *,
+        node_id: str | None = None,
+        breaker: BreakerSettings | None = None,
+    ) -> None:
         self.address = address
         self.pool = pool
+        self.breaker = CircuitBreaker(breaker or BreakerSettings())
         #: Server-assigned id, learnt from WELCOME (or a member list).
         self.node_id = node_id
         self.state = NodeState.UP
@@ -110,4 +119,5 @@ class Node:
             "next_reconnect_in": None
             if self.next_reconnect_at is None
             else max(0.0, self.next_reconnect_at - now),
+            "breaker": self.breaker.metrics(now),
         }

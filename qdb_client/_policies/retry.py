@@ -2,8 +2,8 @@
 
 A failed attempt is retried when all of these hold:
 
-1. the error is of a retryable kind: a transport failure, a pool or node
-   selection failure, or a server error whose ``retryable`` flag is set
+1. the error is of a retryable kind: a transport failure, a pool failure,
+   or a server error whose ``retryable`` flag is set
    (classes 408, 429, 500, 502, 503, 504 of the reliability catalogue);
 2. repeating it is safe: the request never reached a node, or it is
    idempotent (a read, or a write carrying an idempotency key);
@@ -77,7 +77,10 @@ class RetryPolicy:
             if error.name == "TIMEOUT" and not idempotent and error.details.get("executed"):
                 return False, "the node timed out after executing a write without a key"
             return True, f"{error.name} ({error.code}) is retryable"
-        if isinstance(error, (PoolError, NoAvailableNode)):
+        if isinstance(error, NoAvailableNode):
+            # Selection already waited node_selection_timeout for a node.
+            return False, "no node became usable within the selection timeout"
+        if isinstance(error, PoolError):
             return True, f"{type(error).__name__}: no node saw the request"
         if isinstance(error, TransportError):
             if not error.request_sent:

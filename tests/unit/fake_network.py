@@ -61,7 +61,9 @@ class FakeNetwork:
 
 
 async def _serve(network: FakeNetwork, address: str, node: FakeNode, handler: Handler) -> None:
-    await node.handshake()
+    if await node.handshake() is None:
+        node.finished = True
+        return
     while (message := await node.receive()) is not None:
         if isinstance(message, Ping):
             node.pings.append(trio.current_time())

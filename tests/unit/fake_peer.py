@@ -47,9 +47,11 @@ class FakeNode:
         #: trio times at which PINGs arrived (filled by the serving loop).
         self.pings: list[float] = []
 
-    async def handshake(self) -> Hello:
-        """Read HELLO and answer WELCOME."""
+    async def handshake(self) -> Hello | None:
+        """Read HELLO and answer WELCOME (None if the client hung up first)."""
         hello = await self.receive()
+        if hello is None:
+            return None
         assert isinstance(hello, Hello)
         await self.send(
             Welcome(
