@@ -51,6 +51,7 @@ def decode_body(data: bytes, *, request_id: int = 0, kind: int | None = None) ->
             max_depth=MAX_DEPTH,
             allow_indefinite=False,
             strict_hashable_types=True,
+            allow_duplicate_keys=False,
             semantic_decoders=_SEMANTIC_DECODERS,
         )
         value = decoder.decode()
