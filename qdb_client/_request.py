@@ -208,13 +208,17 @@ class RequestPipeline:
         self.counters.attempts += 1
         node.requests_sent += 1
         verdict = "ignored"
+        pool = node.pool
         try:
-            async with node.pool.reserve() as connection:
+            token, connection = await pool.acquire_slot()
+            try:
                 remaining_ms = max(1, math.ceil((deadline - trio.current_time()) * 1000))
                 current.pending = await connection.send_request(
                     method, args, deadline_ms=remaining_ms, idempotency_key=idempotency_key
                 )
                 result = await current.pending.wait()
+            finally:
+                pool.release_slot(token)
             verdict = "success"
             return result
         except ServerError as exc:

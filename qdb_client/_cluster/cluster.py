@@ -199,6 +199,9 @@ class Cluster:
     async def select(self, exclude: Sequence[Node] = ()) -> Node:
         """A node for the next attempt, waiting for one to come UP if needed."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        candidates = self.candidates(exclude)
+        if candidates and not self._closed:
+            return self._admit(candidates, exclude)  # fast path, no timer
         with trio.move_on_after(self.settings.selection_timeout):
             while True:
                 if self._closed:

@@ -76,12 +76,24 @@ class NodePool:
     @asynccontextmanager
     async def reserve(self) -> AsyncIterator[Connection]:
         """A connection with room for one more request, held for the block."""
-        connection_id, connection = await self._acquire(exclusive=False)
+        connection_id, connection = await self.acquire_slot()
         try:
             yield connection
         finally:
-            self.state.release(connection_id, trio.current_time())
-            self._after_release(connection_id)
+            self.release_slot(connection_id)
+
+    async def acquire_slot(self) -> tuple[int, Connection]:
+        """Reserve room for one request: (slot token, connection).
+
+        The hot-path form of ``reserve()``; every successful call must be
+        paired with ``release_slot(token)``.
+        """
+        return await self._acquire(exclusive=False)
+
+    def release_slot(self, token: int) -> None:
+        """The request of an ``acquire_slot`` finished."""
+        self.state.release(token, trio.current_time())
+        self._after_release(token)
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[Connection]:
@@ -210,6 +222,10 @@ class NodePool:
 
     async def _acquire(self, *, exclusive: bool) -> tuple[int, Connection]:
         await trio.lowlevel.checkpoint_if_cancelled()
+        if self._disabled is None and not self._closed and not len(self._waiters):
+            picked = self._pick(exclusive)  # fast path: room now, nobody queued
+            if picked is not None:
+                return picked
         failures_before = self._open_failures
         with trio.move_on_after(self._acquire_timeout):
             while True:
@@ -257,9 +273,11 @@ class NodePool:
             return record.id, connection
 
     def _after_release(self, connection_id: int) -> None:
+        # No maintenance wake-up here: a later last_used only postpones
+        # expiry, and maintenance re-checks whenever its timer fires.
         self._close_if_drained(connection_id)
-        self._waiters.unpark()
-        self._wake_maintenance()
+        if self._waiters:
+            self._waiters.unpark()
 
     def _close_if_drained(self, connection_id: int) -> None:
         record = self.state.connections.get(connection_id)
