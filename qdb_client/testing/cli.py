@@ -1,0 +1,203 @@
+"""Command line of a test node: ``python -m qdb_client.testing [options]``.
+
+Once the node listens it prints one readiness line on stdout::
+
+    QDB-NODE READY node_id=node-7000 address=127.0.0.1:7000 port=7000 pid=12345
+
+and nothing else (logs go to stderr). SIGTERM or SIGINT shut it down
+gracefully: GOAWAY ``shutdown`` to every connection, in-flight requests get
+``--grace`` seconds. Exit status 0 after a clean stop, 1 if it could not
+start (port in use, bad option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+
+import trio
+
+from ..errors import ConfigError
+from ._nursery import owned_nursery
+from .config import ServerConfig
+from .server import QdbNode
+
+__all__ = [
+    "READY_PATTERN",
+    "build_parser",
+    "config_from_args",
+    "main",
+    "options_to_args",
+    "run_node",
+]
+
+logger = logging.getLogger("qdb_client.testing")
+
+#: Matches the readiness line; groups ``node_id``, ``address`` and ``port``.
+READY_PATTERN = re.compile(
+    r"^QDB-NODE READY node_id=(?P<node_id>\S+) address=(?P<address>\S+) port=(?P<port>\d+)"
+)
+
+# ServerConfig field -> command line flag, for options that take a value.
+_VALUE_FLAGS = {
+    "host": "--host",
+    "port": "--port",
+    "node_id": "--node-id",
+    "database": "--db",
+    "peers_file": "--peers-file",
+    "client_idle_timeout": "--idle-timeout",
+    "request_timeout": "--request-timeout",
+    "max_connections": "--max-connections",
+    "max_in_flight": "--max-in-flight",
+    "max_frame_size": "--max-frame-size",
+    "sqlite_pool_size": "--sqlite-pool-size",
+    "server_name": "--server-name",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m qdb_client.testing``."""
+    defaults = ServerConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m qdb_client.testing",
+        description="Run one QDB protocol v1 test node (SQLite storage).",
+    )
+    p.add_argument("--host", default=defaults.host, help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
+    p.add_argument("--db", dest="database", help="SQLite file shared by the cluster")
+    p.add_argument("--peers", default="", help="other members, 'host:port,host:port'")
+    p.add_argument("--peers-file", help="file listing other members, one 'host:port' a line")
+    p.add_argument("--node-id", help="node id (default node-<port>)")
+    p.add_argument("--test-mode", action="store_true", help="enable control.* methods")
+    p.add_argument(
+        "--idle-timeout",
+        dest="client_idle_timeout",
+        type=float,
+        default=defaults.client_idle_timeout,
+    )
+    p.add_argument("--request-timeout", type=float, default=defaults.request_timeout)
+    p.add_argument("--max-connections", type=int, default=defaults.max_connections)
+    p.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight)
+    p.add_argument("--max-frame-size", type=int, default=defaults.max_frame_size)
+    p.add_argument("--sqlite-pool-size", type=int, default=defaults.sqlite_pool_size)
+    p.add_argument("--server-name", default=defaults.server_name)
+    p.add_argument(
+        "--credentials",
+        action="append",
+        default=[],
+        metavar="USER:PASSWORD",
+        help="require HELLO auth; repeat for several users",
+    )
+    p.add_argument(
+        "--grace", type=float, default=5.0, help="seconds in-flight requests get on SIGTERM"
+    )
+    p.add_argument("--log-level", default=os.environ.get("QDB_TEST_LOG_LEVEL", "INFO"))
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> ServerConfig:
+    """Build the :class:`ServerConfig` that parsed arguments describe (ConfigError if invalid)."""
+    credentials = None
+    if ns.credentials:
+        credentials = {}
+        for item in ns.credentials:
+            user, sep, password = item.partition(":")
+            if not sep or not user:
+                raise ConfigError(f"--credentials {item!r} is not USER:PASSWORD")
+            credentials[user] = password
+    return ServerConfig(
+        host=ns.host,
+        port=ns.port,
+        node_id=ns.node_id,
+        database=ns.database,
+        peers=ns.peers,
+        peers_file=ns.peers_file,
+        client_idle_timeout=ns.client_idle_timeout,
+        max_connections=ns.max_connections,
+        request_timeout=ns.request_timeout,
+        max_frame_size=ns.max_frame_size,
+        max_in_flight=ns.max_in_flight,
+        test_mode=ns.test_mode,
+        credentials=credentials,
+        sqlite_pool_size=ns.sqlite_pool_size,
+        server_name=ns.server_name,
+    )
+
+
+def options_to_args(options: Mapping[str, Any]) -> list[str]:
+    """Command line flags for :class:`ServerConfig` field values (``peers``, ``credentials``,
+    ``test_mode`` included). ConfigError for a field the command line can't express.
+    """
+    args: list[str] = []
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in _VALUE_FLAGS:
+            args += [_VALUE_FLAGS[name], str(value)]
+        elif name == "peers":
+            args += ["--peers", value if isinstance(value, str) else ",".join(value)]
+        elif name == "test_mode":
+            args += ["--test-mode"] if value else []
+        elif name == "credentials":
+            for user, password in dict(value).items():
+                args += ["--credentials", f"{user}:{password}"]
+        else:
+            raise ConfigError(f"no command line option for {name!r}")
+    return args
+
+
+async def run_node(config: ServerConfig, *, grace: float = 5.0, out: TextIO | None = None) -> None:
+    """Serve ``config`` until SIGTERM/SIGINT (graceful shutdown) or ``control.shutdown``.
+
+    Prints the readiness line to ``out`` (default stdout) once listening.
+    """
+    out = sys.stdout if out is None else out
+    node = QdbNode(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with owned_nursery() as nursery:
+            await nursery.start(node.serve)
+            print(
+                f"QDB-NODE READY node_id={node.node_id} address={node.address}"
+                f" port={node.port} pid={os.getpid()}",
+                file=out,
+                flush=True,
+            )
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    logger.info("%s: got signal %d, shutting down", node.node_id, signum)
+                    await node.shutdown(grace)
+                    return
+
+            nursery.start_soon(on_signal)
+            await node.wait_stopped()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m qdb_client.testing``; returns the exit status."""
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=ns.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(ns)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(functools.partial(run_node, config, grace=ns.grace))
+    except OSError as exc:
+        logger.error("cannot start the node: %s", exc)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover - signal arrived before the receiver existed
+        return 130
+    return 0

@@ -1,0 +1,166 @@
+"""Configuration of one test node: :class:`ServerConfig` and address helpers.
+
+Every value is validated when the config is built; a bad value raises
+:class:`qdb_client.errors.ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from ..errors import ConfigError
+
+__all__ = [
+    "DEFAULT_SERVER_NAME",
+    "ServerConfig",
+    "format_address",
+    "parse_address",
+    "peer_node_id",
+]
+
+#: The ``server`` field of every WELCOME this package sends.
+DEFAULT_SERVER_NAME = "qdb-test-node/0.1"
+
+#: Smallest ``max_frame_size`` a node accepts (a WELCOME must fit).
+MIN_FRAME_SIZE = 1024
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (or ``"[v6]:port"``) into host and port; ConfigError if malformed."""
+    if not isinstance(address, str):
+        raise ConfigError(f"address must be text 'host:port', not {type(address).__name__}")
+    host, sep, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(f"address {address!r} is not of the form 'host:port'")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ConfigError(f"address {address!r}: port must be 1..65535")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    """Inverse of :func:`parse_address` (brackets an IPv6 host)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def peer_node_id(address: str) -> str:
+    """The node id a cluster member at ``address`` announces: ``node-<port>``."""
+    return f"node-{parse_address(address)[1]}"
+
+
+# ------------------------------------------------------------------ validators
+
+
+def _positive_number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{attribute.name} must be a number of seconds, not {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{attribute.name} must be a positive finite number, not {value!r}")
+
+
+def _int_range(low: int, high: int):
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{attribute.name} must be an integer, not {value!r}")
+        if not low <= value <= high:
+            raise ConfigError(f"{attribute.name} must be in {low}..{high}, not {value}")
+
+    return check
+
+
+def _text(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{attribute.name} must be non-empty text, not {value!r}")
+
+
+def _optional_text(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None:
+        _text(instance, attribute, value)
+
+
+def _bool(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{attribute.name} must be True or False, not {value!r}")
+
+
+def _to_peers(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, Iterable):
+        raise ConfigError(f"peers must be a list of 'host:port', not {value!r}")
+    peers = tuple(str(item).strip() if isinstance(item, str) else item for item in value)
+    for peer in peers:
+        parse_address(peer)
+    return peers
+
+
+def _to_path(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"path must be text or a path, not {value!r}")
+    path = os.fspath(value)
+    if not path:
+        raise ConfigError("path must not be empty")
+    return str(path)
+
+
+def _to_credentials(value: Any) -> Mapping[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ConfigError("credentials must map user names (text) to passwords (text)")
+    return dict(value)
+
+
+# ---------------------------------------------------------------------- config
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """Everything one test node needs to know; immutable and validated.
+
+    ``port=0`` binds an ephemeral port; the node id then defaults to
+    ``node-<bound port>``. ``database=None`` gives the node a private
+    temporary SQLite file; nodes of one cluster share a path. ``peers`` are
+    the ``host:port`` addresses of the other members, announced in WELCOME;
+    ``peers_file`` names a file of such addresses (one per line), re-read on
+    every handshake, for clusters whose ports are only known after start.
+    ``credentials`` (user -> password), when set, makes HELLO ``auth``
+    mandatory. Control methods (``control.*``) exist only when ``test_mode``.
+    """
+
+    host: str = attrs.field(default="127.0.0.1", validator=_text)
+    port: int = attrs.field(default=0, validator=_int_range(0, 65535))
+    node_id: str | None = attrs.field(default=None, validator=_optional_text)
+    database: str | None = attrs.field(default=None, converter=_to_path)
+    peers: tuple[str, ...] = attrs.field(default=(), converter=_to_peers)
+    peers_file: str | None = attrs.field(default=None, converter=_to_path)
+    client_idle_timeout: float = attrs.field(default=30.0, validator=_positive_number)
+    max_connections: int = attrs.field(default=1000, validator=_int_range(1, 1_000_000))
+    request_timeout: float = attrs.field(default=5.0, validator=_positive_number)
+    max_frame_size: int = attrs.field(
+        default=1024 * 1024, validator=_int_range(MIN_FRAME_SIZE, 2**32 - 1)
+    )
+    max_in_flight: int = attrs.field(default=256, validator=_int_range(1, 1_000_000))
+    test_mode: bool = attrs.field(default=False, validator=_bool)
+    credentials: Mapping[str, str] | None = attrs.field(
+        default=None, converter=_to_credentials, eq=False, repr=False
+    )
+    sqlite_pool_size: int = attrs.field(default=4, validator=_int_range(1, 64))
+    server_name: str = attrs.field(default=DEFAULT_SERVER_NAME, validator=_text)
+
+    def evolve(self, **changes: Any) -> ServerConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return attrs.evolve(self, **changes)

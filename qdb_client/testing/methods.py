@@ -1,0 +1,292 @@
+"""The methods a test node answers: data methods and, in test mode, ``control.*``.
+
+Data methods (``ping``, ``execute``, ``query``, ``batch``) pass through the
+node's faults first: a matching ``fail_next`` rule is consumed when the
+request arrives, the configured latency is slept (bounded by the request
+deadline), then the rule's error is raised or the method runs. Control
+methods, and every request of the control tool itself, are never subject
+to faults.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ..protocol import ErrorCode, Request
+from ._failure import RequestFailed
+from .storage import Params, Statement
+
+if TYPE_CHECKING:
+    from .server import QdbNode
+    from .session import ServerConnection
+
+__all__ = ["CONTROL_METHODS", "DATA_METHODS", "Outcome", "is_control_method", "run_method"]
+
+logger = logging.getLogger("qdb_client.testing")
+
+_REQUIRED: Any = object()
+_MIN_INT, _MAX_INT = -(2**63), 2**63 - 1
+
+
+@attrs.frozen
+class Outcome:
+    """A method's result, and what to do once the RESPONSE has been written."""
+
+    result: Any
+    after_reply: Callable[[], None] | None = None
+
+
+def is_control_method(method: str) -> bool:
+    """Whether ``method`` is in the ``control.`` namespace."""
+    return method.startswith("control.")
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def _arg(
+    args: Mapping[str, Any], key: str, types: type | tuple[type, ...], default: Any = _REQUIRED
+):
+    if key not in args or args[key] is None:
+        if default is _REQUIRED:
+            raise RequestFailed(ErrorCode.INVALID_REQUEST, f"missing argument {key!r}")
+        return default
+    value = args[key]
+    allowed = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, allowed) or (
+        isinstance(value, bool) and bool not in allowed and int in allowed
+    ):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise RequestFailed(
+            ErrorCode.INVALID_REQUEST,
+            f"argument {key!r} must be {names}, not {type(value).__name__}",
+        )
+    return value
+
+
+def _non_negative(args: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    value = _arg(args, key, int, default)
+    if value is not None and value < 0:
+        raise RequestFailed(ErrorCode.INVALID_REQUEST, f"argument {key!r} must not be negative")
+    return value
+
+
+def _check_value(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, float, str, bytes)):
+        return value
+    if isinstance(value, int):
+        if not _MIN_INT <= value <= _MAX_INT:
+            raise RequestFailed(
+                ErrorCode.INVALID_REQUEST, f"{where}: integer {value} does not fit in 64 bits"
+            )
+        return value
+    raise RequestFailed(
+        ErrorCode.INVALID_REQUEST,
+        f"{where}: a {type(value).__name__} can't be bound"
+        " (use null, bool, int, float, text or bytes)",
+    )
+
+
+def _sql_args(args: Mapping[str, Any], index: int | None = None) -> Statement:
+    where = "" if index is None else f"statement {index}: "
+    try:
+        sql = args.get("sql")
+        if not isinstance(sql, str) or not sql.strip():
+            raise RequestFailed(ErrorCode.INVALID_REQUEST, f"{where}'sql' must be non-empty text")
+        raw = args.get("params")
+        params: Params
+        if raw is None:
+            params = ()
+        elif isinstance(raw, list):
+            params = tuple(_check_value(v, f"{where}parameter {i}") for i, v in enumerate(raw))
+        elif isinstance(raw, dict):
+            if not all(isinstance(k, str) for k in raw):
+                raise RequestFailed(
+                    ErrorCode.INVALID_REQUEST, f"{where}parameter names must be text"
+                )
+            params = {k: _check_value(v, f"{where}parameter {k!r}") for k, v in raw.items()}
+        else:
+            raise RequestFailed(
+                ErrorCode.INVALID_REQUEST, f"{where}'params' must be a list or a map"
+            )
+    except RequestFailed as exc:
+        if index is not None:
+            exc.details["statement_index"] = index
+        raise
+    return sql, params
+
+
+# ------------------------------------------------------------- data methods
+
+DataHandler = Callable[["QdbNode", Mapping[str, Any], float], Awaitable[Any]]
+
+
+async def _ping(node: QdbNode, args: Mapping[str, Any], deadline: float) -> Any:
+    return {"node_id": node.node_id}
+
+
+async def _execute(node: QdbNode, args: Mapping[str, Any], deadline: float) -> Any:
+    sql, params = _sql_args(args)
+    return await node.storage.execute(sql, params, deadline=deadline)
+
+
+async def _query(node: QdbNode, args: Mapping[str, Any], deadline: float) -> Any:
+    sql, params = _sql_args(args)
+    return await node.storage.query(sql, params, deadline=deadline)
+
+
+async def _batch(node: QdbNode, args: Mapping[str, Any], deadline: float) -> Any:
+    raw = _arg(args, "statements", list)
+    statements = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise RequestFailed(
+                ErrorCode.INVALID_REQUEST,
+                f"statement {index} must be a map with 'sql' and 'params'",
+                details={"statement_index": index},
+            )
+        statements.append(_sql_args(item, index))
+    return await node.storage.batch(statements, deadline=deadline)
+
+
+#: Method name -> handler, for methods every node answers.
+DATA_METHODS: dict[str, DataHandler] = {
+    "ping": _ping,
+    "execute": _execute,
+    "query": _query,
+    "batch": _batch,
+}
+
+
+# ---------------------------------------------------------- control methods
+
+ControlHandler = Callable[["QdbNode", "ServerConnection", Mapping[str, Any]], Outcome]
+
+
+def _faults_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as exc:
+        raise RequestFailed(ErrorCode.INVALID_REQUEST, str(exc)) from exc
+
+
+def _fail_next(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+    methods = _arg(args, "methods", list, None)
+    _faults_call(
+        node.faults.fail_next,
+        _non_negative(args, "count"),
+        _arg(args, "code", (str, int), "UNAVAILABLE"),
+        message=_arg(args, "message", str, None),
+        methods=methods,
+        retry_after_ms=_non_negative(args, "retry_after_ms", None),
+    )
+    return Outcome(node.faults.describe())
+
+
+def _add_latency(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+    method = _arg(args, "method", str)
+    _faults_call(node.faults.add_latency, method, _non_negative(args, "ms") / 1000)
+    return Outcome(node.faults.describe())
+
+
+def _stop_pings(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+    node.faults.stop_pings(_arg(args, "enabled", bool, True))
+    return Outcome(node.faults.describe())
+
+
+def _drop_connections(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+    count = node.count_connections(exclude=conn)
+    return Outcome({"dropped": count}, after_reply=lambda: node.drop_connections(keep=conn))
+
+
+def _refuse_connections(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+    enabled = _arg(args, "enabled", bool, True)
+    try:
+        node.faults.refuse_connections(enabled)
+    except OSError as exc:
+        raise RequestFailed(ErrorCode.INTERNAL, f"cannot listen again: {exc}") from exc
+    return Outcome(node.faults.describe())
+
+
+def _stats(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+    return Outcome(node.statistics())
+
+
+def _reset(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+    try:
+        node.faults.reset()
+    except OSError as exc:
+        raise RequestFailed(ErrorCode.INTERNAL, f"cannot listen again: {exc}") from exc
+    return Outcome(node.faults.describe())
+
+
+def _shutdown(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+    grace = _non_negative(args, "grace_ms", 5000) / 1000
+    return Outcome({"shutting_down": True}, after_reply=lambda: node.start_shutdown(grace))
+
+
+#: Method name -> handler, for methods answered only in test mode.
+CONTROL_METHODS: dict[str, ControlHandler] = {
+    "control.fail_next": _fail_next,
+    "control.add_latency": _add_latency,
+    "control.stop_pings": _stop_pings,
+    "control.drop_connections": _drop_connections,
+    "control.refuse_connections": _refuse_connections,
+    "control.stats": _stats,
+    "control.reset": _reset,
+    "control.shutdown": _shutdown,
+}
+
+
+# ----------------------------------------------------------------- dispatch
+
+
+async def run_method(
+    node: QdbNode, conn: ServerConnection, request: Request, deadline: float
+) -> Outcome | None:
+    """Run ``request`` and return its outcome; None means send no reply at all.
+
+    Raises :class:`RequestFailed` for every structured error.
+    """
+    method = request.method
+    args = request.args
+    if node.config.test_mode and method in CONTROL_METHODS:
+        await trio.lowlevel.checkpoint()
+        return CONTROL_METHODS[method](node, conn, args)
+    handler = DATA_METHODS.get(method)
+    if handler is None:
+        logger.warning(
+            "%s: unknown method %r (request %d from %s)",
+            node.node_id,
+            method,
+            request.request_id,
+            conn.peer,
+        )
+        raise RequestFailed(
+            ErrorCode.METHOD_NOT_FOUND, f"no method named {method!r}", details={"method": method}
+        )
+    if conn.is_control_client:  # the control tool neither sees nor consumes faults
+        return Outcome(await handler(node, args, deadline))
+    faults = node.faults
+    failure = faults.take_failure(method)
+    delay = faults.latency_for(method)
+    if delay:
+        with trio.move_on_at(deadline) as waited:
+            await trio.sleep(delay)
+        if waited.cancelled_caught:
+            raise RequestFailed(
+                ErrorCode.TIMEOUT,
+                "request deadline passed during injected latency; it was not executed",
+                details={"executed": False},
+            )
+    if failure is not None:
+        raise failure
+    if method == "ping" and faults.pings_stopped:
+        await trio.sleep_until(deadline)  # a hung node: never answer
+        return None
+    return Outcome(await handler(node, args, deadline))

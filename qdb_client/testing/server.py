@@ -1,0 +1,364 @@
+"""The test node: a trio TCP server speaking protocol v1 over SQLite.
+
+::
+
+    async with open_node(ServerConfig(test_mode=True)) as node:
+        print(node.address)          # "127.0.0.1:41234"
+        node.faults.fail_next(1, code=503)
+
+or, with an explicit nursery, ``node = QdbNode(config)`` then
+``await nursery.start(node.serve)``. Unit tests can skip TCP entirely and run
+``await node.serve_connection(stream)`` over ``trio.testing.memory_stream_pair()``
+(all time comes from ``trio.current_time()``, so a ``MockClock`` drives it).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket as stdlib_socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from ..protocol import ErrorCode, Member, ProtocolConnection, Role, error_message
+from ._nursery import owned_nursery
+from .config import ServerConfig, format_address, parse_address, peer_node_id
+from .faults import Faults
+from .session import COURTESY_SECONDS, ServerConnection, close_stream
+from .stats import NodeStatistics
+from .storage import Storage
+
+__all__ = ["QdbNode", "open_node"]
+
+logger = logging.getLogger("qdb_client.testing")
+
+_BACKLOG = 128
+#: Seconds ``open_node`` waits for its node to close when the block exits.
+_EXIT_TIMEOUT = 5.0
+#: accept() errors that mean "out of resources, try again shortly".
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def _is_resource_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS
+
+
+class QdbNode:
+    """One test node: listener, client connections, storage, faults and counters.
+
+    Build it from a :class:`ServerConfig` (or keyword overrides of one).
+    ``serve`` binds and runs it; ``shutdown`` stops it gracefully; cancelling
+    ``serve`` kills it (connections are closed without GOAWAY).
+    """
+
+    def __init__(self, config: ServerConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = ServerConfig(**overrides)
+        elif overrides:
+            config = config.evolve(**overrides)
+        #: The node's configuration.
+        self.config = config
+        #: Traffic counters (see :meth:`statistics`).
+        self.stats = NodeStatistics()
+        #: Fault injection controls, all synchronous.
+        self.faults = Faults(
+            refuse=self._set_refusing,
+            drop=self.drop_connections,
+            stats=self.statistics,
+            reset_counters=self.stats.reset,
+        )
+        #: SQLite storage shared with every node using the same database file.
+        self.storage = Storage(config.database, pool_size=config.sqlite_pool_size)
+        self._port = config.port
+        self._listen_sock: trio.socket.SocketType | None = None
+        self._listen_changed = trio.Event()
+        self._connections: set[ServerConnection] = set()
+        self._nursery: trio.Nursery | None = None
+        self._serving = False
+        self._shutdown_started = False
+        self._stopped = trio.Event()
+
+    # ------------------------------------------------------------ identity
+
+    @property
+    def port(self) -> int:
+        """The bound port (the configured one until ``serve`` has bound it)."""
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients connect to, e.g. ``"127.0.0.1:41234"``."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return format_address(host, self._port)
+
+    @property
+    def node_id(self) -> str:
+        """The configured node id, else ``node-<port>``."""
+        return self.config.node_id or f"node-{self._port}"
+
+    def members(self) -> tuple[Member, ...]:
+        """The cluster as announced in WELCOME: this node first, then its peers."""
+        members = [Member(self.node_id, self.address)]
+        seen = {self.address}
+        for peer in (*self.config.peers, *self._peers_from_file()):
+            if peer not in seen:
+                seen.add(peer)
+                members.append(Member(peer_node_id(peer), peer))
+        return tuple(members)
+
+    def _peers_from_file(self) -> list[str]:
+        path = self.config.peers_file
+        if path is None:
+            return []
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+        except OSError as exc:
+            logger.debug("%s: cannot read peers file %s: %s", self.node_id, path, exc)
+            return []
+        peers = []
+        for line in lines:
+            if line and not line.startswith("#"):
+                try:
+                    parse_address(line)
+                except ValueError:
+                    logger.warning("%s: ignoring bad peer %r in %s", self.node_id, line, path)
+                else:
+                    peers.append(line)
+        return peers
+
+    # ---------------------------------------------------------- statistics
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters and gauges as a plain dict (see :class:`NodeStatistics`).
+
+        Adds ``node_id``, ``in_flight`` (requests being processed) and
+        ``faults`` (the active faults) to the counters.
+        """
+        clients = [c for c in self._connections if not c.is_control_client]
+        return self.stats.snapshot(
+            connections_open=len(clients),
+            node_id=self.node_id,
+            in_flight=sum(c.in_flight for c in clients),
+            faults=self.faults.describe(),
+        )
+
+    def mark_control_client(self, conn: ServerConnection) -> None:
+        """``conn`` identified itself as the control tool: stop counting it."""
+        if not conn.is_control_client:
+            conn.is_control_client = True
+            self.stats.connections_accepted -= 1
+
+    def count_connections(self, *, exclude: ServerConnection | None = None) -> int:
+        """Open connections, not counting ``exclude``."""
+        return sum(1 for c in self._connections if c is not exclude)
+
+    def drop_connections(self, *, keep: ServerConnection | None = None) -> int:
+        """Abruptly close every connection except ``keep``; return how many were closed."""
+        dropped = [c for c in self._connections if c is not keep]
+        for conn in dropped:
+            conn.abort()
+        logger.info("%s: dropped %d connections", self.node_id, len(dropped))
+        return len(dropped)
+
+    # ----------------------------------------------------------- listening
+
+    def _open_listener(self) -> None:
+        host = self.config.host
+        family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
+        sock = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+            sock.bind((host, self._port))
+            sock.listen(_BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+        self._port = sock.getsockname()[1]
+        self._listen_sock = trio.socket.from_stdlib_socket(sock)
+        self._signal_listening_changed()
+        logger.info("%s: listening on %s", self.node_id, self.address)
+
+    def _close_listener(self) -> None:
+        sock, self._listen_sock = self._listen_sock, None
+        if sock is not None:
+            sock.close()
+            self._signal_listening_changed()
+            logger.info("%s: stopped listening on %s", self.node_id, self.address)
+
+    def _signal_listening_changed(self) -> None:
+        self._listen_changed.set()
+        self._listen_changed = trio.Event()
+
+    def _set_refusing(self, refusing: bool) -> None:
+        if refusing:
+            self._close_listener()
+        elif self._serving and not self._shutdown_started and self._listen_sock is None:
+            self._open_listener()
+
+    async def _accept_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            sock = self._listen_sock
+            if sock is None:
+                await self._listen_changed.wait()
+                continue
+            try:
+                client, _ = await sock.accept()
+            except (trio.ClosedResourceError, OSError) as exc:
+                if sock is not self._listen_sock:
+                    continue  # closed on purpose (refuse_connections, shutdown)
+                # Aborted handshakes, resets, fd exhaustion: never let them stop the node.
+                level = logging.WARNING if _is_resource_error(exc) else logging.DEBUG
+                logger.log(level, "%s: accept failed: %r", self.node_id, exc)
+                await trio.sleep(0.05 if _is_resource_error(exc) else 0.01)
+                continue
+            nursery.start_soon(self._serve_socket, client)
+
+    async def _serve_socket(self, sock: trio.socket.SocketType) -> None:
+        try:
+            host, port = sock.getpeername()[:2]
+            peer = format_address(host, port)
+        except OSError:
+            peer = "unknown peer"
+        await self.serve_connection(trio.SocketStream(sock), peer=peer)
+
+    # --------------------------------------------------------------- serving
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Open storage, bind, then serve until :meth:`shutdown` finishes.
+
+        Use with ``await nursery.start(node.serve)``: it returns (to the
+        starter) once the node accepts connections, with the node as value.
+        Cancelling it closes everything abruptly, like a killed process.
+        """
+        if self._serving:
+            raise RuntimeError("this node is already serving")
+        self._serving = True
+        try:
+            await self.storage.open()
+            self._open_listener()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._accept_loop, nursery)
+                task_status.started(self)
+                await self._stopped.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+            self._close_listener()
+            self.storage.close()
+            self._stopped.set()
+
+    async def serve_connection(self, stream: trio.abc.Stream, *, peer: str = "memory") -> None:
+        """Serve one already-connected stream until it closes.
+
+        Applies ``max_connections`` like an accepted TCP connection does.
+        Never raises for anything the client does.
+        """
+        if self._shutdown_started:
+            await self._turn_away(stream, ErrorCode.SHUTTING_DOWN, "the node is shutting down")
+            return
+        if len(self._connections) >= self.config.max_connections:
+            self.stats.connections_refused += 1
+            self.stats.errors_sent[ErrorCode.CAPACITY_EXCEEDED.value] += 1
+            logger.warning("%s: refusing %s: connection limit reached", self.node_id, peer)
+            await self._turn_away(
+                stream,
+                ErrorCode.CAPACITY_EXCEEDED,
+                f"{len(self._connections)} connections open, the maximum for this node",
+            )
+            return
+        conn = ServerConnection(self, stream, peer)
+        self._connections.add(conn)
+        self.stats.connections_accepted += 1
+        logger.debug("%s: connection from %s", self.node_id, peer)
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+
+    async def _turn_away(self, stream: trio.abc.Stream, code: ErrorCode, text: str) -> None:
+        data = ProtocolConnection(Role.SERVER).send(error_message(0, code, text))
+        with trio.move_on_after(COURTESY_SECONDS):
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        await close_stream(stream, linger=True)
+
+    # -------------------------------------------------------------- shutdown
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Stop gracefully: stop listening, GOAWAY ``shutdown`` to every connection,
+        let in-flight requests finish for up to ``grace`` seconds, then close.
+
+        Returns when every connection is closed (and ``serve`` returns).
+        Calling it again just waits for the first call to finish.
+        """
+        if self._shutdown_started:
+            await self._stopped.wait()
+            return
+        self._shutdown_started = True
+        logger.info("%s: shutting down (grace %.3g s)", self.node_id, grace)
+        self._close_listener()
+        deadline = trio.current_time() + max(grace, 0.0)
+        text = f"node {self.node_id} is shutting down"
+        try:
+            async with trio.open_nursery() as nursery:
+                for conn in list(self._connections):
+                    nursery.start_soon(conn.drain, "shutdown", text, deadline)
+        finally:
+            self._stopped.set()
+
+    async def aclose(self) -> None:
+        """Shut down without grace and release the storage.
+
+        For nodes used only through :meth:`serve_connection` (``serve`` does
+        this itself when it ends).
+        """
+        await self.shutdown(grace=0.0)
+        self.storage.close()
+
+    def start_shutdown(self, grace: float) -> None:
+        """Begin :meth:`shutdown` in the background (used by ``control.shutdown``)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self.shutdown, grace)
+        else:  # serving only memory streams: no nursery of our own
+            trio.lowlevel.spawn_system_task(self._guarded_shutdown, grace)
+
+    async def _guarded_shutdown(self, grace: float) -> None:
+        try:
+            await self.shutdown(grace)
+        except Exception:  # a system task must never raise
+            logger.exception("%s: shutdown failed", self.node_id)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the node has stopped (shutdown completed, or ``serve`` ended)."""
+        return self._stopped.is_set()
+
+    async def wait_stopped(self) -> None:
+        """Wait until the node has stopped."""
+        await self._stopped.wait()
+
+
+@asynccontextmanager
+async def open_node(config: ServerConfig | None = None, **overrides: Any) -> AsyncIterator[QdbNode]:
+    """Run a node for the duration of the block; shut it down (no grace) on exit.
+
+    ``overrides`` are :class:`ServerConfig` fields, e.g.
+    ``open_node(test_mode=True, client_idle_timeout=0.5)``.
+    """
+    node = QdbNode(config, **overrides)
+    async with owned_nursery() as nursery:
+        await nursery.start(node.serve)
+        try:
+            yield node
+        finally:
+            with trio.move_on_after(_EXIT_TIMEOUT, shield=True):
+                await node.shutdown(grace=0.0)

@@ -1,0 +1,53 @@
+"""Counters a node keeps about its traffic, reported by ``statistics()``.
+
+Traffic of the control tool itself (connections whose HELLO names
+:data:`CONTROL_CLIENT_NAME`, and every ``control.*`` request) is left out,
+so that observing a node does not change what is observed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+__all__ = ["CONTROL_CLIENT_NAME", "NodeStatistics"]
+
+#: HELLO ``client`` name of :class:`~qdb_client.testing.NodeControl` connections.
+CONTROL_CLIENT_NAME = "qdb_client.testing.control"
+
+
+class NodeStatistics:
+    """Mutable counters of one node; :meth:`snapshot` gives a plain dict.
+
+    ``connections_accepted``: client connections accepted (including ones
+    later closed); ``connections_refused``: connections turned away because
+    ``max_connections`` were open; ``requests_by_method``: REQUESTs received
+    per method name; ``errors_sent``: ERROR messages sent per symbolic name;
+    ``bad_frames``: frames that could not be used (bad checksum, CBOR, body,
+    kind, header); ``pings_answered``: PING frames answered with PONG.
+    """
+
+    def __init__(self) -> None:
+        self.connections_accepted = 0
+        self.connections_refused = 0
+        self.bad_frames = 0
+        self.pings_answered = 0
+        self.requests_by_method: Counter[str] = Counter()
+        self.errors_sent: Counter[str] = Counter()
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self.__init__()  # type: ignore[misc]
+
+    def snapshot(self, *, connections_open: int, **extra: Any) -> dict[str, Any]:
+        """A plain-dict copy of the counters, plus the live gauges given."""
+        return {
+            "connections_accepted": self.connections_accepted,
+            "connections_open": connections_open,
+            "connections_refused": self.connections_refused,
+            "requests_by_method": dict(self.requests_by_method),
+            "errors_sent": dict(self.errors_sent),
+            "bad_frames": self.bad_frames,
+            "pings_answered": self.pings_answered,
+            **extra,
+        }
