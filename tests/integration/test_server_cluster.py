@@ -10,8 +10,9 @@ import trio
 from qdb_client.errors import ConnectError
 from qdb_client.protocol import GoAway
 from qdb_client.testing import READY_PATTERN, TestCluster, open_node, open_node_control
-from tests.common.fixtures import node_config
-from tests.common.raw_client import raw_client
+
+from ..common.fixtures import node_config
+from ..common.raw_client import raw_client
 
 
 async def test_subprocess_cluster_kill_restart_and_shared_database():

@@ -8,8 +8,9 @@ import trio
 from qdb_client.errors import ConnectError, ConnectionLost, InvalidRequest, MethodNotFound
 from qdb_client.protocol import Error, GoAway, Ping, Pong, Response
 from qdb_client.testing import NodeControl, QdbNode, open_node, open_node_control
-from tests.common.fixtures import node_config
-from tests.common.raw_client import raw_client
+
+from ..common.fixtures import node_config
+from ..common.raw_client import raw_client
 
 
 async def test_fail_next_by_name(node: QdbNode, control: NodeControl):

@@ -6,8 +6,9 @@ import re
 
 from qdb_client.protocol import Error, Request, Welcome
 from qdb_client.testing import QdbNode, open_node
-from tests.common.fixtures import node_config
-from tests.common.raw_client import RawClient, raw_client
+
+from ..common.fixtures import node_config
+from ..common.raw_client import RawClient, raw_client
 
 
 async def test_welcome_carries_identity_limits_and_members(tmp_path):

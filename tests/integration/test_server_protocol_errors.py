@@ -13,8 +13,9 @@ import trio
 from qdb_client.protocol import Error, GoAway, Kind, Ping, Pong, Response, encode_frame
 from qdb_client.protocol.codec import encode_body
 from qdb_client.testing import QdbNode, open_node
-from tests.common.fixtures import node_config
-from tests.common.raw_client import RawClient, raw_client
+
+from ..common.fixtures import node_config
+from ..common.raw_client import RawClient, raw_client
 
 
 def _bad_crc(rid: int) -> bytes:

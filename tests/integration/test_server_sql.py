@@ -6,8 +6,9 @@ import pytest
 
 from qdb_client.protocol import Error
 from qdb_client.testing import QdbNode, open_node
-from tests.common.fixtures import node_config
-from tests.common.raw_client import raw_client
+
+from ..common.fixtures import node_config
+from ..common.raw_client import raw_client
 
 
 async def test_execute_and_query_round_trip_every_value_type(node: QdbNode):

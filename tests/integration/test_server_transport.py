@@ -6,8 +6,9 @@ import trio
 
 from qdb_client.protocol import Cancel, Error, GoAway, Ping, Pong, Response
 from qdb_client.testing import QdbNode, open_node
-from tests.common.fixtures import node_config
-from tests.common.raw_client import RawClient, raw_client
+
+from ..common.fixtures import node_config
+from ..common.raw_client import RawClient, raw_client
 
 
 async def test_connections_beyond_the_maximum_get_capacity_exceeded(tmp_path):

@@ -14,7 +14,8 @@ import trio.testing
 
 from qdb_client.protocol import Error, GoAway, Ping, Pong, Response
 from qdb_client.testing import QdbNode, ServerConfig
-from tests.common.raw_client import RawClient
+
+from ..common.raw_client import RawClient
 
 EXACT = 1e-9
 
