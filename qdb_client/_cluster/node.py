@@ -79,6 +79,9 @@ class Node:
         if changed:
             if state is NodeState.UP and self.state is NodeState.DOWN:
                 self.recovered_at = now
+                # Requests that failed while it died opened the breaker; a
+                # successful health probe earns it half-open trial requests.
+                self.breaker.probe_now(now)
             self.state = state
             self.changed_at = now
         self.reason = None if state is NodeState.UP else reason

@@ -118,6 +118,11 @@ class CircuitBreaker:
         if self._state is BreakerState.HALF_OPEN:
             self._probes = max(0, self._probes - 1)
 
+    def probe_now(self, now: float) -> None:
+        """Skip the rest of an OPEN wait (the node was just seen healthy again)."""
+        if self._state is BreakerState.OPEN:
+            self._move(BreakerState.HALF_OPEN, now)
+
     def _open(self, now: float) -> None:
         self._opened_at = now
         self._move(BreakerState.OPEN, now)
