@@ -143,5 +143,5 @@ class CircuitBreaker:
             "failed_requests": self.failed_requests,
             "circuit_open_requests": self.circuit_open_requests,
             "current_state": self.state(now).value,
-            "transitions": len(self.transitions),
+            "transitions": [state.value for _, state in self.transitions],
         }
