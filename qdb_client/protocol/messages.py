@@ -43,6 +43,9 @@ __all__ = [
     "error_message",
 ]
 
+#: Smallest max-frame size a peer may announce (room for any ERROR or GOAWAY).
+MIN_FRAME_LIMIT = 1024
+
 #: Protocol versions this package speaks, newest last.
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 
@@ -94,6 +97,13 @@ class _Body:
             isinstance(value, bool) and int in allowed and bool not in allowed
         ):
             self.fail(f"{key!r} must be {_type_names(types)}, not {type(value).__name__}")
+        return value
+
+    def frame_limit(self, key: str, default: Any = attrs.NOTHING) -> Any:
+        """A max-frame announcement: at least MIN_FRAME_LIMIT bytes."""
+        value = self.count(key, default)
+        if value is not None and value is not default and value < MIN_FRAME_LIMIT:
+            self.fail(f"{key!r} must be at least {MIN_FRAME_LIMIT} bytes")
         return value
 
     def count(self, key: str, default: Any = attrs.NOTHING) -> Any:
@@ -191,7 +201,7 @@ class Hello(Message):
             client_version=body.get("client_version", str, ""),
             credentials=auth,
             resume_session=body.get("session", str, None),
-            max_frame_size=body.count("max_frame", None),
+            max_frame_size=body.frame_limit("max_frame", None),
         )
 
 
@@ -237,7 +247,7 @@ class Welcome(Message):
             version=body.count("version"),
             node_id=body.get("node_id", str),
             session_id=body.get("session", str),
-            max_frame_size=body.count("max_frame"),
+            max_frame_size=body.frame_limit("max_frame"),
             max_in_flight=body.count("max_in_flight"),
             idle_timeout_ms=body.count("idle_timeout_ms"),
             members=tuple(members),

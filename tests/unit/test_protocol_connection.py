@@ -383,24 +383,24 @@ def test_server_receiving_server_kinds_gets_bad_message(message: Message) -> Non
 
 
 def test_send_larger_than_peer_max_frame_is_refused() -> None:
-    pair = Pair().handshake(max_frame_size=200)
-    assert pair.client.peer_max_frame_size == 200
-    big = Request(1, "execute", {"sql": "x" * 300})
+    pair = Pair().handshake(max_frame_size=1024)
+    assert pair.client.peer_max_frame_size == 1024
+    big = Request(1, "execute", {"sql": "x" * 1100})
     with pytest.raises(FrameTooLarge) as info:
         pair.client.send(big)
-    assert info.value.limit == 200 and info.value.size == len(encode_message(big))
+    assert info.value.limit == 1024 and info.value.size == len(encode_message(big))
     small = Request(2, "ping")
     assert pair.to_server(small) == small  # nothing was half-sent
 
 
 def test_server_honours_the_client_max_frame() -> None:
     pair = Pair()
-    hello = Hello(versions=(1,), max_frame_size=300)
+    hello = Hello(versions=(1,), max_frame_size=1024)
     assert pair.to_server(hello) == hello
-    assert pair.server.peer_max_frame_size == 300
+    assert pair.server.peer_max_frame_size == 1024
     pair.server.send(welcome())
     with pytest.raises(FrameTooLarge):
-        pair.server.send(Response(1, "y" * 400))
+        pair.server.send(Response(1, "y" * 1100))
     pair.server.send(Response(1, "y" * 10))
 
 
@@ -513,6 +513,7 @@ HELLO_BODIES = [
     {"versions": [1], "auth": {"user": 1}},
     {"versions": [1], "auth": ["alice"]},
     {"versions": [1], "max_frame": -1},
+    {"versions": [1], "max_frame": 1023},
     {"versions": [1], "session": 5},
 ]
 

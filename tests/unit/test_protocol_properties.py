@@ -106,14 +106,14 @@ MESSAGES: dict[Kind, st.SearchStrategy[Message]] = {
         client_version=text,
         credentials=st.none() | st.dictionaries(text, text, max_size=3),
         resume_session=st.none() | text,
-        max_frame_size=st.none() | u64,
+        max_frame_size=st.none() | st.integers(1024, 2**64 - 1),
     ),
     Kind.WELCOME: st.builds(
         Welcome,
         version=st.integers(1, 255),
         node_id=text,
         session_id=text,
-        max_frame_size=u64,
+        max_frame_size=st.integers(1024, 2**64 - 1),
         max_in_flight=u64,
         idle_timeout_ms=u64,
         members=st.lists(st.builds(Member, text, text), max_size=3).map(tuple),
@@ -397,7 +397,7 @@ def test_buffer_never_exceeds_max_frame_plus_chunk(
 
 
 @CI
-@given(message=any_message, limit=st.integers(HEADER_SIZE, 512))
+@given(message=any_message, limit=st.integers(1024, 1536))
 def test_send_above_peer_limit_raises_before_writing(message: Message, limit: int) -> None:
     size = len(encode_message(message))
     conn = ProtocolConnection(Role.SERVER)
