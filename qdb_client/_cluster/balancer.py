@@ -65,12 +65,15 @@ class RoundRobin(Balancer):
 
     def pick(self, candidates: Sequence[Node], now: float) -> Node:
         count = len(candidates)
-        for step in range(count):
-            node = candidates[(self._next + step) % count]
-            if step == count - 1 or self._accepts(node, now):
-                self._next = (self._next + step + 1) % count
-                return node
-        raise AssertionError("unreachable")
+        node = candidates[self._next % count]
+        self._next = (self._next + 1) % count
+        if count > 1 and not self._accepts(node, now):
+            # Give the turn to another node at random, keeping the rotation
+            # as is, so the ramping node gets exactly its share of turns.
+            others = [c for c in candidates if c is not node]
+            settled = [c for c in others if self.ramp(c, now) >= 1.0]
+            node = self.rng.choice(settled or others)
+        return node
 
 
 class LatencyAware(Balancer):

@@ -64,6 +64,8 @@ class NodePool:
         self._ids = itertools.count(1)
         self._waiters = trio.lowlevel.ParkingLot()
         self._maintenance = trio.Event()
+        #: When maintenance will look next (inf: not scheduled).
+        self._maintenance_at = math.inf
         self._open_failures = 0
         self._warm_after_failure = False
         #: The last error from opening a connection, if the last open failed.
@@ -185,7 +187,8 @@ class NodePool:
                     if self.state.can_open():
                         self._start_open()
             wake_at = self.state.next_expiry(now)
-            with trio.move_on_at(math.inf if wake_at is None else wake_at):
+            self._maintenance_at = math.inf if wake_at is None else wake_at
+            with trio.move_on_at(self._maintenance_at):
                 await self._maintenance.wait()
             self._maintenance = trio.Event()
 
@@ -237,8 +240,10 @@ class NodePool:
                     self._open_failures != failures_before
                     and self.last_open_error is not None
                     and not self.state.connections
-                    and not self.state.opening
                 ):
+                    # The node refused since we began waiting and nothing is
+                    # open: fail now, not at the timeout (other attempts still
+                    # under way would most likely fail the same way).
                     raise _copy(self.last_open_error)
                 if self.state.can_open():
                     self._start_open()
@@ -273,11 +278,20 @@ class NodePool:
             return record.id, connection
 
     def _after_release(self, connection_id: int) -> None:
-        # No maintenance wake-up here: a later last_used only postpones
-        # expiry, and maintenance re-checks whenever its timer fires.
         self._close_if_drained(connection_id)
         if self._waiters:
             self._waiters.unpark()
+        record = self.state.connections.get(connection_id)
+        if (
+            record is not None
+            and record.idle
+            and self.state.active > self.state.limits.min_connections
+            and record.last_used + self.state.limits.idle_timeout < self._maintenance_at
+        ):
+            # It just went idle and may expire before maintenance would look
+            # again. (Most releases skip this: a busy connection's expiry is
+            # already scheduled or later.)
+            self._wake_maintenance()
 
     def _close_if_drained(self, connection_id: int) -> None:
         record = self.state.connections.get(connection_id)

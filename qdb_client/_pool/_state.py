@@ -121,12 +121,14 @@ class PoolState:
         close: list[int] = []
         spare = self.active - self.limits.min_connections
         for record in sorted(self.connections.values(), key=lambda r: r.last_used):
-            if not record.retiring and now - record.opened_at >= self.limits.max_lifetime:
+            # Same sums as next_expiry, so waking at that time always acts
+            # (now - t >= d can be False at now == t + d in floating point).
+            if not record.retiring and now >= record.opened_at + self.limits.max_lifetime:
                 record.retiring = True
             if record.retiring:
                 if record.idle:
                     close.append(record.id)
-            elif record.idle and spare > 0 and now - record.last_used >= self.limits.idle_timeout:
+            elif record.idle and spare > 0 and now >= record.last_used + self.limits.idle_timeout:
                 close.append(record.id)
                 spare -= 1
         return close
