@@ -69,3 +69,34 @@ async def test_sigkill_under_load_reads_keep_succeeding_and_node_returns():
         assert detection < options["heartbeat_interval"]
         assert recovery < 5.0
         assert served_after > served_before  # traffic came back to the restarted node
+
+
+async def test_graceful_shutdown_completes_in_flight_work_and_recovers():
+    """TC-TR-013: clients are told (GOAWAY), in-flight requests complete or
+    move elsewhere, and the restarted node gets its connections back."""
+    options = dict(reconnect_initial=0.2, reconnect_max=0.5, slow_start=0.0, random_seed=4)
+    async with (
+        TestCluster.start_subprocesses(n=2) as cluster,
+        qdb_client.open_client(cluster.addresses, **options) as client,
+    ):
+        async with cluster.control(1) as control:
+            await control.add_latency("query", 0.4)
+        results: list[object] = []
+
+        async def slow_read(i: int) -> None:
+            results.append((await client.query("SELECT ?", [i])).scalar())
+
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(slow_read, i)
+            await trio.sleep(0.1)  # half of them are now waiting on node 1
+            await cluster.stop(1, grace=2.0)
+        assert sorted(results) == list(range(10))
+        down_for = await wait_state(client, 1, "DOWN", limit=2.0)
+        assert down_for < 2.0
+        await cluster.restart(1)
+        await wait_state(client, 1, "UP", limit=5.0)
+        before = client.statistics()["nodes"][1]["requests_sent"]
+        for _ in range(10):
+            await client.query("SELECT 1")
+        assert client.statistics()["nodes"][1]["requests_sent"] == before + 5
