@@ -1,10 +1,10 @@
-"""The public client: ``open_client`` and the request pipeline.
+"""The public client: ``open_client`` and :class:`Client`.
 
-Pipeline of one call: one deadline for the whole call -> pick a node (the
-balancer, over healthy nodes) -> reserve a slot on one of its pooled
-connections -> REQUEST carrying the remaining budget -> reply or typed
-error. A transport failure moves the call to another node when that is
-safe: the request never reached the node, or it only reads.
+The client turns calls into wire requests (arguments, idempotency keys,
+results), applies the client-wide bulkhead, and hands each call to the
+request pipeline (``_request.py``), which owns deadlines, node selection,
+breakers and retries. It owns the background tasks: the cluster's pools and
+health monitors run in the nursery of ``open_client``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import trio
 
 from ._cluster import Cluster, ClusterSettings, HealthSettings, make_balancer
 from ._nursery import owned_nursery
 from ._policies import Backoff, BreakerSettings, RetryBudget, RetryBudgetSettings, RetryPolicy
 from ._pool import PoolLimits
-from ._request import RequestPipeline
+from ._request import PipelineCounters, RequestPipeline
 from ._transport import Connection
 from ._transport.establish import establish
 from ._version import __version__
@@ -163,23 +164,21 @@ class Client:
     def statistics(self) -> dict[str, Any]:
         """A snapshot: every node's state, connections and counters, and totals.
 
+        Totals: ``calls``, ``attempts``, ``retries``, ``failures`` (calls
+        that raised), ``outcome_unknown``, ``retry_budget_exhausted``,
+        ``circuit_rejections``, ``bulkhead_rejections``, ``in_progress``.
         Per node: ``address``, ``node_id``, ``state`` (UP/SUSPECT/DOWN),
         ``reason``, ``connections`` (open/idle/leased/opening/retiring),
         ``in_flight``, ``waiting``, ``requests_sent``, ``failures``,
         ``consecutive_failures``, ``last_ping_rtt``, ``latency_ewma``,
-        ``next_reconnect_in``.
+        ``next_reconnect_in`` and ``breaker`` (seed 003's metrics plus
+        ``transitions``).
         """
-        counters = self._pipeline.counters if self._pipeline is not None else None
+        counters = self._pipeline.counters if self._pipeline else PipelineCounters()
         return {
             "closed": self._closed,
             "in_progress": self._active,
-            "calls": counters.calls if counters else 0,
-            "attempts": counters.attempts if counters else 0,
-            "retries": counters.retries if counters else 0,
-            "failures": counters.failures if counters else 0,
-            "outcome_unknown": counters.outcome_unknown if counters else 0,
-            "retry_budget_exhausted": counters.budget_exhausted if counters else 0,
-            "circuit_rejections": counters.circuit_rejections if counters else 0,
+            **attrs.asdict(counters),
             "bulkhead_rejections": self._bulkhead_rejections,
             "load_balancing": self.config.load_balancing,
             "nodes": [] if self._cluster is None else self._cluster.statistics(),

@@ -46,7 +46,7 @@ class PipelineCounters:
     retries: int = 0
     failures: int = 0
     outcome_unknown: int = 0
-    budget_exhausted: int = 0
+    retry_budget_exhausted: int = 0
     circuit_rejections: int = 0
 
 
@@ -186,7 +186,7 @@ class RequestPipeline:
             previous_delay=previous_delay,
         )
         if decision.retry and not self.budget.try_retry(now):
-            self.counters.budget_exhausted += 1
+            self.counters.retry_budget_exhausted += 1
             return RetryDecision(False, 0.0, f"{decision.reason}, but the retry budget is spent")
         return decision
 

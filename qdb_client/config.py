@@ -174,19 +174,8 @@ class ClientConfig:
             )
         if self.reconnect_max < self.reconnect_initial:
             raise ConfigError("reconnect_max must not be below reconnect_initial")
-        if isinstance(self.reconnect_multiplier, bool) or not (
-            isinstance(self.reconnect_multiplier, (int, float))
-            and 1 <= self.reconnect_multiplier <= 10
-        ):
-            raise ConfigError(
-                f"reconnect_multiplier must be within 1..10, not {self.reconnect_multiplier!r}"
-            )
-        if isinstance(self.reconnect_jitter, bool) or not (
-            isinstance(self.reconnect_jitter, (int, float)) and 0 <= self.reconnect_jitter < 1
-        ):
-            raise ConfigError(
-                f"reconnect_jitter must be within [0, 1), not {self.reconnect_jitter!r}"
-            )
+        _check_number("reconnect_multiplier", self.reconnect_multiplier, 1, 10)
+        _check_number("reconnect_jitter", self.reconnect_jitter, 0, 0.999)
         if self.load_balancing not in LOAD_BALANCING:
             raise ConfigError(
                 f"load_balancing must be one of {sorted(LOAD_BALANCING)},"
