@@ -115,8 +115,7 @@ class RequestPipeline:
                     except QdbError as exc:
                         error: QdbError = exc
                     else:
-                        attempts.append(self._record(attempts, current, start, "ok", False, ""))
-                        return result
+                        return result  # attempts are only reported with errors
                     decision = self._decide(len(attempts), error, safe, deadline, previous_delay)
                     attempts.append(
                         self._record(

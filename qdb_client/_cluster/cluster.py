@@ -89,6 +89,8 @@ class Cluster:
         self._monitors: dict[str, HealthMonitor] = {}
         self._lot = trio.lowlevel.ParkingLot()
         self._closed = False
+        #: Cached ``candidates()`` without exclusions; None when stale.
+        self._live: list[Node] | None = None
 
     # ------------------------------------------------------------ registry
 
@@ -119,6 +121,7 @@ class Cluster:
         self.nodes.append(node)
         self._by_address[address] = node
         self._monitors[address] = monitor
+        self._live = None
         self._nursery.start_soon(pool.maintain)
         self._nursery.start_soon(monitor.run)
         pool.warm()
@@ -154,6 +157,7 @@ class Cluster:
         self._changed()
 
     def _changed(self) -> None:
+        self._live = None
         self._lot.unpark_all()
 
     # ------------------------------------------------------------ lifecycle
@@ -186,6 +190,14 @@ class Cluster:
         Nodes in ``exclude`` (already failed this request) are used only if
         nothing else is left.
         """
+        if not exclude:
+            # The common case, cached until a node changes state.
+            if self._live is None:
+                self._live = self._compute_candidates(())
+            return self._live
+        return self._compute_candidates(exclude)
+
+    def _compute_candidates(self, exclude: Sequence[Node]) -> list[Node]:
         for pool in (
             [n for n in self.nodes if n.state is NodeState.UP and n not in exclude],
             [n for n in self.nodes if n.state is NodeState.SUSPECT and n not in exclude],
