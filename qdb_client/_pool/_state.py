@@ -118,13 +118,16 @@ class PoolState:
 
     def expired(self, now: float) -> list[int]:
         """Retire what is too old, and return the ids to close now."""
-        close: list[int] = []
-        spare = self.active - self.limits.min_connections
-        for record in sorted(self.connections.values(), key=lambda r: r.last_used):
-            # Same sums as next_expiry, so waking at that time always acts
-            # (now - t >= d can be False at now == t + d in floating point).
+        # Same sums as next_expiry, so waking at that time always acts
+        # (now - t >= d can be False at now == t + d in floating point).
+        for record in self.connections.values():
             if not record.retiring and now >= record.opened_at + self.limits.max_lifetime:
                 record.retiring = True
+        # Retire first, then count spares: a retired connection no longer
+        # stands for min_connections.
+        spare = self.active - self.limits.min_connections
+        close: list[int] = []
+        for record in sorted(self.connections.values(), key=lambda r: r.last_used):
             if record.retiring:
                 if record.idle:
                     close.append(record.id)
