@@ -11,6 +11,7 @@ raised by its tag decoders) becomes a :class:`MessageError`.
 from __future__ import annotations
 
 import io
+from itertools import chain
 from typing import Any
 
 import cbor2
@@ -32,8 +33,37 @@ def _refuse_shared_value(*_args: Any) -> Any:
 _SEMANTIC_DECODERS = dict.fromkeys(_SHARED_VALUE_TAGS, _refuse_shared_value)
 
 
+def _check_depth(value: Any) -> None:
+    """Refuse nesting deeper than MAX_DEPTH (or a cycle) before cbor2 sees it.
+
+    cbor2 recurses in C: a few thousand levels overflow the C stack and kill
+    the process, and no receiver would accept more than MAX_DEPTH anyway.
+    Walks level by level with C-level iteration, so a result of many flat
+    rows costs little.
+    """
+    level: list[Any] = [value]
+    for depth in range(MAX_DEPTH + 1):
+        kinds = set(map(type, level))
+        if not any(issubclass(kind, _CONTAINERS) for kind in kinds):
+            return
+        if depth == MAX_DEPTH:
+            raise ValueNotEncodable(f"value nested deeper than {MAX_DEPTH} levels")
+        if not all(issubclass(kind, _CONTAINERS) for kind in kinds):
+            level = [item for item in level if isinstance(item, _CONTAINERS)]
+        if any(issubclass(kind, dict) for kind in kinds):
+            level = list(
+                chain.from_iterable(c.values() if isinstance(c, dict) else c for c in level)
+            )
+        else:
+            level = list(chain.from_iterable(level))
+
+
+_CONTAINERS = (dict, list, tuple)
+
+
 def encode_body(value: Any) -> bytes:
     """Encode one value as CBOR, or raise ValueNotEncodable."""
+    _check_depth(value)
     try:
         return cbor2.dumps(value)
     except (cbor2.CBOREncodeError, TypeError, ValueError, OverflowError) as exc:

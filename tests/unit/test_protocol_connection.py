@@ -658,7 +658,10 @@ def test_depth_in_a_message_body() -> None:
     for _ in range(31):
         deep = [deep]
     assert raw_event(client, encode_message(Response(1, deep))) == Response(1, deep)
-    event = raw_event(client, encode_message(Response(2, [deep])))
+    with pytest.raises(ValueNotEncodable):  # a sender refuses to build it...
+        encode_message(Response(2, [deep]))
+    too_deep = encode_frame(Kind.RESPONSE, 2, cbor2.dumps({"result": [deep]}))
+    event = raw_event(client, too_deep)  # ...and a receiver refuses to read it
     assert isinstance(event, BadMessage) and event.request_id == 2
 
 
