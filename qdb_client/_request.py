@@ -224,7 +224,10 @@ class RequestPipeline:
             # A SQL error says nothing bad about the node; an overload does.
             verdict = "failure" if exc.retryable else "success"
             raise
-        except (TransportError, PoolError, MessageError):
+        except PoolError:
+            # Our own pool was congested: says nothing about the node.
+            raise
+        except (TransportError, MessageError):
             verdict = "failure"
             node.failures += 1
             raise

@@ -20,6 +20,7 @@ import trio
 from .._policies import BreakerSettings
 from .._pool import NodePool, PoolLimits, PoolListener
 from .._transport import Connection
+from ..config import parse_address
 from ..errors import CircuitOpen, ClientClosed, ConfigError, NoAvailableNode, QdbError
 from .balancer import Balancer
 from .health import HealthMonitor, HealthSettings
@@ -151,9 +152,14 @@ class Cluster:
         if self.settings.discover_members:
             known_ids = {n.node_id for n in self.nodes if n.node_id is not None}
             for member in welcome.members:
-                if member.node_id not in known_ids and member.address not in self._by_address:
-                    self.add_node(member.address, member.node_id)
-                    known_ids.add(member.node_id)
+                if member.node_id in known_ids or member.address in self._by_address:
+                    continue
+                try:
+                    parse_address(member.address)
+                except ConfigError:
+                    continue  # a node announced something that isn't host:port
+                self.add_node(member.address, member.node_id)
+                known_ids.add(member.node_id)
         self._changed()
 
     def _changed(self) -> None:

@@ -312,7 +312,11 @@ class NodePool:
     async def _open_one(self) -> None:
         try:
             connection = await self._connect(self._on_unusable)
-        except QdbError as exc:
+        except Exception as exc:
+            if not isinstance(exc, QdbError):  # defensive: connect translates errors
+                exc = ConnectError(
+                    f"connecting to {self.address} failed: {exc!r}", node=self.address
+                )
             self.state.open_finished(None, trio.current_time())
             self._open_failures += 1
             self._warm_after_failure = False
@@ -367,9 +371,13 @@ class NodePool:
 
 
 def _copy(error: QdbError) -> QdbError:
-    """A fresh instance of an open failure for each waiter that raises it."""
-    if isinstance(error, ConnectError):
-        copy = type(error)(str(error), node=error.node)
-        copy.__cause__ = error
-        return copy
-    return error
+    """A fresh instance of an open failure for each waiter that raises it.
+
+    Built without calling ``__init__`` (subclasses take different keyword
+    arguments); the original becomes its cause.
+    """
+    fresh = error.__class__.__new__(error.__class__)
+    fresh.__dict__.update(error.__dict__)
+    fresh.args = error.args
+    fresh.__cause__ = error
+    return fresh

@@ -394,9 +394,12 @@ class Connection:
             return event
         if isinstance(event, Error):
             if event.name == "VERSION_MISMATCH":
+                offered = event.details.get("supported_versions")
+                if not isinstance(offered, list):
+                    offered = []
                 raise VersionMismatch(
                     f"{self.address} speaks none of our protocol versions: {event.message}",
-                    supported_versions=list(event.details.get("supported_versions", [])),
+                    supported_versions=[v for v in offered if isinstance(v, int)],
                     node=self.address,
                 )
             raise self._server_error(event)

@@ -21,5 +21,5 @@ async def open_tcp(address: str) -> trio.SocketStream:
         # happy_eyeballs_delay=None: try addresses one by one, so a refused
         # IPv6 attempt does not hide the IPv4 answer's error.
         return await trio.open_tcp_stream(host, port, happy_eyeballs_delay=None)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: e.g. an unencodable host name
         raise ConnectError(f"cannot connect to {address}: {exc}", node=address) from exc

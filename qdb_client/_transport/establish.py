@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import trio
 
-from ..errors import ConnectTimeout
+from ..errors import ConnectError, ConnectTimeout, QdbError
 from ..protocol import Hello
 from .connection import Connection
 from .connector import open_tcp
@@ -45,4 +45,8 @@ async def establish(
         raise ConnectTimeout(
             f"connecting to {address} took longer than {connect_timeout:g} s", node=address
         ) from exc
+    except QdbError:
+        raise
+    except Exception as exc:  # never let a surprise escape into a background task
+        raise ConnectError(f"connecting to {address} failed: {exc!r}", node=address) from exc
     return connection
