@@ -207,13 +207,28 @@ class ServerConnection:
         return True
 
     async def _send_reply(self, reply: Response | Error, *, count: bool) -> bool:
+        """Write a request's reply; one that can't go out becomes an ERROR for that request.
+
+        A reply above the client's HELLO ``max_frame`` (the encoder refuses it
+        before writing a byte) is answered FRAME_TOO_LARGE; the connection
+        stays open for the next request.
+        """
+        details: dict[str, int] = {}
         try:
             return await self._send(reply, count=count)
         except FrameTooLarge as exc:
-            code, text = ErrorCode.FRAME_TOO_LARGE, f"the reply is too large: {exc}"
+            what = "result" if isinstance(reply, Response) else f"{reply.name} reply"
+            code = ErrorCode.FRAME_TOO_LARGE
+            text = (
+                f"{what} of {exc.size} bytes exceeds the client's maximum frame of"
+                f" {exc.limit} bytes; use a LIMIT or a result stream"
+            )
+            details = {"frame_size": exc.size, "max_frame": exc.limit}
+            logger.info("%s: reply to %s too large: %s", self.node.node_id, self.peer, text)
         except ValueNotEncodable as exc:
             code, text = ErrorCode.INTERNAL, f"the reply can't be encoded: {exc}"
-        return await self._send(error_message(reply.request_id, code, text), count=count)
+        error = error_message(reply.request_id, code, text, details=details)
+        return await self._send(error, count=count)
 
     async def _fatal(self, code: ErrorCode, text: str) -> None:
         """The byte stream is broken: best-effort ERROR (+ GOAWAY), then close."""
