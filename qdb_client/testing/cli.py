@@ -58,6 +58,7 @@ _VALUE_FLAGS = {
     "max_in_flight": "--max-in-flight",
     "max_frame_size": "--max-frame-size",
     "sqlite_pool_size": "--sqlite-pool-size",
+    "idempotency_ttl": "--idempotency-ttl",
     "server_name": "--server-name",
 }
 
@@ -87,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight)
     p.add_argument("--max-frame-size", type=int, default=defaults.max_frame_size)
     p.add_argument("--sqlite-pool-size", type=int, default=defaults.sqlite_pool_size)
+    p.add_argument(
+        "--idempotency-ttl",
+        type=float,
+        default=defaults.idempotency_ttl,
+        help="seconds the outcome of a keyed write is kept (default %(default)s)",
+    )
     p.add_argument("--server-name", default=defaults.server_name)
     p.add_argument(
         "--credentials",
@@ -127,6 +134,7 @@ def config_from_args(ns: argparse.Namespace) -> ServerConfig:
         test_mode=ns.test_mode,
         credentials=credentials,
         sqlite_pool_size=ns.sqlite_pool_size,
+        idempotency_ttl=ns.idempotency_ttl,
         server_name=ns.server_name,
     )
 

@@ -139,6 +139,8 @@ class ServerConfig:
     every handshake, for clusters whose ports are only known after start.
     ``credentials`` (user -> password), when set, makes HELLO ``auth``
     mandatory. Control methods (``control.*``) exist only when ``test_mode``.
+    ``idempotency_ttl`` is how long (seconds) the outcome of a write with an
+    idempotency key is kept for replay.
     """
 
     host: str = attrs.field(default="127.0.0.1", validator=_text)
@@ -159,6 +161,7 @@ class ServerConfig:
         default=None, converter=_to_credentials, eq=False, repr=False
     )
     sqlite_pool_size: int = attrs.field(default=4, validator=_int_range(1, 64))
+    idempotency_ttl: float = attrs.field(default=3600.0, validator=_positive_number)
     server_name: str = attrs.field(default=DEFAULT_SERVER_NAME, validator=_text)
 
     def evolve(self, **changes: Any) -> ServerConfig:

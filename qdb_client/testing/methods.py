@@ -6,6 +6,9 @@ request arrives, the configured latency is slept (bounded by the request
 deadline), then the rule's error is raised or the method runs. Control
 methods, and every request of the control tool itself, are never subject
 to faults.
+
+Writes carrying an idempotency key (REQUEST ``idem_key``) are executed at
+most once per key (:mod:`.idempotency`); reads ignore the key.
 """
 
 from __future__ import annotations
@@ -19,13 +22,21 @@ import trio
 
 from ..protocol import ErrorCode, Request
 from ._failure import RequestFailed
+from .idempotency import IdempotencyKey, KeyedOutcome, KeyedResult, check_key, request_hash
 from .storage import Params, Statement
 
 if TYPE_CHECKING:
     from .server import QdbNode
     from .session import ServerConnection
 
-__all__ = ["CONTROL_METHODS", "DATA_METHODS", "Outcome", "is_control_method", "run_method"]
+__all__ = [
+    "CONTROL_METHODS",
+    "DATA_METHODS",
+    "Call",
+    "Outcome",
+    "is_control_method",
+    "run_method",
+]
 
 logger = logging.getLogger("qdb_client.testing")
 
@@ -35,10 +46,30 @@ _MIN_INT, _MAX_INT = -(2**63), 2**63 - 1
 
 @attrs.frozen
 class Outcome:
-    """A method's result, and what to do once the RESPONSE has been written."""
+    """A method's result, and what to do once the RESPONSE has been written.
+
+    ``replayed``: the result is a keyed write's stored one (nothing ran).
+    """
 
     result: Any
     after_reply: Callable[[], None] | None = None
+    replayed: bool = False
+
+
+@attrs.frozen
+class Call:
+    """One data request as its handler sees it.
+
+    ``scope`` is the authenticated user ("" without credentials), which
+    idempotency keys are stored under; ``counted`` is False for the control
+    tool, whose traffic stays out of the statistics.
+    """
+
+    args: Mapping[str, Any]
+    deadline: float
+    idem_key: str | None = None
+    scope: str = ""
+    counted: bool = True
 
 
 def is_control_method(method: str) -> bool:
@@ -123,25 +154,31 @@ def _sql_args(args: Mapping[str, Any], index: int | None = None) -> Statement:
 
 # ------------------------------------------------------------- data methods
 
-DataHandler = Callable[["QdbNode", Mapping[str, Any], float], Awaitable[Any]]
+DataHandler = Callable[["QdbNode", Call], Awaitable[Outcome]]
 
 
-async def _ping(node: QdbNode, args: Mapping[str, Any], deadline: float) -> Any:
-    return {"node_id": node.node_id}
+async def _ping(node: QdbNode, call: Call) -> Outcome:
+    return Outcome({"node_id": node.node_id})
 
 
-async def _execute(node: QdbNode, args: Mapping[str, Any], deadline: float) -> Any:
-    sql, params = _sql_args(args)
-    return await node.storage.execute(sql, params, deadline=deadline)
+async def _execute(node: QdbNode, call: Call) -> Outcome:
+    key = None if call.idem_key is None else check_key(call.idem_key)
+    sql, params = _sql_args(call.args)
+    if key is None:
+        return Outcome(await node.storage.execute(sql, params, deadline=call.deadline))
+    idem = IdempotencyKey(key, request_hash("execute", [sql, params]), call.scope)
+    keyed = await node.storage.execute_keyed(sql, params, idem, deadline=call.deadline)
+    return _keyed_outcome(node, call, keyed)
 
 
-async def _query(node: QdbNode, args: Mapping[str, Any], deadline: float) -> Any:
-    sql, params = _sql_args(args)
-    return await node.storage.query(sql, params, deadline=deadline)
+async def _query(node: QdbNode, call: Call) -> Outcome:
+    sql, params = _sql_args(call.args)  # a read: any idem_key is ignored
+    return Outcome(await node.storage.query(sql, params, deadline=call.deadline))
 
 
-async def _batch(node: QdbNode, args: Mapping[str, Any], deadline: float) -> Any:
-    raw = _arg(args, "statements", list)
+async def _batch(node: QdbNode, call: Call) -> Outcome:
+    key = None if call.idem_key is None else check_key(call.idem_key)
+    raw = _arg(call.args, "statements", list)
     statements = []
     for index, item in enumerate(raw):
         if not isinstance(item, dict):
@@ -151,7 +188,27 @@ async def _batch(node: QdbNode, args: Mapping[str, Any], deadline: float) -> Any
                 details={"statement_index": index},
             )
         statements.append(_sql_args(item, index))
-    return await node.storage.batch(statements, deadline=deadline)
+    if key is None:
+        return Outcome(await node.storage.batch(statements, deadline=call.deadline))
+    idem = IdempotencyKey(key, request_hash("batch", statements), call.scope)
+    keyed = await node.storage.batch_keyed(statements, idem, deadline=call.deadline)
+    return _keyed_outcome(node, call, keyed)
+
+
+def _keyed_outcome(node: QdbNode, call: Call, keyed: KeyedResult) -> Outcome:
+    stats = node.stats
+    if keyed.outcome is KeyedOutcome.STORED:
+        if call.counted:
+            stats.idempotent_stored += 1
+        return Outcome(keyed.result)
+    if keyed.outcome is KeyedOutcome.REPLAYED:
+        if call.counted:
+            stats.idempotent_hits += 1
+        logger.debug("%s: replayed the stored result of key %r", node.node_id, call.idem_key)
+        return Outcome(keyed.result, replayed=True)
+    if call.counted:
+        stats.idempotent_conflicts += 1
+    raise RequestFailed(ErrorCode.CONFLICT, "idempotency key reused for a different request")
 
 
 #: Method name -> handler, for methods every node answers.
@@ -270,8 +327,15 @@ async def run_method(
         raise RequestFailed(
             ErrorCode.METHOD_NOT_FOUND, f"no method named {method!r}", details={"method": method}
         )
+    call = Call(
+        args,
+        deadline,
+        idem_key=request.idempotency_key,
+        scope=conn.user or "",
+        counted=not conn.is_control_client,
+    )
     if conn.is_control_client:  # the control tool neither sees nor consumes faults
-        return Outcome(await handler(node, args, deadline))
+        return await handler(node, call)
     faults = node.faults
     failure = faults.take_failure(method)
     delay = faults.latency_for(method)
@@ -289,4 +353,4 @@ async def run_method(
     if method == "ping" and faults.pings_stopped:
         await trio.sleep_until(deadline)  # a hung node: never answer
         return None
-    return Outcome(await handler(node, args, deadline))
+    return await handler(node, call)

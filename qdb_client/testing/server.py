@@ -71,7 +71,11 @@ class QdbNode:
             reset_counters=self.stats.reset,
         )
         #: SQLite storage shared with every node using the same database file.
-        self.storage = Storage(config.database, pool_size=config.sqlite_pool_size)
+        self.storage = Storage(
+            config.database,
+            pool_size=config.sqlite_pool_size,
+            idempotency_ttl=config.idempotency_ttl,
+        )
         self._port = config.port
         self._listen_sock: trio.socket.SocketType | None = None
         self._listen_changed = trio.Event()

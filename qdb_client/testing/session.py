@@ -93,6 +93,8 @@ class ServerConnection:
         self.proto = ProtocolConnection(Role.SERVER, max_frame_size=node.config.max_frame_size)
         #: True once HELLO named the control tool; its traffic is not counted.
         self.is_control_client = False
+        #: The user HELLO authenticated as (None on a node without credentials).
+        self.user: str | None = None
         #: Highest request id accepted for processing (GOAWAY ``last_request_id``).
         self.last_request_id = 0
         #: Set once the stream has been closed.
@@ -336,6 +338,8 @@ class ServerConnection:
             )
             self._linger = True
             return False
+        if self.config.credentials is not None and hello.credentials:
+            self.user = hello.credentials.get("user")
         if hello.client_name == CONTROL_CLIENT_NAME:
             node.mark_control_client(self)
         welcome = Welcome(

@@ -24,7 +24,11 @@ class NodeStatistics:
     ``max_connections`` were open; ``requests_by_method``: REQUESTs received
     per method name; ``errors_sent``: ERROR messages sent per symbolic name;
     ``bad_frames``: frames that could not be used (bad checksum, CBOR, body,
-    kind, header); ``pings_answered``: PING frames answered with PONG.
+    kind, header); ``pings_answered``: PING frames answered with PONG;
+    ``idempotent_stored``: keyed writes executed with their result stored
+    under the key; ``idempotent_hits``: keyed writes answered with a stored
+    result instead of executing; ``idempotent_conflicts``: keyed writes
+    refused because the key was stored for a different request.
     """
 
     def __init__(self) -> None:
@@ -32,6 +36,9 @@ class NodeStatistics:
         self.connections_refused = 0
         self.bad_frames = 0
         self.pings_answered = 0
+        self.idempotent_stored = 0
+        self.idempotent_hits = 0
+        self.idempotent_conflicts = 0
         self.requests_by_method: Counter[str] = Counter()
         self.errors_sent: Counter[str] = Counter()
 
@@ -49,5 +56,8 @@ class NodeStatistics:
             "errors_sent": dict(self.errors_sent),
             "bad_frames": self.bad_frames,
             "pings_answered": self.pings_answered,
+            "idempotent_stored": self.idempotent_stored,
+            "idempotent_hits": self.idempotent_hits,
+            "idempotent_conflicts": self.idempotent_conflicts,
             **extra,
         }

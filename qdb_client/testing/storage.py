@@ -14,6 +14,16 @@ cancelling the waiting task (CANCEL, dropped connection, shutdown) calls
 and rolls the statement (or batch transaction) back, reported as TIMEOUT
 with ``details={"executed": False}``.
 
+Idempotency keys (:mod:`.idempotency`): a keyed write runs in one
+transaction opened with ``BEGIN IMMEDIATE``, which takes SQLite's write
+lock up front and so serialises keyed writes across connections *and*
+processes sharing the file. Inside it the key is looked up; a live entry
+is replayed (or is a CONFLICT) without executing anything, otherwise the
+statements run and the result is stored under the key before COMMIT. Any
+failure, an interrupt at the deadline included, rolls the whole
+transaction back: nothing applied, nothing stored. Expired entries count
+as absent and are purged, a bounded number per stored key.
+
 Under a ``trio.testing.MockClock`` statements run inline on the event loop
 instead of in a worker thread: a thread wait looks idle to the clock, so
 autojump would fire unrelated timers (the test's own ``fail_after``, a
@@ -33,13 +43,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+import cbor2
 import trio
 import trio.testing
 
 from ..protocol import ErrorCode
 from ._failure import RequestFailed
+from .idempotency import DEFAULT_TTL, SCHEMA, IdempotencyKey, KeyedOutcome, KeyedResult
 
-__all__ = ["BUSY_TIMEOUT_MS", "Params", "Statement", "Storage"]
+__all__ = ["BUSY_TIMEOUT_MS", "PURGE_LIMIT", "Params", "Statement", "Storage", "run_keyed"]
 
 logger = logging.getLogger("qdb_client.testing")
 
@@ -47,6 +59,8 @@ logger = logging.getLogger("qdb_client.testing")
 BUSY_TIMEOUT_MS = 5000
 #: VM instructions between two deadline checks of the progress handler.
 _PROGRESS_STEPS = 1000
+#: Most expired idempotency entries deleted by one keyed write.
+PURGE_LIMIT = 100
 
 Params = Sequence[Any] | Mapping[str, Any]
 #: One statement of a batch: SQL text and its parameters.
@@ -126,16 +140,72 @@ def _query_one(conn: sqlite3.Connection, sql: str, params: Params) -> dict[str, 
     return {"columns": columns, "rows": rows}
 
 
-def _batch(conn: sqlite3.Connection, statements: Sequence[Statement]) -> dict[str, Any]:
-    conn.execute("BEGIN IMMEDIATE")
+def _statements(conn: sqlite3.Connection, statements: Sequence[Statement]) -> dict[str, Any]:
     results = []
     for index, (sql, params) in enumerate(statements):
         try:
             results.append(_execute_one(conn, sql, params))
         except Exception as exc:
             raise _BatchFailure(index, exc) from exc
-    conn.execute("COMMIT")
     return {"results": results}
+
+
+def _commit(conn: sqlite3.Connection) -> None:
+    """COMMIT the open transaction, with the deadline check switched off.
+
+    Once every statement ran the write is finished: answering TIMEOUT now
+    could report as not executed a COMMIT that SQLite completed. A cancel
+    (``interrupt()``) still stops a COMMIT that has not started.
+    """
+    conn.set_progress_handler(None, 0)
+    conn.execute("COMMIT")
+
+
+def _batch(conn: sqlite3.Connection, statements: Sequence[Statement]) -> dict[str, Any]:
+    conn.execute("BEGIN IMMEDIATE")
+    result = _statements(conn, statements)
+    _commit(conn)
+    return result
+
+
+def run_keyed(
+    conn: sqlite3.Connection,
+    key: IdempotencyKey,
+    work: Callable[[sqlite3.Connection], Any],
+    *,
+    clock: Callable[[], float],
+    ttl: float,
+) -> KeyedResult:
+    """Run ``work`` at most once for ``key``, in one transaction (thread side).
+
+    ``conn`` must be in autocommit mode with no transaction open. Exceptions
+    from ``work`` propagate with the transaction still open; the caller
+    rolls it back (``_Job.run`` does), so a failure stores nothing.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    now = clock()  # read once the write lock is held: waiting for it takes time
+    row = conn.execute(
+        "SELECT request_hash, result, created_at FROM qdb_idempotency WHERE scope = ? AND key = ?",
+        (key.scope, key.key),
+    ).fetchone()
+    if row is not None and now < row[2] + ttl:
+        conn.execute("ROLLBACK")
+        if bytes(row[0]) != key.request_hash:
+            return KeyedResult(KeyedOutcome.CONFLICT)
+        return KeyedResult(KeyedOutcome.REPLAYED, cbor2.loads(row[1]))
+    conn.execute(
+        "DELETE FROM qdb_idempotency WHERE rowid IN"
+        " (SELECT rowid FROM qdb_idempotency WHERE created_at <= ? LIMIT ?)",
+        (now - ttl, PURGE_LIMIT),
+    )
+    result = work(conn)
+    conn.execute(
+        "INSERT OR REPLACE INTO qdb_idempotency"
+        " (scope, key, request_hash, result, created_at) VALUES (?, ?, ?, ?, ?)",
+        (key.scope, key.key, key.request_hash, cbor2.dumps(result), now),
+    )
+    _commit(conn)
+    return KeyedResult(KeyedOutcome.STORED, result)
 
 
 # ---------------------------------------------------------------- error mapping
@@ -192,12 +262,30 @@ class Storage:
 
     ``path=None`` creates a private temporary database, deleted by
     :meth:`close`. Connections are opened on first use (or by
-    :meth:`open`), in a worker thread.
+    :meth:`open`), in a worker thread. Opening creates the
+    ``qdb_idempotency`` table if missing.
+
+    ``idempotency_ttl`` is how long (seconds) a keyed write's outcome is
+    kept; ``clock`` gives the time stored with it and compared against it.
+    It defaults to ``time.time``: wall-clock time, because the nodes sharing
+    the file may be separate processes. Tests may assign :attr:`clock` to
+    move time without sleeping.
     """
 
-    def __init__(self, path: str | None, *, pool_size: int = 4) -> None:
+    def __init__(
+        self,
+        path: str | None,
+        *,
+        pool_size: int = 4,
+        idempotency_ttl: float = DEFAULT_TTL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._path = path
         self._pool_size = pool_size
+        #: Seconds a keyed write's outcome is kept.
+        self.idempotency_ttl = idempotency_ttl
+        #: Wall-clock source (seconds) for idempotency entries; called in worker threads.
+        self.clock = clock
         self._temp_dir: str | None = None
         self._connections: list[sqlite3.Connection] = []
         self._free_send: trio.MemorySendChannel[sqlite3.Connection] | None = None
@@ -244,6 +332,8 @@ class Storage:
                 connections.append(conn)
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             connections[0].execute("PRAGMA journal_mode = WAL")
+            for statement in SCHEMA:
+                connections[0].execute(statement)
         except BaseException:
             for conn in connections:
                 conn.close()
@@ -281,6 +371,26 @@ class Storage:
         A failure names the statement in ``details["statement_index"]``.
         """
         return await self._run(lambda conn: _batch(conn, statements), deadline)
+
+    async def execute_keyed(
+        self, sql: str, params: Params, key: IdempotencyKey, *, deadline: float
+    ) -> KeyedResult:
+        """:meth:`execute` at most once for ``key`` (see :func:`run_keyed`)."""
+        return await self._run_keyed(key, lambda conn: _execute_one(conn, sql, params), deadline)
+
+    async def batch_keyed(
+        self, statements: Sequence[Statement], key: IdempotencyKey, *, deadline: float
+    ) -> KeyedResult:
+        """:meth:`batch` at most once for ``key`` (see :func:`run_keyed`)."""
+        return await self._run_keyed(key, lambda conn: _statements(conn, statements), deadline)
+
+    async def _run_keyed(
+        self, key: IdempotencyKey, work: Callable[[sqlite3.Connection], Any], deadline: float
+    ) -> KeyedResult:
+        clock, ttl = self.clock, self.idempotency_ttl
+        return await self._run(
+            lambda conn: run_keyed(conn, key, work, clock=clock, ttl=ttl), deadline
+        )
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], deadline: float) -> T:
         await self.open()
