@@ -9,13 +9,14 @@ health monitors run in the nursery of ``open_client``.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import attrs
 import trio
@@ -32,15 +33,18 @@ from .config import ClientConfig
 from .errors import (
     BulkheadFull,
     ClientClosed,
-    ConfigError,
     InvalidArgument,
     ProtocolError,
+    QdbError,
     RequestTimeout,
 )
 from .protocol import PROTOCOL_VERSIONS, Hello
 from .results import ExecuteResult, QueryResult
 
 __all__ = ["Client", "Params", "Statement", "open_client"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 #: Statement parameters: positional (sequence) or named (mapping), or None.
 Params = Sequence[Any] | Mapping[str, Any] | None
@@ -65,6 +69,24 @@ async def open_client(hosts: str | Iterable[str], **options: Any) -> AsyncIterat
     async with owned_nursery(client.aclose) as nursery:
         await client._start(nursery)
         yield client
+
+
+def _checkpointed(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Make every path of an async public method a trio checkpoint.
+
+    Calls that fail argument checks would otherwise raise without ever
+    yielding, which breaks the trio convention callers rely on.
+    """
+
+    @functools.wraps(method)
+    async def checkpointed(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except QdbError:
+            await trio.lowlevel.checkpoint()
+            raise
+
+    return checkpointed
 
 
 #: Idempotency keys: 1..128 characters of this set (docs/protocol.md).
@@ -93,6 +115,7 @@ class Client:
 
     # ------------------------------------------------------------ public API
 
+    @_checkpointed
     async def execute(
         self,
         sql: str,
@@ -113,6 +136,7 @@ class Client:
         result = await self._call("execute", args, timeout, idempotency_key=idempotency_key)
         return ExecuteResult.from_wire(result)
 
+    @_checkpointed
     async def query(
         self, sql: str, params: Params = None, *, timeout: float | None = None
     ) -> QueryResult:
@@ -123,6 +147,7 @@ class Client:
         result = await self._call("query", _statement_args(sql, params), timeout, read_only=True)
         return QueryResult.from_wire(result)
 
+    @_checkpointed
     async def batch(
         self,
         statements: Iterable[Statement],
@@ -134,12 +159,19 @@ class Client:
 
         ``idempotency_key`` as for :meth:`execute`.
         """
+        if isinstance(statements, (str, bytes)) or not isinstance(statements, Iterable):
+            await trio.lowlevel.checkpoint()
+            raise InvalidArgument(
+                "batch takes a list of statements (SQL text, (sql, params) or"
+                f" {{'sql': ..., 'params': ...}}), not {type(statements).__name__}"
+            )
         args = {"statements": [_batch_entry(item) for item in statements]}
         result = await self._call("batch", args, timeout, idempotency_key=idempotency_key)
         if not isinstance(result, dict) or not isinstance(result.get("results"), list):
             raise ProtocolError(f"malformed batch result from node: {result!r:.200}")
         return [ExecuteResult.from_wire(item) for item in result["results"]]
 
+    @_checkpointed
     async def ping(self, *, timeout: float | None = None) -> float:
         """PING the next node the balancer picks; return the round trip in seconds."""
         budget = self._budget(timeout)
@@ -287,7 +319,7 @@ class Client:
             or not isinstance(timeout, (int, float))
             or not (timeout > 0 and math.isfinite(timeout))
         ):
-            raise ConfigError(
+            raise InvalidArgument(
                 f"timeout must be a positive finite number of seconds, not {timeout!r}"
             )
         return float(timeout)
@@ -327,8 +359,8 @@ class Client:
             return None
         if not isinstance(choice, str) or not _KEY_PATTERN.fullmatch(choice):
             raise InvalidArgument(
-                f"idempotency_key must be 1..128 characters of A-Z a-z 0-9 _ - : . ,"
-                f" True (generate one) or False (none), not {choice!r}"
+                "idempotency_key must be 1..128 characters from A-Z a-z 0-9 _ - : and ."
+                f", True (generate one) or False (none), not {choice!r}"
             )
         return choice
 

@@ -99,6 +99,7 @@ class RequestPipeline:
         attempts: list[Attempt] = []
         tried: list[Node] = []
         previous_delay: float | None = None
+        sent_before = False  # did an earlier attempt reach a node?
         self.counters.calls += 1
         self.budget.record_request(start)
         current = _Try(start)
@@ -130,12 +131,14 @@ class RequestPipeline:
                     if not decision.retry:
                         raise self._final(method, error, attempts, safe, decision)
                     self.counters.retries += 1
+                    sent_before = sent_before or current.sent
                     previous_delay = decision.delay
                     if current.node is not None:
                         tried.append(current.node)
                     await trio.sleep(decision.delay)
         except trio.TooSlowError as exc:
             self.counters.failures += 1
+            sent = current.sent or sent_before
             attempts.append(
                 self._record(
                     attempts,
@@ -148,12 +151,12 @@ class RequestPipeline:
             )
             timed_out = RequestTimeout(
                 f"{method} did not complete within {timeout:g} s"
-                + (" (sent; outcome unknown)" if current.sent else " (not sent)"),
+                + (" (sent; outcome unknown)" if sent else " (not sent)"),
                 timeout=timeout,
-                request_sent=current.sent,
+                request_sent=sent,
             )
             timed_out.attempts = tuple(attempts)
-            if current.sent and not safe:
+            if sent and not safe:
                 self.counters.outcome_unknown += 1
                 unknown = OutcomeUnknown(
                     f"{method} was sent to {current.node.address if current.node else '?'} but"

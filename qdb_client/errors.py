@@ -211,7 +211,9 @@ class TransportError(QdbError):
 
     retryable = True
 
-    def __init__(self, message: str, *, node: str | None = None, request_sent: bool = False):
+    def __init__(
+        self, message: str, *, node: str | None = None, request_sent: bool = False
+    ) -> None:
         super().__init__(message)
         self.node = node
         self.request_sent = request_sent
@@ -237,7 +239,9 @@ class VersionMismatch(HandshakeError):
     ``supported_versions`` lists what the node speaks.
     """
 
-    def __init__(self, message: str, *, supported_versions: list[int], node: str | None = None):
+    def __init__(
+        self, message: str, *, supported_versions: list[int], node: str | None = None
+    ) -> None:
         super().__init__(message, node=node)
         self.supported_versions = list(supported_versions)
 
@@ -256,7 +260,7 @@ class ConnectionDraining(TransportError):
     ``reason`` is the node's stated reason (``"shutdown"``, ``"idle_timeout"``...).
     """
 
-    def __init__(self, message: str, *, reason: str, node: str | None = None):
+    def __init__(self, message: str, *, reason: str, node: str | None = None) -> None:
         super().__init__(message, node=node, request_sent=False)
         self.reason = reason
 
@@ -270,7 +274,9 @@ class NoAvailableNode(QdbError):
 
     retryable = True
 
-    def __init__(self, reasons: dict[str, str], errors: dict[str, BaseException] | None = None):
+    def __init__(
+        self, reasons: dict[str, str], errors: dict[str, BaseException] | None = None
+    ) -> None:
         listing = "; ".join(f"{node}: {why}" for node, why in reasons.items()) or "no nodes"
         super().__init__(f"no available node ({listing})")
         self.reasons = dict(reasons)
@@ -308,7 +314,7 @@ class RequestTimeout(QdbError):
 
     retryable = True
 
-    def __init__(self, message: str, *, timeout: float, request_sent: bool = True):
+    def __init__(self, message: str, *, timeout: float, request_sent: bool = True) -> None:
         super().__init__(message)
         self.timeout = timeout
         self.request_sent = request_sent
@@ -322,7 +328,9 @@ class RetryExhausted(QdbError):
     final attempt's error (also the ``__cause__``); ``attempts`` lists them all.
     """
 
-    def __init__(self, message: str, *, last_error: BaseException, attempts: tuple[Attempt, ...]):
+    def __init__(
+        self, message: str, *, last_error: BaseException, attempts: tuple[Attempt, ...]
+    ) -> None:
         lines = "\n  ".join(str(a) for a in attempts)
         super().__init__(f"{message} after {len(attempts)} attempt(s):\n  {lines}")
         self.last_error = last_error

@@ -85,6 +85,7 @@ class QueryResult(Sequence[Row]):
         if not (
             isinstance(result, dict)
             and isinstance(result.get("columns"), list)
+            and all(isinstance(name, str) for name in result["columns"])
             and isinstance(result.get("rows"), list)
             and all(
                 isinstance(row, list) and len(row) == len(result["columns"])

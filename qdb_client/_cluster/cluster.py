@@ -21,7 +21,14 @@ from .._policies import BreakerSettings
 from .._pool import NodePool, PoolLimits, PoolListener
 from .._transport import Connection
 from ..config import parse_address
-from ..errors import CircuitOpen, ClientClosed, ConfigError, NoAvailableNode, QdbError
+from ..errors import (
+    CircuitOpen,
+    ClientClosed,
+    ConfigError,
+    InvalidArgument,
+    NoAvailableNode,
+    QdbError,
+)
 from .balancer import Balancer
 from .health import HealthMonitor, HealthSettings
 from .node import Node, NodeState
@@ -130,6 +137,8 @@ class Cluster:
 
     def find(self, ref: str) -> Node:
         """The node with this address or node id."""
+        if not isinstance(ref, str):
+            raise InvalidArgument(f"a node is named by its address or node id, not {ref!r}")
         node = self._by_address.get(ref)
         if node is None:
             node = next((n for n in self.nodes if n.node_id == ref), None)

@@ -140,9 +140,12 @@ class HealthMonitor:
         async with trio.open_nursery() as nursery:
             for connection in targets:
                 nursery.start_soon(self._ping_connection, connection, failures)
-        if failures and self.node.state is NodeState.UP:
+        if failures and self.node.state is NodeState.UP and not self.node.forced_down:
             self.node.consecutive_failures = 1
-            self._transition(NodeState.SUSPECT, failures[0])
+            if self.settings.failures_to_down <= 1:
+                self._mark_down(failures[0])
+            else:
+                self._transition(NodeState.SUSPECT, failures[0])
 
     async def _ping_connection(self, connection: Connection, failures: list[str]) -> None:
         reason = await self._ping(connection)
@@ -163,6 +166,8 @@ class HealthMonitor:
     async def _suspect_probe(self) -> None:
         reason = await self._probe()
         node = self.node
+        if node.forced_down or node.state is not NodeState.SUSPECT:
+            return  # an operator (or another report) decided while we probed
         if reason is None:
             node.consecutive_failures = 0
             self._transition(NodeState.UP, None)
@@ -202,6 +207,8 @@ class HealthMonitor:
                 return
         node.next_reconnect_at = None
         reason = await self._probe()
+        if node.forced_down or node.state is not NodeState.DOWN:
+            return  # marked by an operator while we probed
         if reason is None:
             node.consecutive_failures = 0
             node.reconnect_attempts = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -24,6 +25,17 @@ from ._state import PoolLimits, PoolState
 __all__ = ["NodePool", "PoolListener"]
 
 Connector = Callable[[Callable[[Connection], None]], Awaitable[Connection]]
+
+
+class _Waiter:
+    """A caller queued for room; ``granted`` is filled in by ``_grant``."""
+
+    __slots__ = ("event", "exclusive", "granted")
+
+    def __init__(self, exclusive: bool) -> None:
+        self.exclusive = exclusive
+        self.event = trio.Event()
+        self.granted: tuple[int, Connection] | None = None
 
 
 class PoolListener:
@@ -62,7 +74,8 @@ class NodePool:
         self._listener = listener or PoolListener()
         self._connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)
-        self._waiters = trio.lowlevel.ParkingLot()
+        #: Callers waiting for room, served first come, first served.
+        self._queue: deque[_Waiter] = deque()
         self._maintenance = trio.Event()
         #: When maintenance will look next (inf: not scheduled).
         self._maintenance_at = math.inf
@@ -120,7 +133,7 @@ class NodePool:
         for connection_id in list(self._connections):
             self.state.retire(connection_id)
             self._close_if_drained(connection_id)
-        self._waiters.unpark_all()
+        self._wake_waiters()
 
     def enable(self) -> None:
         """Serve again and re-warm ``min_connections``."""
@@ -170,7 +183,7 @@ class NodePool:
             "opening": state.opening,
             "retiring": len(state.connections) - state.active,
             "in_flight": state.reserved,
-            "waiting": len(self._waiters),
+            "waiting": len(self._queue),
         }
 
     async def maintain(
@@ -195,7 +208,7 @@ class NodePool:
     async def aclose(self) -> None:
         """Close every connection; waiters get ClientClosed."""
         self._closed = True
-        self._waiters.unpark_all()
+        self._wake_waiters()
         self._wake_maintenance()
         connections = list(self._connections.values())
         self._connections.clear()
@@ -225,40 +238,81 @@ class NodePool:
 
     async def _acquire(self, *, exclusive: bool) -> tuple[int, Connection]:
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._disabled is None and not self._closed and not len(self._waiters):
+        if self._disabled is None and not self._closed and not self._queue:
             picked = self._pick(exclusive)  # fast path: room now, nobody queued
             if picked is not None:
                 return picked
+        self._check_serving()
+        if len(self._queue) >= self._max_waiters:
+            raise PoolQueueFull(
+                f"{self._max_waiters} callers already wait for {self.address}",
+                node=self.address,
+                in_use=self._describe(),
+            )
+        waiter = _Waiter(exclusive)
+        self._queue.append(waiter)
+        self._grant()
         failures_before = self._open_failures
-        with trio.move_on_after(self._acquire_timeout):
-            while True:
-                self._check_serving()
-                picked = self._pick(exclusive)
-                if picked is not None:
-                    return picked
-                if (
-                    self._open_failures != failures_before
-                    and self.last_open_error is not None
-                    and not self.state.connections
-                ):
-                    # The node refused since we began waiting and nothing is
-                    # open: fail now, not at the timeout (other attempts still
-                    # under way would most likely fail the same way).
-                    raise _copy(self.last_open_error)
-                if self.state.can_open():
-                    self._start_open()
-                if len(self._waiters) >= self._max_waiters:
-                    raise PoolQueueFull(
-                        f"{self._max_waiters} callers already wait for {self.address}",
-                        node=self.address,
-                        in_use=self._describe(),
-                    )
-                await self._waiters.park()
+        try:
+            with trio.move_on_after(self._acquire_timeout):
+                while True:
+                    if waiter.granted is not None:
+                        granted, waiter.granted = waiter.granted, None
+                        return granted
+                    self._check_serving()
+                    if (
+                        self._open_failures != failures_before
+                        and self.last_open_error is not None
+                        and not self.state.connections
+                    ):
+                        # The node refused since we began waiting and nothing
+                        # is open: fail now, not at the timeout (attempts
+                        # still under way would most likely fail the same way).
+                        raise _copy(self.last_open_error)
+                    if self.state.can_open():
+                        self._start_open()
+                    waiter.event = trio.Event()
+                    await waiter.event.wait()
+        finally:
+            if waiter in self._queue:
+                self._queue.remove(waiter)
+            elif waiter.granted is not None:
+                # Granted while we were being cancelled or failing: hand the
+                # slot on rather than leak it.
+                self._give_back(waiter)
         raise PoolTimeout(
             f"no connection to {self.address} within {self._acquire_timeout:g} s",
             node=self.address,
             in_use=self._describe(),
         )
+
+    def _grant(self) -> None:
+        """Serve queued callers strictly in arrival order while there is room."""
+        while self._queue and self._disabled is None and not self._closed:
+            head = self._queue[0]
+            picked = self._pick(head.exclusive)
+            if picked is None:
+                return
+            self._queue.popleft()
+            head.granted = picked
+            head.event.set()
+
+    def _give_back(self, waiter: _Waiter) -> None:
+        assert waiter.granted is not None
+        connection_id, _ = waiter.granted
+        waiter.granted = None
+        now = trio.current_time()
+        if waiter.exclusive:
+            self.state.return_lease(connection_id, now, reusable=True)
+        else:
+            self.state.release(connection_id, now)
+        self._after_release(connection_id)
+
+    def _wake_waiters(self) -> None:
+        """Let every queued caller re-check (failures, closing, new capacity)."""
+        self._grant()
+        for waiter in self._queue:
+            waiter.event.set()
 
     def _pick(self, exclusive: bool) -> tuple[int, Connection] | None:
         now = trio.current_time()
@@ -279,8 +333,8 @@ class NodePool:
 
     def _after_release(self, connection_id: int) -> None:
         self._close_if_drained(connection_id)
-        if self._waiters:
-            self._waiters.unpark()
+        if self._queue:
+            self._grant()
         record = self.state.connections.get(connection_id)
         if (
             record is not None
@@ -322,7 +376,7 @@ class NodePool:
             self._warm_after_failure = False
             self.last_open_error = exc
             self._listener.open_failed(self, exc)
-            self._waiters.unpark_all()
+            self._wake_waiters()
             return
         except BaseException:
             self.state.open_finished(None, trio.current_time())
@@ -342,7 +396,7 @@ class NodePool:
         self._listener.opened(self, connection)
         if not connection.usable:
             self._on_unusable(connection)
-        self._waiters.unpark_all()
+        self._wake_waiters()
         self._wake_maintenance()
 
     def _on_unusable(self, connection: Connection) -> None:
@@ -358,13 +412,13 @@ class NodePool:
                 # and calls warm() once the node answers.
                 self._warm_after_failure = False
                 self._listener.connection_failed(self, connection)
-            self._waiters.unpark_all()
+            self._wake_waiters()
             self._wake_maintenance()
         else:
             # GOAWAY: drain, then close; replacements open on demand.
             self.state.retire(connection_id)
             self._close_if_drained(connection_id)
-            self._waiters.unpark_all()
+            self._wake_waiters()
 
     def _wake_maintenance(self) -> None:
         self._maintenance.set()

@@ -154,8 +154,9 @@ class Connection:
         self._in_flight = 0
         self._scope = trio.CancelScope()
         self._finished = trio.Event()
-        #: Synchronous writes to the socket when nothing else is writing.
-        self._direct = DirectWriter.for_stream(stream)
+        #: Synchronous writes to the socket when nothing else is writing
+        #: (set up after the handshake, so a failed one leaves nothing open).
+        self._direct: DirectWriter | None = None
         self._writing = False
         #: Why the connection stopped working (None while usable).
         self.error: QdbError | None = None
@@ -310,6 +311,7 @@ class Connection:
             self._finished.set()
             raise
         self._limit = min(self._limit, max(1, welcome.max_in_flight))
+        self._direct = DirectWriter.for_stream(self._stream)
         task_status.started(welcome)
         try:
             with self._scope:

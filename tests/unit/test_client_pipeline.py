@@ -145,8 +145,16 @@ async def test_bad_arguments_are_typed_errors(network):
             await client.execute("insert", "not params")  # type: ignore[arg-type]
         with pytest.raises(InvalidArgument):
             await client.batch([42])  # type: ignore[list-item]
-        with pytest.raises(ConfigError):
+        with pytest.raises(InvalidArgument):
             await client.query("select 1", timeout=-1)
+        with pytest.raises(InvalidArgument):
+            await client.batch("SELECT 1")  # a string is not a list of statements
+        with pytest.raises(InvalidArgument):
+            await client.batch(5)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument):
+            client.mark_node_unhealthy([])  # type: ignore[arg-type]
+        with trio.testing.assert_checkpoints(), pytest.raises(InvalidArgument):
+            await client.query(b"select 1")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
