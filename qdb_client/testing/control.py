@@ -264,6 +264,19 @@ class NodeControl:
             args["retry_after_ms"] = retry_after_ms
         return await self.call("control.fail_next", args)
 
+    async def drop_after_commit(
+        self, count: int, methods: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """Lose the reply of the next ``count`` writes that commit: the node closes
+        their connection instead of answering (see :meth:`Faults.drop_after_commit`).
+
+        ``methods`` defaults to ``execute`` and ``batch``; ``count=0`` clears it.
+        """
+        args: dict[str, Any] = {"count": count}
+        if methods is not None:
+            args["methods"] = [methods] if isinstance(methods, str) else list(methods)
+        return await self.call("control.drop_after_commit", args)
+
     async def add_latency(self, method: str, seconds: float) -> dict[str, Any]:
         """Delay ``method`` (``"*"``: all data methods) by ``seconds``; 0 clears it."""
         return await self.call(

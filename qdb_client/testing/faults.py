@@ -17,10 +17,12 @@ import attrs
 from ..protocol import ErrorCode
 from ._failure import RequestFailed
 
-__all__ = ["FailRule", "Faults", "resolve_error_code"]
+__all__ = ["WRITE_METHODS", "FailRule", "Faults", "resolve_error_code"]
 
 #: Latency key that applies to every data method without its own entry.
 ANY_METHOD = "*"
+#: Methods ``drop_after_commit`` applies to by default: the writes.
+WRITE_METHODS = frozenset({"execute", "batch"})
 
 
 def resolve_error_code(code: str | int | ErrorCode) -> ErrorCode:
@@ -86,6 +88,8 @@ class Faults:
         self._latency: dict[str, float] = {}
         self._pings_stopped = False
         self._refusing = False
+        self._drops_after_commit = 0
+        self._drop_methods: frozenset[str] = WRITE_METHODS
 
     # ------------------------------------------------------------ operations
 
@@ -136,6 +140,31 @@ class Faults:
                 retry_after_ms=retry_after_ms,
             )
         )
+
+    def drop_after_commit(self, count: int, methods: Iterable[str] | None = None) -> None:
+        """Lose the reply of the next ``count`` matching requests that execute successfully.
+
+        Such a request runs and commits normally; then, instead of sending
+        its RESPONSE, the node closes that client connection abruptly (no
+        GOAWAY; other requests in flight on it are abandoned). The client
+        sees the connection drop after it sent the request: an unknown
+        outcome, which an idempotency key makes safe to retry. ``methods``
+        defaults to ``execute`` and ``batch``. A keyed write answered from
+        its stored result did not execute, so it is answered and does not
+        use up the count. A new call replaces the previous setting;
+        ``count=0`` clears it.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be a non-negative integer, not {count!r}")
+        method_set = WRITE_METHODS
+        if methods is not None:
+            if isinstance(methods, str):
+                methods = [methods]
+            method_set = frozenset(methods)
+            if not method_set or not all(isinstance(m, str) and m for m in method_set):
+                raise ValueError("methods must be a non-empty list of method names")
+        self._drops_after_commit = count
+        self._drop_methods = method_set
 
     def add_latency(self, method: str, seconds: float) -> None:
         """Delay every ``method`` request (``"*"``: every data method) by ``seconds``.
@@ -189,6 +218,8 @@ class Faults:
         self._rules.clear()
         self._latency.clear()
         self._pings_stopped = False
+        self._drops_after_commit = 0
+        self._drop_methods = WRITE_METHODS
         self.refuse_connections(False)
         self._reset_counters_hook()
 
@@ -223,6 +254,15 @@ class Faults:
                 )
         return None
 
+    def take_drop_after_commit(self, method: str) -> bool:
+        """Whether to drop the connection instead of replying to a ``method`` request
+        that just executed successfully; consumes one ``drop_after_commit``.
+        """
+        if self._drops_after_commit > 0 and method in self._drop_methods:
+            self._drops_after_commit -= 1
+            return True
+        return False
+
     def describe(self) -> dict[str, Any]:
         """The active faults as a plain dict (part of the statistics)."""
         return {
@@ -237,4 +277,8 @@ class Faults:
             "latency_ms": {m: round(s * 1000) for m, s in sorted(self._latency.items())},
             "pings_stopped": self._pings_stopped,
             "refusing_connections": self._refusing,
+            "drop_after_commit": {
+                "remaining": self._drops_after_commit,
+                "methods": sorted(self._drop_methods),
+            },
         }

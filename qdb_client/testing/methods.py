@@ -3,9 +3,10 @@
 Data methods (``ping``, ``execute``, ``query``, ``batch``) pass through the
 node's faults first: a matching ``fail_next`` rule is consumed when the
 request arrives, the configured latency is slept (bounded by the request
-deadline), then the rule's error is raised or the method runs. Control
-methods, and every request of the control tool itself, are never subject
-to faults.
+deadline), then the rule's error is raised or the method runs; a
+``drop_after_commit`` rule, checked once a method executed successfully,
+makes the connection drop instead of replying. Control methods, and every
+request of the control tool itself, are never subject to faults.
 
 Writes carrying an idempotency key (REQUEST ``idem_key``) are executed at
 most once per key (:mod:`.idempotency`); reads ignore the key.
@@ -49,11 +50,13 @@ class Outcome:
     """A method's result, and what to do once the RESPONSE has been written.
 
     ``replayed``: the result is a keyed write's stored one (nothing ran).
+    ``drop_connection``: close the connection abruptly instead of replying.
     """
 
     result: Any
     after_reply: Callable[[], None] | None = None
     replayed: bool = False
+    drop_connection: bool = False
 
 
 @attrs.frozen
@@ -245,6 +248,15 @@ def _fail_next(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -
     return Outcome(node.faults.describe())
 
 
+def _drop_after_commit(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+    _faults_call(
+        node.faults.drop_after_commit,
+        _non_negative(args, "count"),
+        methods=_arg(args, "methods", list, None),
+    )
+    return Outcome(node.faults.describe())
+
+
 def _add_latency(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
     method = _arg(args, "method", str)
     _faults_call(node.faults.add_latency, method, _non_negative(args, "ms") / 1000)
@@ -290,6 +302,7 @@ def _shutdown(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) ->
 #: Method name -> handler, for methods answered only in test mode.
 CONTROL_METHODS: dict[str, ControlHandler] = {
     "control.fail_next": _fail_next,
+    "control.drop_after_commit": _drop_after_commit,
     "control.add_latency": _add_latency,
     "control.stop_pings": _stop_pings,
     "control.drop_connections": _drop_connections,
@@ -353,4 +366,7 @@ async def run_method(
     if method == "ping" and faults.pings_stopped:
         await trio.sleep_until(deadline)  # a hung node: never answer
         return None
-    return await handler(node, call)
+    outcome = await handler(node, call)
+    if not outcome.replayed and faults.take_drop_after_commit(method):
+        return attrs.evolve(outcome, drop_connection=True)
+    return outcome

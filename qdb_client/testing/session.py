@@ -139,6 +139,8 @@ class ServerConnection:
         self._scope.cancel()
 
     def _close_gracefully(self) -> None:
+        if self._scope.cancel_called:  # closing already (maybe abruptly): keep that choice
+            return
         self._linger = True
         self._scope.cancel()
 
@@ -423,6 +425,16 @@ class ServerConnection:
                 return
             if reply is None:
                 if outcome is None:  # deliberately unanswered (pings stopped)
+                    return
+                if outcome.drop_connection:  # drop_after_commit: the reply is lost
+                    logger.info(
+                        "%s: dropping the connection from %s after %s (request %d) committed",
+                        self.node.node_id,
+                        self.peer,
+                        request.method,
+                        rid,
+                    )
+                    self.abort()
                     return
                 reply = Response(rid, outcome.result)
             sent = await self._send_reply(reply, count=count)
