@@ -58,6 +58,8 @@ __all__ = ["Connection", "PendingRequest"]
 
 _READ_SIZE = 65536
 _MAX_WRITE_BATCH = 256 * 1024
+#: Bytes queued for the writer beyond which new requests wait (a stalled peer).
+_MAX_QUEUED_BYTES = 8 * 1024 * 1024
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -152,6 +154,7 @@ class Connection:
         self._outbox_lot = trio.lowlevel.ParkingLot()
         self._slot_lot = trio.lowlevel.ParkingLot()
         self._in_flight = 0
+        self._queued_bytes = 0
         self._scope = trio.CancelScope()
         self._finished = trio.Event()
         #: Synchronous writes to the socket when nothing else is writing
@@ -222,7 +225,7 @@ class Connection:
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             self._check_usable()
-            if self._in_flight < self._limit:
+            if self._in_flight < self._limit and self._queued_bytes < _MAX_QUEUED_BYTES:
                 break
             await self._slot_lot.park()
         request_id = next(self._ids)
@@ -272,28 +275,37 @@ class Connection:
                 if written == len(data):
                     return pending
                 data = data[written:]  # the rest goes through the writer, in order
-                self._outbox.append(data)
-                self._outbox_lot.unpark()
+                self._queue_bytes(data)
                 return pending
+        self._queued_bytes += len(data)
         self._outbox.append(pending)
         self._outbox_lot.unpark()
         return pending
+
+    def _queue_bytes(self, data: bytes) -> None:
+        """Queue raw frame bytes (CANCEL, PONG, a partly written frame)."""
+        self._queued_bytes += len(data)
+        self._outbox.append(data)
+        self._outbox_lot.unpark()
 
     def _abandon(self, pending: PendingRequest) -> None:
         """The caller stopped waiting (cancelled)."""
         if pending.done or self._waiting.pop(pending.request_id, None) is None:
             return
-        self._release_slot(pending)
         if not pending.sent:
+            # Still queued: the writer will skip it, and only then give its
+            # slot back, so abandoned frames can't pile up in the outbox.
             pending.withdrawn = True
-        elif self.error is None:
+            return
+        self._release_slot(pending)
+        if self.error is None:
             # Written already: ask the node to stop; its late reply will find
             # no waiter and be dropped.
-            self._outbox.append(self._protocol.send(Cancel(pending.request_id)))
-            self._outbox_lot.unpark()
+            self._queue_bytes(self._protocol.send(Cancel(pending.request_id)))
 
     def _release_slot(self, pending: PendingRequest) -> None:
-        if pending.holds_slot:
+        if pending.holds_slot:  # at most once per request
+            pending.holds_slot = False
             self._in_flight -= 1
             self._slot_lot.unpark()
 
@@ -344,6 +356,7 @@ class Connection:
         for pending in waiting.values():
             pending._finish(error=_copy_error(error, request_sent=pending.sent))
         self._outbox.clear()
+        self._queued_bytes = 0
         self._in_flight = 0
         self._slot_lot.unpark_all()
         self._scope.cancel()
@@ -433,10 +446,14 @@ class Connection:
             while outbox and size < _MAX_WRITE_BATCH:
                 item = outbox.popleft()
                 if isinstance(item, PendingRequest):
+                    self._queued_bytes -= len(item.data)
                     if item.withdrawn:
+                        self._release_slot(item)
                         continue
                     item.sent = True
                     item = item.data
+                else:
+                    self._queued_bytes -= len(item)
                 chunks.append(item)
                 size += len(item)
             if chunks:
@@ -444,6 +461,8 @@ class Connection:
                 await self._stream.send_all(b"".join(chunks))
                 self._writing = False
                 self.last_activity = trio.current_time()
+            if self._slot_lot:
+                self._slot_lot.unpark_all()  # room in the outbox again
 
     async def _read_loop(self) -> None:
         protocol = self._protocol
@@ -472,8 +491,7 @@ class Connection:
         elif isinstance(event, Pong):
             self._deliver(event.request_id, result=None)
         elif isinstance(event, Ping):
-            self._outbox.append(self._protocol.send(Pong(event.request_id)))
-            self._outbox_lot.unpark()
+            self._queue_bytes(self._protocol.send(Pong(event.request_id)))
         elif isinstance(event, GoAway):
             self._on_goaway(event)
         elif isinstance(event, BadMessage):

@@ -103,11 +103,15 @@ async def test_cancel_before_write_means_never_sent(autojump_clock):
         with trio.move_on_after(1.0):
             await second.wait()
         assert not second.sent
-        assert conn.in_flight == 1
+        # The withdrawn frame keeps its slot until the writer drops it, so
+        # abandoned frames can't pile up behind a stalled peer.
+        assert conn.in_flight == 2
         received = await node.receive_request()
         assert received.args == {"n": 1}
         nursery.start_soon(node.reply, received, "one")
         assert await first.wait() == "one"
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.in_flight == 0
         # Nothing else was written: a third request is the next frame the node sees.
         nursery.start_soon(conn.request, "query", {"n": 3})
         assert (await node.receive_request()).args == {"n": 3}
@@ -324,3 +328,22 @@ async def test_handshake_garbage_is_a_handshake_error():
         nursery.start_soon(garbage)
         with pytest.raises(HandshakeError):
             await nursery.start(conn.run, HELLO)
+
+
+async def test_abandoned_frames_cannot_pile_up_behind_a_stalled_peer(autojump_clock):
+    # The node never reads: every caller gives up; the outbox stays bounded
+    # by the in-flight cap however many callers come and go.
+    async with connected(lockstep=True, max_in_flight=8) as (conn, _node, nursery):
+
+        async def impatient(n: int) -> None:
+            with trio.move_on_after(0.1):
+                await conn.request("execute", {"blob": "x" * 10_000, "n": n})
+
+        for n in range(200):
+            nursery.start_soon(impatient, n)
+            await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.in_flight <= 8
+        # 8 queued requests at most, plus the CANCEL of the one being written.
+        assert len(conn._outbox) <= 9
+        assert conn._queued_bytes < 9 * 10_100
