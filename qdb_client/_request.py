@@ -202,7 +202,9 @@ class RequestPipeline:
         current: _Try,
     ) -> Any:
         breaker = node.breaker
-        if not breaker.allow(trio.current_time()):
+        admitted = breaker.allow(trio.current_time())
+        generation = breaker.generation
+        if not admitted:
             raise CircuitOpen(
                 f"circuit breaker of {node.address} is open",
                 reopens_in={node.address: _reopens_in(node)},
@@ -237,12 +239,12 @@ class RequestPipeline:
         finally:
             now = trio.current_time()
             if verdict == "success":
-                breaker.record_success(now)
+                breaker.record_success(now, generation)
                 node.record_latency(now - current.started)
             elif verdict == "failure":
-                breaker.record_failure(now)
+                breaker.record_failure(now, generation)
             else:
-                breaker.record_ignored()
+                breaker.record_ignored(generation)
 
     def _record(
         self,

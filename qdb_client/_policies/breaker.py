@@ -50,6 +50,8 @@ class CircuitBreaker:
         self._consecutive_failures = 0
         self._half_open_successes = 0
         self._probes = 0
+        #: Bumped at every state change; records carry the one they were admitted in.
+        self.generation = 0
         self.total_requests = 0
         self.successful_requests = 0
         self.failed_requests = 0
@@ -88,9 +90,16 @@ class CircuitBreaker:
             state is BreakerState.HALF_OPEN and self._probes < self.settings.half_open_probes
         )
 
-    def record_success(self, now: float) -> None:
-        """An admitted request succeeded (as far as the node is concerned)."""
+    def record_success(self, now: float, generation: int | None = None) -> None:
+        """An admitted request succeeded (as far as the node is concerned).
+
+        ``generation`` is :attr:`generation` as it was when the request was
+        admitted; a record from before a state change only counts in the
+        metrics (it must not close a breaker it didn't probe).
+        """
         self.successful_requests += 1
+        if generation is not None and generation != self.generation:
+            return
         self._consecutive_failures = 0
         if self._state is BreakerState.HALF_OPEN:
             self._probes = max(0, self._probes - 1)
@@ -98,9 +107,11 @@ class CircuitBreaker:
             if self._half_open_successes >= self.settings.success_threshold:
                 self._move(BreakerState.CLOSED, now)
 
-    def record_failure(self, now: float) -> None:
-        """An admitted request failed because of the node."""
+    def record_failure(self, now: float, generation: int | None = None) -> None:
+        """An admitted request failed because of the node (``generation`` as above)."""
         self.failed_requests += 1
+        if generation is not None and generation != self.generation:
+            return
         if self._state is BreakerState.HALF_OPEN:
             self._probes = max(0, self._probes - 1)
             self._open(now)
@@ -112,9 +123,11 @@ class CircuitBreaker:
         ):
             self._open(now)
 
-    def record_ignored(self) -> None:
+    def record_ignored(self, generation: int | None = None) -> None:
         """An admitted request ended without saying anything about the node
         (e.g. the caller cancelled it): release its half-open probe slot."""
+        if generation is not None and generation != self.generation:
+            return
         if self._state is BreakerState.HALF_OPEN:
             self._probes = max(0, self._probes - 1)
 
@@ -128,6 +141,7 @@ class CircuitBreaker:
         self._move(BreakerState.OPEN, now)
 
     def _move(self, state: BreakerState, now: float) -> None:
+        self.generation += 1
         self._state = state
         self._consecutive_failures = 0
         self._half_open_successes = 0

@@ -231,3 +231,21 @@ def test_retry_budget_window_slides():
     assert [budget.try_retry(0.0) for _ in range(3)] == [True, True, False]
     assert not budget.try_retry(3.9)
     assert budget.try_retry(4.0)  # the retries of second 0 left the window
+
+
+def test_stale_records_do_not_steer_a_newer_state():
+    """A request admitted while CLOSED that ends after the breaker went
+    HALF_OPEN neither frees a probe slot nor counts towards closing."""
+    breaker = CircuitBreaker(
+        BreakerSettings(failure_threshold=1, success_threshold=1, open_timeout=5)
+    )
+    assert breaker.allow(0)
+    old = breaker.generation
+    assert breaker.allow(0)
+    breaker.record_failure(0, breaker.generation)  # opens
+    assert breaker.state(5) is BreakerState.HALF_OPEN
+    assert breaker.allow(5)  # the one probe
+    breaker.record_success(5, old)  # the stale request from before
+    assert breaker.state(5) is BreakerState.HALF_OPEN
+    assert not breaker.allow(5)  # its probe slot wasn't freed by the stale record
+    assert breaker.successful_requests == 1  # still counted in the metrics
