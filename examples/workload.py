@@ -1,9 +1,17 @@
-"""The driver's main job on a running cluster: a real workload and a report.
+"""The driver's main job on a running cluster: a real workload, faults, and a report.
 
-Creates a table, inserts 1000 rows from 10 concurrent tasks, reads them back
-and checks every one, runs an atomic batch and a failing one, then prints
-latencies and how the nodes saw the traffic. Exits non-zero if any check
-fails.
+1. Create a table, insert 1000 rows from 10 concurrent tasks, read every row
+   back and check it; an atomic batch and a failing one.
+2. Kill one node mid-way through a read/write workload (SIGKILL when the
+   cluster was started by scripts/start-test-cluster.sh, else a simulated
+   outage through the fault controls), restart it, and show the driver
+   routing around it and picking it up again.
+3. Make one node fail requests: retries absorb the failures and its circuit
+   breaker opens, half-opens and closes.
+4. Lose the replies of committed writes: keyed retries make them apply
+   exactly once (the nodes count the deduplicated writes).
+
+Exits non-zero if any check fails.
 
     TEST_SERVER_PORTS=7000,7001,7002 python examples/workload.py
 """
@@ -12,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -23,183 +33,345 @@ import qdb_client
 from qdb_client.testing import open_node_control
 
 DEFAULT_PORTS = os.environ.get("TEST_SERVER_PORTS", "7000,7001,7002")
+ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 10
 ROWS_PER_WORKER = 100
+
+#: Client settings tuned so the demo's faults play out in seconds.
+DEMO_OPTIONS: dict[str, Any] = dict(
+    heartbeat_interval=1.0,
+    ping_timeout=0.5,
+    reconnect_initial=0.3,
+    reconnect_max=1.0,
+    breaker_open_timeout=1.5,
+    slow_start=1.0,
+    request_timeout=5.0,
+)
 
 
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
 
 
-class Phase:
-    """Timing of one step of the workload."""
+class Report:
+    """Checks and timings collected along the way."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.latencies: list[float] = []
-        self.elapsed = 0.0
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+        self.phases: list[tuple[str, list[float], float]] = []
 
-    def row(self) -> str:
-        lat = self.latencies
-        p50 = f"{percentile(lat, 0.50) * 1e3:8.2f}" if lat else "       -"
-        p99 = f"{percentile(lat, 0.99) * 1e3:8.2f}" if lat else "       -"
-        rate = f"{len(lat) / self.elapsed:9.0f}" if lat and self.elapsed else "        -"
-        return f"  {self.name:<28} {len(lat):>6} {self.elapsed * 1e3:9.1f} {p50} {p99} {rate}"
+    def check(self, condition: bool, what: str) -> None:
+        print(f"  [{'ok' if condition else 'FAILED'}] {what}")
+        if not condition:
+            self.failures.append(what)
+
+    def phase(self, name: str, latencies: list[float], elapsed: float) -> None:
+        self.phases.append((name, latencies, elapsed))
 
 
-async def timed(phase: Phase, call: Any) -> Any:
+def requests_per_node(client: qdb_client.Client) -> dict[str, int]:
+    return {n["address"]: n["requests_sent"] for n in client.statistics()["nodes"]}
+
+
+def diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {node: after[node] - before.get(node, 0) for node in after}
+
+
+def show_spread(title: str, counts: dict[str, int]) -> None:
+    total = sum(counts.values()) or 1
+    cells = "  ".join(f"{node}: {n:>5} ({n * 100 / total:4.1f}%)" for node, n in counts.items())
+    print(f"  {title:<22} {cells}")
+
+
+# ------------------------------------------------------------------ phase 1
+
+
+async def basic_workload(client: qdb_client.Client, report: Report) -> None:
+    print("\n1. Basic workload: 1000 inserts from 10 tasks, read back, batches")
+    await client.execute("DROP TABLE IF EXISTS demo_items")
+    await client.execute(
+        "CREATE TABLE demo_items (id INTEGER PRIMARY KEY, worker INTEGER NOT NULL,"
+        " seq INTEGER NOT NULL, payload TEXT NOT NULL, UNIQUE (worker, seq))"
+    )
+    latencies: list[float] = []
+    before = requests_per_node(client)
+
+    async def writer(worker: int) -> None:
+        for seq in range(ROWS_PER_WORKER):
+            started = time.perf_counter()
+            await client.execute(
+                "INSERT INTO demo_items (worker, seq, payload) VALUES (?, ?, ?)",
+                [worker, seq, f"w{worker}-s{seq}"],
+            )
+            latencies.append(time.perf_counter() - started)
+
     started = time.perf_counter()
-    result = await call
-    phase.latencies.append(time.perf_counter() - started)
-    return result
+    async with trio.open_nursery() as nursery:
+        for worker in range(WORKERS):
+            nursery.start_soon(writer, worker)
+    report.phase(f"insert ({WORKERS} tasks)", latencies, time.perf_counter() - started)
+    show_spread("inserts per node", diff(requests_per_node(client), before))
+
+    rows = await client.query("SELECT worker, seq, payload FROM demo_items ORDER BY worker, seq")
+    expected = [(w, s, f"w{w}-s{s}") for w in range(WORKERS) for s in range(ROWS_PER_WORKER)]
+    report.check(len(rows) == WORKERS * ROWS_PER_WORKER, f"{len(rows)} rows read back")
+    report.check([tuple(r) for r in rows] == expected, "every row has its exact payload")
+
+    applied = await client.batch(
+        [
+            ("UPDATE demo_items SET payload = payload || '!' WHERE worker = ?", [0]),
+            ("DELETE FROM demo_items WHERE worker = ? AND seq >= ?", [9, 50]),
+        ]
+    )
+    report.check(
+        [r.rows_affected for r in applied] == [100, 50],
+        f"atomic batch applied (rows affected {[r.rows_affected for r in applied]})",
+    )
+    try:
+        await client.batch(
+            [
+                ("DELETE FROM demo_items WHERE worker = ?", [1]),
+                ("INSERT INTO demo_items (worker, seq, payload) VALUES (?, ?, ?)", [2, 0, "dup"]),
+            ]
+        )
+        rejected = False
+    except qdb_client.ConstraintViolation:
+        rejected = True
+    left = (await client.query("SELECT count(*) FROM demo_items WHERE worker = 1")).scalar()
+    report.check(rejected and left == 100, "failing batch rolled back entirely")
+    try:
+        await client.query("SELECT * FROM no_such_table")
+        typed = False
+    except qdb_client.SqlError:
+        typed = True
+    report.check(typed, "bad SQL raised a typed SqlError")
+
+
+# ------------------------------------------------------------------ phase 2
+
+
+class Outage:
+    """Kill and restart one node: for real when we own its process, else simulated."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.port = address.rsplit(":", 1)[1]
+        state = os.environ.get("QDB_CLUSTER_DIR")
+        self.pidfile = Path(state) / f"node-{self.port}.pid" if state else None
+        self.real = self.pidfile is not None and self.pidfile.exists()
+        self._control: Any = None
+
+    async def begin(self) -> str:
+        if self.real:
+            assert self.pidfile is not None
+            os.kill(int(self.pidfile.read_text()), signal.SIGKILL)
+            return f"SIGKILL to the node process on port {self.port}"
+        self._control = open_node_control(self.address)
+        control = await self._control.__aenter__()
+        await control.refuse_connections(True)
+        await control.drop_connections()
+        return f"node on port {self.port} drops every connection and refuses new ones"
+
+    async def end(self) -> str:
+        if self.real:
+            await trio.run_process(
+                [str(ROOT / "scripts" / "start-test-cluster.sh")],
+                stdout=subprocess.DEVNULL,
+            )
+            return f"node on port {self.port} restarted"
+        await (await self._control.__aenter__()).refuse_connections(False)
+        await self._control.__aexit__(None, None, None)
+        return f"node on port {self.port} accepts connections again"
+
+
+async def node_outage(client: qdb_client.Client, victim: str, report: Report) -> None:
+    print(f"\n2. Node outage under load: {victim} goes away mid-way and comes back")
+    await client.execute("CREATE TABLE IF NOT EXISTS demo_events (id INTEGER PRIMARY KEY, n INT)")
+    await client.execute("DELETE FROM demo_events")
+    errors: list[BaseException] = []
+    writes = 0
+    reads = 0
+    stop = trio.Event()
+    timeline: list[str] = []
+    start = trio.current_time()
+
+    def mark(text: str) -> None:
+        timeline.append(f"    t={trio.current_time() - start:5.2f}s  {text}")
+
+    async def worker(index: int) -> None:
+        nonlocal writes, reads
+        n = 0
+        while not stop.is_set():
+            try:
+                if n % 4 == 0:
+                    await client.execute(
+                        "INSERT INTO demo_events (n) VALUES (?)", [index * 10**6 + n]
+                    )
+                    writes += 1
+                else:
+                    await client.query("SELECT count(*) FROM demo_events")
+                    reads += 1
+            except qdb_client.QdbError as exc:
+                errors.append(exc)
+            n += 1
+
+    async def watch_states() -> None:
+        last: dict[str, str] = {}
+        while not stop.is_set():
+            for node in client.statistics()["nodes"]:
+                if last.get(node["address"]) != node["state"]:
+                    if node["address"] in last:
+                        mark(f"driver sees {node['address']} {node['state']}")
+                    last[node["address"]] = node["state"]
+            await trio.sleep(0.01)
+
+    outage = Outage(victim)
+    spans: dict[str, dict[str, int]] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_states)
+        for index in range(8):
+            nursery.start_soon(worker, index)
+        counts = requests_per_node(client)
+        await trio.sleep(1.5)
+        spans["before the outage"] = diff(requests_per_node(client), counts)
+        counts = requests_per_node(client)
+        mark(await outage.begin())
+        await trio.sleep(2.0)
+        spans["during the outage"] = diff(requests_per_node(client), counts)
+        mark(await outage.end())
+        with trio.move_on_after(10):
+            while not any(  # noqa: ASYNC110 - polling the statistics snapshot
+                n["address"] == victim and n["state"] == "UP" for n in client.statistics()["nodes"]
+            ):
+                await trio.sleep(0.05)
+        counts = requests_per_node(client)
+        await trio.sleep(2.0)
+        spans["after it is back"] = diff(requests_per_node(client), counts)
+        stop.set()
+
+    print("  timeline:")
+    print("\n".join(timeline))
+    for title, spread in spans.items():
+        show_spread(title, spread)
+    stored = (await client.query("SELECT count(*) FROM demo_events")).scalar()
+    report.check(
+        errors == [], f"{reads} reads and {writes} writes, none failed ({len(errors)} errors)"
+    )
+    report.check(stored == writes, f"every acknowledged write stored exactly once ({stored} rows)")
+    report.check(
+        spans["during the outage"][victim] <= 8, f"no traffic to {victim} while it was down"
+    )
+    report.check(spans["after it is back"][victim] > 0, f"traffic returned to {victim}")
+
+
+# ------------------------------------------------------------------ phase 3
+
+
+async def failing_node(client: qdb_client.Client, address: str, report: Report) -> None:
+    print(f"\n3. A failing node: {address} answers 503 UNAVAILABLE to its next requests")
+    async with open_node_control(address) as control:
+        await control.fail_next(6, code=503, methods=["query"])
+    before = client.statistics()
+    transitions_before = _transitions(before, address)
+    failures = 0
+    started = trio.current_time()
+    while trio.current_time() - started < 4.0:
+        try:
+            await client.query("SELECT 1")
+        except qdb_client.QdbError:
+            failures += 1
+        await trio.sleep(0.01)
+    after = client.statistics()
+    history = _transitions(after, address)[len(transitions_before) :]
+    print(f"  breaker of {address}: CLOSED -> {' -> '.join(history)}")
+    report.check(failures == 0, "the application saw no failure")
+    report.check(
+        after["retries"] > before["retries"],
+        f"{after['retries'] - before['retries']} retries absorbed them",
+    )
+    report.check(
+        history[:1] == ["OPEN"] and history[-1:] == ["CLOSED"],
+        "the breaker opened, half-opened after its timeout, and closed",
+    )
+
+
+def _transitions(stats: dict[str, Any], address: str) -> list[str]:
+    node = next(n for n in stats["nodes"] if n["address"] == address)
+    return list(node["breaker"]["transitions"])
+
+
+# ------------------------------------------------------------------ phase 4
+
+
+async def lost_replies(client: qdb_client.Client, hosts: list[str], report: Report) -> None:
+    print("\n4. Lost replies: each node drops the connection right after committing a write")
+    hits_before = await _node_counter(hosts, "idempotent_hits")
+    for address in hosts:
+        async with open_node_control(address) as control:
+            await control.drop_after_commit(1)
+    await client.execute("CREATE TABLE IF NOT EXISTS demo_once (id INTEGER PRIMARY KEY, v TEXT)")
+    await client.execute("DELETE FROM demo_once")
+    for i in range(9):
+        await client.execute("INSERT INTO demo_once (v) VALUES (?)", [f"value-{i}"])
+    rows = (await client.query("SELECT count(*) FROM demo_once")).scalar()
+    hits = await _node_counter(hosts, "idempotent_hits") - hits_before
+    report.check(rows == 9, f"9 writes acknowledged, {rows} rows stored")
+    report.check(hits == len(hosts), f"{hits} retried writes answered from the stored outcome")
+
+
+async def _node_counter(hosts: list[str], name: str) -> int:
+    total = 0
+    for address in hosts:
+        async with open_node_control(address) as control:
+            total += (await control.stats()).get(name, 0)
+    return total
+
+
+# --------------------------------------------------------------------- main
 
 
 async def run(hosts: list[str]) -> int:
-    failures: list[str] = []
-    phases: list[Phase] = []
-
-    def check(condition: bool, what: str) -> None:
-        print(f"  [{'ok' if condition else 'FAILED'}] {what}")
-        if not condition:
-            failures.append(what)
-
-    print(f"qdb_client {qdb_client.__version__}: workload against {', '.join(hosts)}\n")
-    async with qdb_client.open_client(hosts) as client:
-        setup = Phase("create table")
-        phases.append(setup)
-        started = time.perf_counter()
-        await timed(setup, client.execute("DROP TABLE IF EXISTS demo_items"))
-        await timed(
-            setup,
-            client.execute(
-                "CREATE TABLE demo_items (id INTEGER PRIMARY KEY, worker INTEGER NOT NULL,"
-                " seq INTEGER NOT NULL, payload TEXT NOT NULL, UNIQUE (worker, seq))"
-            ),
-        )
-        setup.elapsed = time.perf_counter() - started
-
-        inserts = Phase(f"insert ({WORKERS} tasks)")
-        phases.append(inserts)
-
-        async def writer(worker: int) -> None:
-            for seq in range(ROWS_PER_WORKER):
-                await timed(
-                    inserts,
-                    client.execute(
-                        "INSERT INTO demo_items (worker, seq, payload) VALUES (?, ?, ?)",
-                        [worker, seq, f"w{worker}-s{seq}"],
-                    ),
-                )
-
-        started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for worker in range(WORKERS):
-                nursery.start_soon(writer, worker)
-        inserts.elapsed = time.perf_counter() - started
-
-        reads = Phase("read back")
-        phases.append(reads)
-        started = time.perf_counter()
-        everything = await timed(
-            reads, client.query("SELECT worker, seq, payload FROM demo_items ORDER BY worker, seq")
-        )
-        per_worker = await timed(
-            reads, client.query("SELECT worker, count(*) AS n FROM demo_items GROUP BY worker")
-        )
-        reads.elapsed = time.perf_counter() - started
-
-        batches = Phase("batches")
-        phases.append(batches)
-        started = time.perf_counter()
-        ok_batch = await timed(
-            batches,
-            client.batch(
-                [
-                    ("UPDATE demo_items SET payload = payload || '!' WHERE worker = ?", [0]),
-                    ("DELETE FROM demo_items WHERE worker = ? AND seq >= ?", [9, 50]),
-                ]
-            ),
-        )
-        rejected = None
-        try:
-            await client.batch(
-                [
-                    ("DELETE FROM demo_items WHERE worker = ?", [1]),
-                    (
-                        "INSERT INTO demo_items (worker, seq, payload) VALUES (?, ?, ?)",
-                        [2, 0, "duplicate of an existing (worker, seq)"],
-                    ),
-                ]
-            )
-        except qdb_client.ConstraintViolation as exc:
-            rejected = exc
-        batches.elapsed = time.perf_counter() - started
-        after = await client.query("SELECT worker, count(*) AS n FROM demo_items GROUP BY worker")
-
-        try:
-            await client.query("SELECT * FROM no_such_table")
-            sql_error = None
-        except qdb_client.SqlError as exc:
-            sql_error = exc
-        rtt = await client.ping()
-
-        print("Checks")
-        expected = [(w, s, f"w{w}-s{s}") for w in range(WORKERS) for s in range(ROWS_PER_WORKER)]
-        check(len(everything) == WORKERS * ROWS_PER_WORKER, f"{len(everything)} rows read back")
-        check([tuple(row) for row in everything] == expected, "every row has its exact payload")
-        check(
-            {row["worker"]: row["n"] for row in per_worker} == dict.fromkeys(range(WORKERS), 100),
-            "100 rows per worker",
-        )
-        check(
-            [r.rows_affected for r in ok_batch] == [100, 50],
-            f"atomic batch applied (rows affected {[r.rows_affected for r in ok_batch]})",
-        )
-        counts_after = {row["worker"]: row["n"] for row in after}
-        check(
-            rejected is not None and counts_after.get(1) == 100,
-            "failing batch rolled back entirely (worker 1 still has 100 rows)",
-        )
-        check(sql_error is not None and sql_error.code == 422, "bad SQL raised a typed SqlError")
-
+    report = Report()
+    print(f"qdb_client {qdb_client.__version__}: workload against {', '.join(hosts)}")
+    for address in hosts:
+        async with open_node_control(address) as control:
+            await control.reset()
+    async with qdb_client.open_client(hosts, **DEMO_OPTIONS) as client:
+        await basic_workload(client, report)
+        if len(hosts) > 1:
+            await node_outage(client, hosts[-1], report)
+            await failing_node(client, hosts[0], report)
+        await lost_replies(client, hosts, report)
         stats = client.statistics()
 
     print("\nLatency (ms)")
-    print(f"  {'phase':<28} {'calls':>6} {'total':>9} {'p50':>8} {'p99':>8} {'calls/s':>9}")
-    for phase in phases:
-        print(phase.row())
-    mean = statistics.fmean(inserts.latencies) * 1e3
-    print(f"  insert mean {mean:.2f} ms; PING round trip {rtt * 1e3:.2f} ms")
-
-    print("\nClient")
-    conn = stats["connection"] or {}
-    print(
-        f"  requests {stats['requests']}, failures {stats['failures']} (expected 2: the"
-        f" rejected batch and the bad query), connection to {conn.get('address')}"
-        f" ({conn.get('node_id')}), late replies dropped {conn.get('late_replies_dropped')}"
-    )
-
-    print("\nNodes (as each node counts them)")
-    header = ("node", "connections", "execute", "query", "batch", "errors")
-    print("  {:<18} {:>11} {:>8} {:>6} {:>6} {:>7}".format(*header))
-    for address in hosts:
-        try:
-            async with open_node_control(address) as control:
-                node = await control.stats()
-        except qdb_client.QdbError as exc:
-            print(f"  {address:<18} unreachable: {exc}")
-            continue
-        by_method = node.get("requests_by_method", {})
+    for name, latencies, elapsed in report.phases:
+        p50, p99 = (percentile(latencies, q) * 1e3 for q in (0.5, 0.99))
         print(
-            f"  {address:<18} {node.get('connections_accepted', 0):>11}"
-            f" {by_method.get('execute', 0):>8} {by_method.get('query', 0):>6}"
-            f" {by_method.get('batch', 0):>6} {sum(node.get('errors_sent', {}).values()):>7}"
+            f"  {name:<22} {len(latencies):>5} calls in {elapsed:6.2f} s"
+            f"  p50 {p50:6.2f}  p99 {p99:6.2f}  ({len(latencies) / elapsed:.0f} calls/s)"
         )
+    print("\nDriver totals")
+    print(
+        f"  calls {stats['calls']}, attempts {stats['attempts']}, retries {stats['retries']},"
+        f" errors raised to the application {stats['failures']} (2 expected: the"
+        " rolled-back batch and the bad SQL),"
+        f" outcome unknown {stats['outcome_unknown']}"
+    )
+    for node in stats["nodes"]:
+        breaker = node["breaker"]
+        print(
+            f"  {node['address']:<16} {node['state']:<7} requests {node['requests_sent']:>5}"
+            f"  failures {node['failures']:>3}  breaker {breaker['current_state']}"
+            f" ({len(breaker['transitions'])} transitions)"
+        )
+    dedup = await _node_counter(hosts, "idempotent_hits")
+    print(f"  deduplicated writes (node side): {dedup}")
 
     print()
-    if failures:
-        print(f"FAILED: {len(failures)} check(s): {failures}")
+    if report.failures:
+        print(f"FAILED: {len(report.failures)} check(s): {report.failures}")
         return 1
     print("All checks passed.")
     return 0
