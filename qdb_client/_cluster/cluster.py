@@ -102,8 +102,14 @@ class Cluster:
 
     # ------------------------------------------------------------ registry
 
-    def add_node(self, address: str, node_id: str | None = None) -> Node:
-        """Register a node and start its pool maintenance and health monitor."""
+    def add_node(
+        self, address: str, node_id: str | None = None, *, configured: bool = False
+    ) -> Node:
+        """Register a node and start its pool maintenance and health monitor.
+
+        ``configured``: named in the client's hosts (kept over an alias
+        learnt from a member list when both turn out to be one node).
+        """
         existing = self._by_address.get(address)
         if existing is not None:
             return existing
@@ -119,6 +125,7 @@ class Cluster:
         )
         node = listener.node = Node(address, pool, node_id=node_id, breaker=self.settings.breaker)
         node.changed_at = trio.current_time()
+        node.configured = configured
         monitor = HealthMonitor(
             node,
             self.settings.health,
@@ -130,10 +137,27 @@ class Cluster:
         self._by_address[address] = node
         self._monitors[address] = monitor
         self._live = None
-        self._nursery.start_soon(pool.maintain)
-        self._nursery.start_soon(monitor.run)
+        self._nursery.start_soon(self._run_node, node, monitor)
         pool.warm()
         return node
+
+    async def _run_node(self, node: Node, monitor: HealthMonitor) -> None:
+        """A node's background tasks, in a scope ``_remove`` can cancel."""
+        with trio.CancelScope() as node.tasks:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(node.pool.maintain)
+                nursery.start_soon(monitor.run)
+
+    def _remove(self, node: Node, alias_of: Node) -> None:
+        """Forget ``node``: it is ``alias_of`` under another address."""
+        node.pool.disable(f"same node as {alias_of.address}")
+        if node.tasks is not None:
+            node.tasks.cancel()
+        self._nursery.start_soon(node.pool.aclose)
+        self.nodes.remove(node)
+        self._monitors.pop(node.address, None)
+        self._by_address[node.address] = alias_of
+        self._changed()
 
     def find(self, ref: str) -> Node:
         """The node with this address or node id."""
@@ -158,6 +182,14 @@ class Cluster:
         if welcome is None:
             return
         node.node_id = welcome.node_id
+        twin = next((n for n in self.nodes if n is not node and n.node_id == node.node_id), None)
+        if twin is not None:
+            # One node reached under two addresses (say localhost and
+            # 127.0.0.1): keep the configured one, else the older.
+            keep, drop = (node, twin) if node.configured and not twin.configured else (twin, node)
+            self._remove(drop, alias_of=keep)
+            if drop is node:
+                return
         if self.settings.discover_members:
             known_ids = {n.node_id for n in self.nodes if n.node_id is not None}
             for member in welcome.members:
@@ -180,7 +212,7 @@ class Cluster:
     async def start(self, hosts: Sequence[str]) -> None:
         """Register ``hosts`` and wait until one of them holds a connection."""
         for address in hosts:
-            self.add_node(address).pool.ensure_connection()
+            self.add_node(address, configured=True).pool.ensure_connection()
         with trio.move_on_after(self.settings.startup_timeout):
             while True:
                 if any(node.pool.state.connections for node in self.nodes):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+import trio
+
 from .._policies import BreakerSettings, CircuitBreaker
 from .._pool import NodePool
 
@@ -67,6 +69,10 @@ class Node:
         self.latency_ewma: float | None = None
         self.requests_sent = 0
         self.failures = 0
+        #: Named in the client's hosts (rather than learnt from a member list).
+        self.configured = False
+        #: Cancel scope of the node's background tasks (set once they run).
+        self.tasks: trio.CancelScope | None = None
 
     @property
     def in_flight(self) -> int:

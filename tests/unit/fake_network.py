@@ -34,9 +34,14 @@ class FakeNetwork:
         self.muted: set[str] = set()
         #: Cluster members every node announces in WELCOME.
         self.members: tuple[Member, ...] = ()
+        #: Node id per address (default ``fake-<address>``), to model aliases.
+        self.node_ids: dict[str, str] = {}
+        #: Seconds an address takes to accept a connection.
+        self.connect_delay: dict[str, float] = {}
 
     def nodes_at(self, address: str) -> list[FakeNode]:
-        return [n for n in self.nodes if n.node_id == f"fake-{address}"]
+        node_id = self.node_ids.get(address, f"fake-{address}")
+        return [n for n in self.nodes if n.node_id == node_id]
 
     async def kill(self, address: str) -> None:
         """Refuse new connections and drop the open ones, like a killed process."""
@@ -53,8 +58,11 @@ class FakeNetwork:
             raise ConnectError(f"cannot connect to {address}: refused", node=address)
         if handler == "hang":
             await trio.sleep_forever()
+        if address in self.connect_delay:
+            await trio.sleep(self.connect_delay[address])
         client_end, node_end = stream_pair()
-        node = FakeNode(node_end, node_id=f"fake-{address}", members=self.members)
+        node_id = self.node_ids.get(address, f"fake-{address}")
+        node = FakeNode(node_end, node_id=node_id, members=self.members)
         self.nodes.append(node)
         self.nursery.start_soon(_serve, self, address, node, handler)
         return client_end

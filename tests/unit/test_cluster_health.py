@@ -202,3 +202,23 @@ async def test_closing_the_client_closes_every_connection_and_task(network, auto
         # Every scripted node saw its connection end.
         assert len(network.nodes) >= 4 and all(node.finished for node in network.nodes)
         outer.cancel_scope.cancel()
+
+
+async def test_one_node_under_two_addresses_is_counted_once(network, autojump_clock):
+    # "localhost:1" is configured; "a:1" is how the cluster announces the same
+    # node. b:2 answers first and announces a:1 before localhost:1 says who it is.
+    network.node_ids["localhost:1"] = network.node_ids["a:1"] = "node-a"
+    network.members = (Member("node-a", "a:1"), Member("fake-b:2", "b:2"))
+    network.connect_delay["localhost:1"] = 0.5
+    for address in ("localhost:1", "a:1", "b:2"):
+        network.handlers[address] = echo
+    async with qdb_client.open_client(["localhost:1", "b:2"], **EXACT) as client:
+        await trio.sleep(1.0)
+        assert "a:1" in network.connects  # the alias was added, then merged away
+        assert sorted(states(client)) == ["b:2", "localhost:1"]
+        for _ in range(10):
+            await client._call("query", {}, None, read_only=True)
+        counts = {n["address"]: n["requests_sent"] for n in client.statistics()["nodes"]}
+        assert counts == {"localhost:1": 5, "b:2": 5}
+        client.mark_node_unhealthy("a:1")  # the alias still names the node
+        assert states(client)["localhost:1"] == "DOWN"
