@@ -376,6 +376,8 @@ def _statement_args(sql: str, params: Params) -> dict[str, Any]:
     args: dict[str, Any] = {"sql": sql}
     if params is not None:
         if isinstance(params, Mapping):
+            if not all(isinstance(name, str) for name in params):
+                raise InvalidArgument("named parameters must have str names")
             args["params"] = dict(params)
         elif isinstance(params, Sequence) and not isinstance(params, (str, bytes, bytearray)):
             args["params"] = list(params)

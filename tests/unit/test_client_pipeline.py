@@ -151,6 +151,8 @@ async def test_bad_arguments_are_typed_errors(network):
             await client.batch("SELECT 1")  # a string is not a list of statements
         with pytest.raises(InvalidArgument):
             await client.batch(5)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="str names"):
+            await client.query("select :a", {1: "x"})  # type: ignore[dict-item]
         with pytest.raises(InvalidArgument):
             client.mark_node_unhealthy([])  # type: ignore[arg-type]
         with trio.testing.assert_checkpoints(), pytest.raises(InvalidArgument):
