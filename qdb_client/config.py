@@ -12,54 +12,11 @@ from typing import Any
 
 import attrs
 
+from ._validation import boolean, int_in, parse_address, positive_seconds, text
 from .errors import ConfigError
 from .protocol.frames import HEADER_SIZE
 
 __all__ = ["LOAD_BALANCING", "ClientConfig", "Credentials", "parse_address"]
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """Split ``"host:port"`` (or ``"[v6]:port"``) into host and port, or raise ConfigError."""
-    if not isinstance(address, str):
-        raise ConfigError(f"address must be a 'host:port' string, not {type(address).__name__}")
-    host, sep, port_text = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit():
-        raise ConfigError(f"address {address!r} is not of the form 'host:port'")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ConfigError(f"address {address!r} has port {port}, outside 1..65535")
-    return host, port
-
-
-def _positive_seconds(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{attribute.name} must be a number of seconds, not {value!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(
-            f"{attribute.name} must be a positive finite number of seconds, not {value!r}"
-        )
-
-
-def _int_in(low: int, high: int) -> Any:
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{attribute.name} must be an integer, not {value!r}")
-        if not low <= value <= high:
-            raise ConfigError(f"{attribute.name} must be within {low}..{high}, not {value}")
-
-    return check
-
-
-def _text(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{attribute.name} must be a non-empty string, not {value!r}")
-
-
-def _boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{attribute.name} must be True or False, not {value!r}")
 
 
 #: Names accepted by ``retry_jitter``.
@@ -94,7 +51,7 @@ def _hosts(value: Any) -> tuple[str, ...]:
 class Credentials:
     """User name and password sent in the handshake."""
 
-    user: str = attrs.field(validator=_text)
+    user: str = attrs.field(validator=text)
     password: str = attrs.field(repr=False, validator=attrs.validators.instance_of(str))
 
 
@@ -116,55 +73,55 @@ class ClientConfig:
 
     hosts: tuple[str, ...] = attrs.field(converter=_hosts)
     # Connections
-    connect_timeout: float = attrs.field(default=5.0, validator=_positive_seconds)
-    request_timeout: float = attrs.field(default=5.0, validator=_positive_seconds)
-    max_frame_size: int = attrs.field(default=1024 * 1024, validator=_int_in(4096, 2**31 - 1))
-    max_in_flight: int = attrs.field(default=256, validator=_int_in(1, 65536))
-    close_timeout: float = attrs.field(default=2.0, validator=_positive_seconds)
+    connect_timeout: float = attrs.field(default=5.0, validator=positive_seconds)
+    request_timeout: float = attrs.field(default=5.0, validator=positive_seconds)
+    max_frame_size: int = attrs.field(default=1024 * 1024, validator=int_in(4096, 2**31 - 1))
+    max_in_flight: int = attrs.field(default=256, validator=int_in(1, 65536))
+    close_timeout: float = attrs.field(default=2.0, validator=positive_seconds)
     credentials: Credentials | None = attrs.field(default=None, converter=_credentials)
-    client_name: str = attrs.field(default="qdb_client", validator=_text)
+    client_name: str = attrs.field(default="qdb_client", validator=text)
     # Per-node pools
-    min_connections: int = attrs.field(default=1, validator=_int_in(0, 1000))
-    max_connections: int = attrs.field(default=8, validator=_int_in(1, 1000))
-    max_connecting: int = attrs.field(default=2, validator=_int_in(1, 100))
-    idle_timeout: float = attrs.field(default=60.0, validator=_positive_seconds)
-    max_lifetime: float = attrs.field(default=1800.0, validator=_positive_seconds)
-    pool_acquire_timeout: float = attrs.field(default=5.0, validator=_positive_seconds)
-    max_waiters: int = attrs.field(default=1000, validator=_int_in(0, 10**6))
+    min_connections: int = attrs.field(default=1, validator=int_in(0, 1000))
+    max_connections: int = attrs.field(default=8, validator=int_in(1, 1000))
+    max_connecting: int = attrs.field(default=2, validator=int_in(1, 100))
+    idle_timeout: float = attrs.field(default=60.0, validator=positive_seconds)
+    max_lifetime: float = attrs.field(default=1800.0, validator=positive_seconds)
+    pool_acquire_timeout: float = attrs.field(default=5.0, validator=positive_seconds)
+    max_waiters: int = attrs.field(default=1000, validator=int_in(0, 10**6))
     # Health checks and reconnection
-    heartbeat_interval: float = attrs.field(default=5.0, validator=_positive_seconds)
-    ping_timeout: float = attrs.field(default=2.0, validator=_positive_seconds)
-    failures_to_down: int = attrs.field(default=3, validator=_int_in(1, 100))
-    suspect_interval: float = attrs.field(default=0.5, validator=_positive_seconds)
-    reconnect_initial: float = attrs.field(default=1.0, validator=_positive_seconds)
-    reconnect_max: float = attrs.field(default=30.0, validator=_positive_seconds)
+    heartbeat_interval: float = attrs.field(default=5.0, validator=positive_seconds)
+    ping_timeout: float = attrs.field(default=2.0, validator=positive_seconds)
+    failures_to_down: int = attrs.field(default=3, validator=int_in(1, 100))
+    suspect_interval: float = attrs.field(default=0.5, validator=positive_seconds)
+    reconnect_initial: float = attrs.field(default=1.0, validator=positive_seconds)
+    reconnect_max: float = attrs.field(default=30.0, validator=positive_seconds)
     reconnect_multiplier: float = attrs.field(default=1.6)
     reconnect_jitter: float = attrs.field(default=0.2)
     # Node selection
-    node_selection_timeout: float = attrs.field(default=2.0, validator=_positive_seconds)
+    node_selection_timeout: float = attrs.field(default=2.0, validator=positive_seconds)
     load_balancing: str = attrs.field(default="round_robin")
     slow_start: float = attrs.field(default=5.0)
-    discover_members: bool = attrs.field(default=True, validator=_boolean)
+    discover_members: bool = attrs.field(default=True, validator=boolean)
     random_seed: int | None = attrs.field(default=None)
     # Retries
-    max_retries: int = attrs.field(default=3, validator=_int_in(0, 100))
-    retry_initial_backoff: float = attrs.field(default=0.1, validator=_positive_seconds)
-    retry_max_backoff: float = attrs.field(default=5.0, validator=_positive_seconds)
+    max_retries: int = attrs.field(default=3, validator=int_in(0, 100))
+    retry_initial_backoff: float = attrs.field(default=0.1, validator=positive_seconds)
+    retry_max_backoff: float = attrs.field(default=5.0, validator=positive_seconds)
     retry_multiplier: float = attrs.field(default=2.0)
     retry_jitter: str = attrs.field(default="proportional")
     retry_jitter_factor: float = attrs.field(default=0.1)
-    min_attempt_time: float = attrs.field(default=0.01, validator=_positive_seconds)
+    min_attempt_time: float = attrs.field(default=0.01, validator=positive_seconds)
     retry_budget_ratio: float = attrs.field(default=0.2)
     retry_budget_min_per_second: float = attrs.field(default=10.0)
-    retry_budget_window: float = attrs.field(default=10.0, validator=_positive_seconds)
-    idempotency_keys: bool = attrs.field(default=True, validator=_boolean)
+    retry_budget_window: float = attrs.field(default=10.0, validator=positive_seconds)
+    idempotency_keys: bool = attrs.field(default=True, validator=boolean)
     # Circuit breakers (per node)
-    breaker_failure_threshold: int = attrs.field(default=5, validator=_int_in(1, 10**6))
-    breaker_success_threshold: int = attrs.field(default=2, validator=_int_in(1, 10**6))
-    breaker_open_timeout: float = attrs.field(default=30.0, validator=_positive_seconds)
-    breaker_half_open_probes: int = attrs.field(default=1, validator=_int_in(1, 10**6))
+    breaker_failure_threshold: int = attrs.field(default=5, validator=int_in(1, 10**6))
+    breaker_success_threshold: int = attrs.field(default=2, validator=int_in(1, 10**6))
+    breaker_open_timeout: float = attrs.field(default=30.0, validator=positive_seconds)
+    breaker_half_open_probes: int = attrs.field(default=1, validator=int_in(1, 10**6))
     # Bulkheads
-    max_concurrent_requests: int = attrs.field(default=10_000, validator=_int_in(1, 10**7))
+    max_concurrent_requests: int = attrs.field(default=10_000, validator=int_in(1, 10**7))
 
     def __attrs_post_init__(self) -> None:
         if self.min_connections > self.max_connections:

@@ -6,13 +6,13 @@ Every value is validated when the config is built; a bad value raises
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 
+from .._validation import boolean, int_in, parse_address, positive_seconds, text
 from ..errors import ConfigError
 
 __all__ = [
@@ -30,21 +30,6 @@ DEFAULT_SERVER_NAME = "qdb-test-node/0.1"
 MIN_FRAME_SIZE = 1024
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """Split ``"host:port"`` (or ``"[v6]:port"``) into host and port; ConfigError if malformed."""
-    if not isinstance(address, str):
-        raise ConfigError(f"address must be text 'host:port', not {type(address).__name__}")
-    host, sep, port_text = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit():
-        raise ConfigError(f"address {address!r} is not of the form 'host:port'")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ConfigError(f"address {address!r}: port must be 1..65535")
-    return host, port
-
-
 def format_address(host: str, port: int) -> str:
     """Inverse of :func:`parse_address` (brackets an IPv6 host)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -58,36 +43,9 @@ def peer_node_id(address: str) -> str:
 # ------------------------------------------------------------------ validators
 
 
-def _positive_number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{attribute.name} must be a number of seconds, not {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{attribute.name} must be a positive finite number, not {value!r}")
-
-
-def _int_range(low: int, high: int):
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{attribute.name} must be an integer, not {value!r}")
-        if not low <= value <= high:
-            raise ConfigError(f"{attribute.name} must be in {low}..{high}, not {value}")
-
-    return check
-
-
-def _text(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{attribute.name} must be non-empty text, not {value!r}")
-
-
 def _optional_text(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is not None:
-        _text(instance, attribute, value)
-
-
-def _bool(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{attribute.name} must be True or False, not {value!r}")
+        text(instance, attribute, value)
 
 
 def _to_peers(value: Any) -> tuple[str, ...]:
@@ -143,26 +101,26 @@ class ServerConfig:
     idempotency key is kept for replay.
     """
 
-    host: str = attrs.field(default="127.0.0.1", validator=_text)
-    port: int = attrs.field(default=0, validator=_int_range(0, 65535))
+    host: str = attrs.field(default="127.0.0.1", validator=text)
+    port: int = attrs.field(default=0, validator=int_in(0, 65535))
     node_id: str | None = attrs.field(default=None, validator=_optional_text)
     database: str | None = attrs.field(default=None, converter=_to_path)
     peers: tuple[str, ...] = attrs.field(default=(), converter=_to_peers)
     peers_file: str | None = attrs.field(default=None, converter=_to_path)
-    client_idle_timeout: float = attrs.field(default=30.0, validator=_positive_number)
-    max_connections: int = attrs.field(default=1000, validator=_int_range(1, 1_000_000))
-    request_timeout: float = attrs.field(default=5.0, validator=_positive_number)
+    client_idle_timeout: float = attrs.field(default=30.0, validator=positive_seconds)
+    max_connections: int = attrs.field(default=1000, validator=int_in(1, 1_000_000))
+    request_timeout: float = attrs.field(default=5.0, validator=positive_seconds)
     max_frame_size: int = attrs.field(
-        default=1024 * 1024, validator=_int_range(MIN_FRAME_SIZE, 2**32 - 1)
+        default=1024 * 1024, validator=int_in(MIN_FRAME_SIZE, 2**32 - 1)
     )
-    max_in_flight: int = attrs.field(default=256, validator=_int_range(1, 1_000_000))
-    test_mode: bool = attrs.field(default=False, validator=_bool)
+    max_in_flight: int = attrs.field(default=256, validator=int_in(1, 1_000_000))
+    test_mode: bool = attrs.field(default=False, validator=boolean)
     credentials: Mapping[str, str] | None = attrs.field(
         default=None, converter=_to_credentials, eq=False, repr=False
     )
-    sqlite_pool_size: int = attrs.field(default=4, validator=_int_range(1, 64))
-    idempotency_ttl: float = attrs.field(default=3600.0, validator=_positive_number)
-    server_name: str = attrs.field(default=DEFAULT_SERVER_NAME, validator=_text)
+    sqlite_pool_size: int = attrs.field(default=4, validator=int_in(1, 64))
+    idempotency_ttl: float = attrs.field(default=3600.0, validator=positive_seconds)
+    server_name: str = attrs.field(default=DEFAULT_SERVER_NAME, validator=text)
 
     def evolve(self, **changes: Any) -> ServerConfig:
         """A copy with ``changes`` applied (and validated)."""
