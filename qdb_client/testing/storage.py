@@ -331,9 +331,7 @@ class Storage:
                 )
                 connections.append(conn)
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            connections[0].execute("PRAGMA journal_mode = WAL")
-            for statement in SCHEMA:
-                connections[0].execute(statement)
+            _initialise(connections[0])
         except BaseException:
             for conn in connections:
                 conn.close()
@@ -464,3 +462,23 @@ class Storage:
         if failure is None:
             raise value
         raise failure from value
+
+
+def _initialise(conn: sqlite3.Connection, *, patience: float = 10.0) -> None:
+    """Switch the file to WAL and create the schema, retrying while locked.
+
+    Nodes of a cluster start together on one new file; switching the journal
+    mode needs the file to itself and SQLite may answer "database is locked"
+    at once instead of waiting, so the first nodes retry for a while.
+    """
+    give_up = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            for statement in SCHEMA:
+                conn.execute(statement)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > give_up:
+                raise
+            time.sleep(0.02)
