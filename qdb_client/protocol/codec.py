@@ -39,18 +39,21 @@ def _check_depth(value: Any) -> None:
     cbor2 recurses in C: a few thousand levels overflow the C stack and kill
     the process, and no receiver would accept more than MAX_DEPTH anyway.
     Walks level by level with C-level iteration, so a result of many flat
-    rows costs little.
+    rows, or a small request, costs little.
     """
     level: list[Any] = [value]
     for depth in range(MAX_DEPTH + 1):
         kinds = set(map(type, level))
-        if not any(issubclass(kind, _CONTAINERS) for kind in kinds):
+        if kinds <= _SCALARS:
             return
-        if depth == MAX_DEPTH:
+        exotic = kinds - _SCALARS - _CONTAINER_TYPES
+        if exotic and not any(issubclass(kind, _CONTAINERS) for kind in exotic):
+            exotic = set()  # unknown leaf types: cbor2 will judge them
+        if depth == MAX_DEPTH and (kinds & _CONTAINER_TYPES or exotic):
             raise ValueNotEncodable(f"value nested deeper than {MAX_DEPTH} levels")
-        if not all(issubclass(kind, _CONTAINERS) for kind in kinds):
+        if not kinds <= _CONTAINER_TYPES:
             level = [item for item in level if isinstance(item, _CONTAINERS)]
-        if any(issubclass(kind, dict) for kind in kinds):
+        if dict in kinds or any(issubclass(kind, dict) for kind in exotic):
             level = list(
                 chain.from_iterable(c.values() if isinstance(c, dict) else c for c in level)
             )
@@ -59,6 +62,8 @@ def _check_depth(value: Any) -> None:
 
 
 _CONTAINERS = (dict, list, tuple)
+_CONTAINER_TYPES = frozenset(_CONTAINERS)
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
 
 
 def encode_body(value: Any) -> bytes:
