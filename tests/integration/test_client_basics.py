@@ -90,7 +90,7 @@ async def test_capacity_exceeded_leaves_existing_connections_working(tmp_path):
         async with qdb_client.open_client(node.address, **options) as first:
             with pytest.raises(NoAvailableNode) as info:
                 async with qdb_client.open_client(node.address, **options):
-                    pass
+                    pytest.fail("a second client must not get a connection")
             assert isinstance(info.value.errors[node.address], CapacityExceeded)
             assert (await first.query("SELECT 41 + 1")).scalar() == 42
         assert node.statistics()["connections_refused"] == 1

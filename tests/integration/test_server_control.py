@@ -121,7 +121,7 @@ async def test_refuse_connections_really_stops_listening(node: QdbNode, control:
             await trio.open_tcp_stream("127.0.0.1", node.port)
         with pytest.raises(ConnectError):
             async with open_node_control(node.address):
-                pass
+                pytest.fail("a control connection must not open")
         assert (await existing.call("ping"))["node_id"] == node.node_id
         await control.refuse_connections(False)
         async with raw_client(node.address) as fresh:
@@ -241,4 +241,4 @@ async def test_control_client_errors_are_qdb_errors(tmp_path):
             await control.aclose()
     with pytest.raises(ConnectError):
         async with open_node_control(address):
-            pass
+            pytest.fail("a control connection must not open")

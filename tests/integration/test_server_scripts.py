@@ -73,7 +73,7 @@ async def test_start_and_stop_scripts_manage_a_cluster(tmp_path):
     for port in ports:
         with pytest.raises(ConnectError):
             async with open_node_control(f"127.0.0.1:{port}"):
-                pass
+                pytest.fail("a control connection must not open")
     assert (await _run(STOP, env)).returncode == 0  # idempotent
 
 

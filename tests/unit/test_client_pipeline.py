@@ -47,7 +47,7 @@ async def test_connect_timeout_is_exact(network, autojump_clock):
     started = trio.current_time()
     with pytest.raises(NoAvailableNode) as info:
         async with qdb_client.open_client("a:1", connect_timeout=1.5):
-            pass
+            pytest.fail("no node accepted the connection")
     assert trio.current_time() - started == pytest.approx(1.5)
     assert isinstance(info.value.errors["a:1"], ConnectTimeout)
 
@@ -131,7 +131,8 @@ async def test_read_fails_over_to_another_node_when_connection_dies(network, aut
 async def test_use_after_close_is_client_closed(network):
     network.handlers["a:1"] = echo
     async with qdb_client.open_client("a:1") as client:
-        pass
+        assert not client.statistics()["closed"]
+    assert client.statistics()["closed"]
     with pytest.raises(ClientClosed):
         await client.query("select 1")
 

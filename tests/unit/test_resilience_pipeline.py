@@ -22,7 +22,7 @@ from qdb_client.errors import (
 )
 from qdb_client.protocol import ErrorCode, Request
 
-from .fake_network import FakeNetwork, echo
+from .fake_network import FakeNetwork, echo, never_answer
 from .fake_peer import FakeNode
 
 # No jitter: backoff delays exact. No slow start: plain round robin.
@@ -130,10 +130,7 @@ async def test_remaining_budget_shrinks_across_attempts(network, autojump_clock)
 
 
 async def test_write_without_key_whose_reply_is_lost_is_outcome_unknown(network, autojump_clock):
-    async def hang(node: FakeNode, request: Request) -> None:
-        pass
-
-    network.handlers["a:1"] = hang
+    network.handlers["a:1"] = never_answer
     async with qdb_client.open_client("a:1", request_timeout=1.0, **EXACT) as client:
         with pytest.raises(OutcomeUnknown) as info:
             await client.execute("insert into t values (1)", idempotency_key=False)
