@@ -24,6 +24,7 @@ from ._transport import PendingRequest
 from .errors import (
     Attempt,
     CircuitOpen,
+    ClientClosed,
     MessageError,
     OutcomeUnknown,
     PoolError,
@@ -129,7 +130,7 @@ class RequestPipeline:
                         )
                     )
                     if not decision.retry:
-                        raise self._final(method, error, attempts, safe, decision)
+                        raise self._final(method, error, attempts, safe, decision, current.sent)
                     self.counters.retries += 1
                     sent_before = sent_before or current.sent
                     previous_delay = decision.delay
@@ -273,14 +274,14 @@ class RequestPipeline:
         attempts: list[Attempt],
         safe: bool,
         decision: RetryDecision,
+        sent: bool,
     ) -> QdbError:
         self.counters.failures += 1
         history = tuple(attempts)
-        if (
-            not safe
-            and isinstance(error, (TransportError, MessageError))
-            and request_reached_node(error)
-        ):
+        lost_reply = (
+            isinstance(error, (TransportError, MessageError)) and request_reached_node(error)
+        ) or (isinstance(error, ClientClosed) and sent)  # closed while the write was out
+        if not safe and lost_reply:
             self.counters.outcome_unknown += 1
             unknown = OutcomeUnknown(
                 f"{method} reached {attempts[-1].node} but its reply was lost ({error});"
