@@ -263,3 +263,22 @@ async def test_client_bulkhead_refuses_over_the_cap(network, autojump_clock):
         with pytest.raises(BulkheadFull, match="max_concurrent_requests=3"):
             await client._call("query", {}, None, read_only=True)
         assert client.statistics()["bulkhead_rejections"] == 1
+
+
+async def test_closing_the_client_under_an_unkeyed_write_reports_an_unknown_outcome(network):
+    network.handlers["a:1"] = never_answer
+    outcomes: list[BaseException] = []
+    async with qdb_client.open_client("a:1", **EXACT) as client:
+
+        async def write() -> None:
+            try:
+                await client.execute("insert into t values (1)", idempotency_key=False)
+            except qdb_client.QdbError as exc:
+                outcomes.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()
+            await client.aclose()  # inside the block: the block itself goes on
+        assert client.statistics()["closed"]
+    assert len(outcomes) == 1 and isinstance(outcomes[0], OutcomeUnknown)
