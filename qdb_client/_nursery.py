@@ -49,7 +49,7 @@ async def owned_nursery(
                 finally:
                     background.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        if raised is None or len(group.exceptions) != 1 or group.exceptions[0] is not raised:
+        if raised is None or not _only(group, raised):
             raise
         unwrapped = raised
     if unwrapped is not None:
@@ -57,7 +57,28 @@ async def owned_nursery(
         raise unwrapped
 
 
+def _only(group: BaseExceptionGroup, raised: BaseException) -> bool:
+    """Whether ``group`` carries nothing but the block's own ``raised``.
+
+    trio re-derives a group the block raised, so that case compares contents.
+    """
+    if len(group.exceptions) != 1:
+        return False
+    inner = group.exceptions[0]
+    if inner is raised:
+        return True
+    return (
+        isinstance(raised, BaseExceptionGroup)
+        and isinstance(inner, BaseExceptionGroup)
+        and list(inner.exceptions) == list(raised.exceptions)
+    )
+
+
 async def _host(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    async with trio.open_nursery() as nursery:
-        task_status.started(nursery)
-        await trio.sleep_forever()
+    # Shielded: an outside cancellation reaches the block, whose exit then
+    # cancels this nursery itself; so the tasks' own Cancelled never joins
+    # (and nests) the exception the block propagates.
+    with trio.CancelScope(shield=True):
+        async with trio.open_nursery() as nursery:
+            task_status.started(nursery)
+            await trio.sleep_forever()

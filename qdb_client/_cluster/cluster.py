@@ -65,14 +65,21 @@ class _NodeListener(PoolListener):
         self.cluster._on_opened(self.node, connection)
 
     def open_failed(self, pool: NodePool, error: QdbError) -> None:
-        self.cluster._monitors[self.node.address].connect_failed(f"connect failed: {error}")
+        monitor = self.cluster._monitors.get(self.node.address)
+        if monitor is None:
+            return  # the node was merged into another one meanwhile
+        if pool.any_connection() is not None:
+            # The node works over the connections it has; it only refused
+            # one more (e.g. CAPACITY_EXCEEDED). Not a reason to call it DOWN.
+            return
+        monitor.connect_failed(f"connect failed: {error}")
         self.cluster._changed()
 
     def connection_failed(self, pool: NodePool, connection: Connection) -> None:
-        self.cluster._monitors[self.node.address].connection_failed(
-            f"connection lost: {connection.error}"
-        )
-        self.cluster._changed()
+        monitor = self.cluster._monitors.get(self.node.address)
+        if monitor is not None:
+            monitor.connection_failed(f"connection lost: {connection.error}")
+            self.cluster._changed()
 
 
 class Cluster:
@@ -99,6 +106,8 @@ class Cluster:
         self._closed = False
         #: Cached ``candidates()`` without exclusions; None when stale.
         self._live: list[Node] | None = None
+        #: Pools of nodes merged into another (closed with the client).
+        self._merged_pools: list[NodePool] = []
 
     # ------------------------------------------------------------ registry
 
@@ -126,6 +135,7 @@ class Cluster:
         node = listener.node = Node(address, pool, node_id=node_id, breaker=self.settings.breaker)
         node.changed_at = trio.current_time()
         node.configured = configured
+        node.tasks = trio.CancelScope()
         monitor = HealthMonitor(
             node,
             self.settings.health,
@@ -142,18 +152,25 @@ class Cluster:
         return node
 
     async def _run_node(self, node: Node, monitor: HealthMonitor) -> None:
-        """A node's background tasks, in a scope ``_remove`` can cancel."""
-        with trio.CancelScope() as node.tasks:
+        """A node's background tasks, in the scope ``_remove`` cancels."""
+        assert node.tasks is not None
+        with node.tasks:  # cancelled before it starts? then it ends at once
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(node.pool.maintain)
                 nursery.start_soon(monitor.run)
 
     def _remove(self, node: Node, alias_of: Node) -> None:
-        """Forget ``node``: it is ``alias_of`` under another address."""
+        """Forget ``node``: it is ``alias_of`` under another address.
+
+        Its pool stops taking work; requests already on its connections
+        finish (the connections close as they drain) and nothing it does
+        reaches the registry any more.
+        """
+        node.pool.set_listener(PoolListener())
         node.pool.disable(f"same node as {alias_of.address}")
         if node.tasks is not None:
             node.tasks.cancel()
-        self._nursery.start_soon(node.pool.aclose)
+        self._merged_pools.append(node.pool)
         self.nodes.remove(node)
         self._monitors.pop(node.address, None)
         self._by_address[node.address] = alias_of
@@ -179,7 +196,7 @@ class Cluster:
 
     def _on_opened(self, node: Node, connection: Connection) -> None:
         welcome = connection.welcome
-        if welcome is None:
+        if welcome is None or node not in self.nodes:
             return
         node.node_id = welcome.node_id
         twin = next((n for n in self.nodes if n is not node and n.node_id == node.node_id), None)
@@ -226,8 +243,8 @@ class Cluster:
         """Close every pool; the owner cancels the background tasks after."""
         self._closed = True
         self._changed()
-        for node in self.nodes:
-            await node.pool.aclose()
+        for pool in [node.pool for node in self.nodes] + self._merged_pools:
+            await pool.aclose()
 
     # ------------------------------------------------------------ selection
 
@@ -281,6 +298,8 @@ class Cluster:
             admitted = [n for n in live if n.breaker.would_allow(now)]
         if admitted:
             return self.balancer.pick(admitted, now)
+        for node in candidates:
+            node.breaker.record_rejection()
         reopens = {n.address: max(0.0, (n.breaker.reopens_at() or now) - now) for n in candidates}
         listing = ", ".join(f"{a} reopens in {t:.2f} s" for a, t in reopens.items())
         raise CircuitOpen(

@@ -83,6 +83,11 @@ class CircuitBreaker:
         self.circuit_open_requests += 1
         return False
 
+    def record_rejection(self) -> None:
+        """Count a request turned away without ``allow`` (node skipped while open)."""
+        self.total_requests += 1
+        self.circuit_open_requests += 1
+
     def would_allow(self, now: float) -> bool:
         """Whether ``allow`` would admit a request now, without counting one."""
         state = self.state(now)

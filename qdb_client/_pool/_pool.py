@@ -127,6 +127,10 @@ class NodePool:
             self.state.return_lease(connection_id, trio.current_time(), reusable=reusable)
             self._after_release(connection_id)
 
+    def set_listener(self, listener: PoolListener) -> None:
+        """Send this pool's events to ``listener`` from now on."""
+        self._listener = listener
+
     def disable(self, reason: str) -> None:
         """Stop serving (node DOWN): waiters fail, connections close as they drain."""
         self._disabled = reason
@@ -251,7 +255,6 @@ class NodePool:
             )
         waiter = _Waiter(exclusive)
         self._queue.append(waiter)
-        self._grant()
         failures_before = self._open_failures
         try:
             with trio.move_on_after(self._acquire_timeout):
@@ -276,6 +279,7 @@ class NodePool:
         finally:
             if waiter in self._queue:
                 self._queue.remove(waiter)
+                self._grant()  # those queued behind us may be servable now
             elif waiter.granted is not None:
                 # Granted while we were being cancelled or failing: hand the
                 # slot on rather than leak it.
@@ -292,6 +296,14 @@ class NodePool:
             head = self._queue[0]
             picked = self._pick(head.exclusive)
             if picked is None:
+                if (
+                    not self.state.opening
+                    and self.last_open_error is None
+                    and self.state.can_open()
+                ):
+                    # Room went away under the queue (a drained connection
+                    # closed, say) and nobody is opening a new one.
+                    self._start_open()
                 return
             self._queue.popleft()
             head.granted = picked

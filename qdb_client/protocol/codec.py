@@ -38,31 +38,40 @@ def _check_depth(value: Any) -> None:
 
     cbor2 recurses in C: a few thousand levels overflow the C stack and kill
     the process, and no receiver would accept more than MAX_DEPTH anyway.
-    Walks level by level with C-level iteration, so a result of many flat
-    rows, or a small request, costs little.
+    Walks level by level with C-level iteration, so many flat rows or a
+    small request cost little; each level holds each container once, so a
+    cycle costs at most MAX_DEPTH passes over the distinct containers.
     """
     level: list[Any] = [value]
     for depth in range(MAX_DEPTH + 1):
         kinds = set(map(type, level))
         if kinds <= _SCALARS:
             return
-        exotic = kinds - _SCALARS - _CONTAINER_TYPES
-        if exotic and not any(issubclass(kind, _CONTAINERS) for kind in exotic):
-            exotic = set()  # unknown leaf types: cbor2 will judge them
-        if depth == MAX_DEPTH and (kinds & _CONTAINER_TYPES or exotic):
+        nested = [item for item in level if isinstance(item, _NESTING)]
+        if not nested:
+            return
+        if depth == MAX_DEPTH:
             raise ValueNotEncodable(f"value nested deeper than {MAX_DEPTH} levels")
-        if not kinds <= _CONTAINER_TYPES:
-            level = [item for item in level if isinstance(item, _CONTAINERS)]
-        if dict in kinds or any(issubclass(kind, dict) for kind in exotic):
-            level = list(
-                chain.from_iterable(c.values() if isinstance(c, dict) else c for c in level)
-            )
-        else:
-            level = list(chain.from_iterable(level))
+        unique = list({id(item): item for item in nested}.values())
+        level = list(chain.from_iterable(map(_children, unique)))
 
 
-_CONTAINERS = (dict, list, tuple)
-_CONTAINER_TYPES = frozenset(_CONTAINERS)
+def _children(item: Any) -> Any:
+    # The base classes' own iterators, as cbor2 reads containers through the
+    # C API and would not see a subclass's overridden methods either.
+    if isinstance(item, dict):
+        return chain(dict.keys(item), dict.values(item))
+    if isinstance(item, list):
+        return list.__iter__(item)
+    if isinstance(item, tuple):
+        return tuple.__iter__(item)
+    if isinstance(item, cbor2.CBORTag):
+        return (item.value,)
+    return item
+
+
+#: What cbor2 encodes by recursing into it.
+_NESTING = (dict, list, tuple, set, frozenset, cbor2.CBORTag)
 _SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
 
 

@@ -187,3 +187,25 @@ def test_config_accepts_ipv6_and_credentials_tuple():
     config = qdb_client.ClientConfig(hosts=["[::1]:7000"], credentials=("ada", "secret"))
     assert config.credentials == qdb_client.Credentials(user="ada", password="secret")
     assert "secret" not in repr(config)
+
+
+async def test_outside_cancellation_comes_out_as_plain_cancelled(network, autojump_clock):
+    network.handlers["a:1"] = echo
+    matched = False
+    with trio.move_on_after(1.0) as scope:
+        try:
+            async with qdb_client.open_client("a:1"):
+                await trio.sleep_forever()
+        except trio.Cancelled:
+            matched = True
+            raise
+    assert scope.cancelled_caught and matched
+
+
+async def test_an_exception_group_from_the_block_comes_out_as_raised(network):
+    network.handlers["a:1"] = echo
+    with pytest.raises(ExceptionGroup) as info:
+        async with qdb_client.open_client("a:1"):
+            raise ExceptionGroup("mine", [ValueError("inner")])
+    assert info.value.message == "mine"
+    assert [type(e) for e in info.value.exceptions] == [ValueError]

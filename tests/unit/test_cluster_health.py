@@ -222,3 +222,22 @@ async def test_one_node_under_two_addresses_is_counted_once(network, autojump_cl
         assert counts == {"localhost:1": 5, "b:2": 5}
         client.mark_node_unhealthy("a:1")  # the alias still names the node
         assert states(client)["localhost:1"] == "DOWN"
+
+
+async def test_an_unreachable_alias_merged_away_does_not_disturb_the_client(
+    network, autojump_clock
+):
+    # The cluster announces an internal address the client can't reach; its
+    # connect attempt fails only after the alias was merged away.
+    network.node_ids["localhost:1"] = network.node_ids["a:1"] = "node-a"
+    network.members = (Member("node-a", "a:1"), Member("fake-b:2", "b:2"))
+    network.connect_delay["localhost:1"] = 0.5
+    network.connect_delay["a:1"] = 1.0
+    network.handlers["localhost:1"] = echo
+    network.handlers["b:2"] = echo
+    network.handlers["a:1"] = "refuse"
+    async with qdb_client.open_client(["localhost:1", "b:2"], **EXACT) as client:
+        await trio.sleep(2.0)
+        assert states(client) == {"localhost:1": "UP", "b:2": "UP"}
+        for _ in range(4):
+            await client._call("query", {}, None, read_only=True)

@@ -751,3 +751,75 @@ async def test_aclose_while_a_connection_is_opening(nursery, autojump_clock):
     assert connection_tasks() == []
     assert server.closed_at == {"node-1": 2.0}
     assert pool.connections() == []
+
+
+# ------------------------------------------------------------ queue order
+
+
+async def test_callers_are_served_first_come_first_served(nursery, autojump_clock):
+    server = FakeServer(nursery, max_in_flight=1)
+    pool = make_pool(nursery, server, max_connections=1)
+    order: list[int] = []
+
+    async def call(n: int) -> None:
+        async with pool.reserve() as connection:
+            order.append(n)
+            await connection.request("query", {"delay": 0.1})
+
+    async with trio.open_nursery() as callers:
+        for n in range(20):
+            callers.start_soon(call, n)
+            await trio.sleep(0.001)
+    assert order == list(range(20))
+    assert trio.current_time() == pytest.approx(20 * 0.1 + 0.001, abs=0.02)
+
+
+async def test_shared_callers_behind_a_departed_lease_waiter_are_served(nursery, autojump_clock):
+    server = FakeServer(nursery)
+    pool = make_pool(nursery, server, max_connections=1)
+    got: list[float] = []
+
+    async def long_request() -> None:
+        async with pool.reserve() as connection:
+            await connection.request("query", {"delay": 10.0})
+
+    async def impatient_lease() -> None:
+        with trio.move_on_after(1.0):
+            async with pool.lease():
+                pytest.fail("the only connection is busy")
+
+    async def shared() -> None:
+        async with pool.reserve() as connection:
+            got.append(trio.current_time())
+            await connection.request("query", {})
+
+    async with trio.open_nursery() as callers:
+        callers.start_soon(long_request)
+        await sleep_until(0.1)
+        callers.start_soon(impatient_lease)
+        await sleep_until(0.2)
+        callers.start_soon(shared)  # queued behind the lease waiter
+    assert got == [pytest.approx(1.1, abs=0.01)]  # served when the lease waiter left
+
+
+async def test_a_drained_connection_is_replaced_for_queued_callers(nursery, autojump_clock):
+    server = FakeServer(nursery, max_in_flight=1)
+    pool = make_pool(nursery, server, max_connections=1)
+    got: list[float] = []
+
+    async def first() -> None:
+        async with pool.reserve() as connection:
+            await connection.request("query", {"delay": 1.0})
+
+    async def second() -> None:
+        async with pool.reserve() as connection:
+            got.append(trio.current_time())
+            await connection.request("query", {})
+
+    async with trio.open_nursery() as callers:
+        callers.start_soon(first)
+        await sleep_until(0.1)
+        pool.retire(server.connections[0])  # e.g. it reached max_lifetime
+        callers.start_soon(second)
+    assert server.connect_times == [0.0, pytest.approx(1.0, abs=0.01)]
+    assert got == [pytest.approx(1.0, abs=0.01)]
