@@ -24,6 +24,9 @@ from ._state import PoolLimits, PoolState
 
 __all__ = ["NodePool", "PoolListener"]
 
+#: Seconds after a failed open before waiters may try another one.
+OPEN_RETRY_DELAY = 1.0
+
 Connector = Callable[[Callable[[Connection], None]], Awaitable[Connection]]
 
 
@@ -80,6 +83,7 @@ class NodePool:
         #: When maintenance will look next (inf: not scheduled).
         self._maintenance_at = math.inf
         self._open_failures = 0
+        self._last_open_failure = -math.inf
         self._warm_after_failure = False
         #: The last error from opening a connection, if the last open failed.
         self.last_open_error: QdbError | None = None
@@ -272,7 +276,7 @@ class NodePool:
                         # is open: fail now, not at the timeout (attempts
                         # still under way would most likely fail the same way).
                         raise _copy(self.last_open_error)
-                    if self.state.can_open():
+                    if self._may_open():
                         self._start_open()
                     waiter.event = trio.Event()
                     await waiter.event.wait()
@@ -296,11 +300,7 @@ class NodePool:
             head = self._queue[0]
             picked = self._pick(head.exclusive)
             if picked is None:
-                if (
-                    not self.state.opening
-                    and self.last_open_error is None
-                    and self.state.can_open()
-                ):
+                if not self.state.opening and self._may_open():
                     # Room went away under the queue (a drained connection
                     # closed, say) and nobody is opening a new one.
                     self._start_open()
@@ -308,6 +308,20 @@ class NodePool:
             self._queue.popleft()
             head.granted = picked
             head.event.set()
+
+    def _may_open(self) -> bool:
+        """Room for one more connection, and no refusal just now.
+
+        After a failed open, waiters don't retry at once: a node that
+        refuses an extra connection (CAPACITY_EXCEEDED) while others work
+        would otherwise be asked again in a tight loop.
+        """
+        if not self.state.can_open():
+            return False
+        return (
+            self.last_open_error is None
+            or trio.current_time() - self._last_open_failure >= OPEN_RETRY_DELAY
+        )
 
     def _give_back(self, waiter: _Waiter) -> None:
         assert waiter.granted is not None
@@ -387,6 +401,7 @@ class NodePool:
             self._open_failures += 1
             self._warm_after_failure = False
             self.last_open_error = exc
+            self._last_open_failure = trio.current_time()
             self._listener.open_failed(self, exc)
             self._wake_waiters()
             return

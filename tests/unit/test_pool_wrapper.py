@@ -823,3 +823,28 @@ async def test_a_drained_connection_is_replaced_for_queued_callers(nursery, auto
         callers.start_soon(second)
     assert server.connect_times == [0.0, pytest.approx(1.0, abs=0.01)]
     assert got == [pytest.approx(1.0, abs=0.01)]
+
+
+async def test_a_refused_extra_connection_is_retried_at_most_once_a_second(nursery, autojump_clock):
+    server = FakeServer(nursery, max_in_flight=1)
+    pool = make_pool(nursery, server, max_connections=2, acquire_timeout=10.0)
+    got: list[float] = []
+
+    async def long_request() -> None:
+        async with pool.reserve() as connection:
+            await connection.request("query", {"delay": 3.0})
+
+    async def waiter() -> None:
+        async with pool.reserve() as connection:
+            got.append(trio.current_time())
+            await connection.request("query", {})
+
+    async with trio.open_nursery() as callers:
+        callers.start_soon(long_request)
+        await sleep_until(0.1)
+        server.refuse = "CAPACITY_EXCEEDED"  # the node takes no more connections
+        callers.start_soon(waiter)
+    # One working connection, then refusals spaced by OPEN_RETRY_DELAY, not a
+    # tight loop; the waiter is served when the busy connection frees up.
+    assert len(server.connect_times) <= 1 + 4
+    assert got == [pytest.approx(3.0, abs=0.01)]
