@@ -179,7 +179,6 @@ class RequestPipeline:
         now = trio.current_time()
         if isinstance(error, CircuitOpen):
             self.counters.circuit_rejections += 1
-            return RetryDecision(False, 0.0, "every usable node's circuit breaker is open")
         decision = self.policy.decide(
             done,
             error,
@@ -292,7 +291,7 @@ class RequestPipeline:
             unknown.attempts = history
             return unknown
         retryable, _ = self.policy.classify(error, idempotent=safe)
-        if retryable and not isinstance(error, CircuitOpen):
+        if retryable:
             exhausted = RetryExhausted(
                 f"{method} failed: {decision.reason}", last_error=error, attempts=history
             )

@@ -21,6 +21,7 @@ import random
 import attrs
 
 from ..errors import (
+    CircuitOpen,
     MessageError,
     NoAvailableNode,
     PoolError,
@@ -77,6 +78,9 @@ class RetryPolicy:
             if error.name == "TIMEOUT" and not idempotent and error.details.get("executed"):
                 return False, "the node timed out after executing a write without a key"
             return True, f"{error.name} ({error.code}) is retryable"
+        if isinstance(error, CircuitOpen):
+            # Failing fast is the point: retrying would only wait out the breaker.
+            return False, "every usable node's circuit breaker is open"
         if isinstance(error, NoAvailableNode):
             # Selection already waited node_selection_timeout for a node.
             return False, "no node became usable within the selection timeout"

@@ -249,3 +249,12 @@ def test_stale_records_do_not_steer_a_newer_state():
     assert breaker.state(5) is BreakerState.HALF_OPEN
     assert not breaker.allow(5)  # its probe slot wasn't freed by the stale record
     assert breaker.successful_requests == 1  # still counted in the metrics
+
+
+def test_circuit_open_is_never_retried():
+    from qdb_client.errors import CircuitOpen
+
+    decision = RetryPolicy().decide(
+        0, CircuitOpen("open", reopens_in={"a:1": 3.0}), idempotent=True, remaining=5, rng=RNG
+    )
+    assert not decision.retry and "circuit breaker" in decision.reason
