@@ -2,7 +2,10 @@
 
 Every error a user of the driver can see is a subclass of :class:`QdbError`.
 Errors from trio, the operating system or cbor2 are translated at the layer
-that meets them and chained with ``raise ... from``.
+that meets them and chained with ``raise ... from``. The protocol's own
+errors and the node's structured errors are defined beside the protocol
+(:mod:`qdb_client.protocol.errors`, :mod:`qdb_client.protocol.server_errors`)
+and re-exported here; this module holds no wire mapping.
 
 ::
 
@@ -33,26 +36,53 @@ that meets them and chained with ``raise ... from``.
     ├── BulkheadFull                 the client's concurrent-request cap is reached
     ├── ServerError                  the node answered with a structured error
     │   ├── ParseError, InvalidRequest, MethodNotFound, Unauthenticated,
-    │   │   PermissionDenied, NotFound, Conflict, FrameRejected, SqlError,
-    │   │   ConstraintViolation, ServerTimeout, Overloaded, CapacityExceeded,
-    │   │   Unavailable, ShuttingDown, InternalServerError
+    │   │   PermissionDenied, ReadOnlyViolation, NotFound, Conflict,
+    │   │   FrameRejected, SqlError, ConstraintViolation, ServerTimeout,
+    │   │   RequestCancelled, Overloaded, CapacityExceeded, Unavailable,
+    │   │   ShuttingDown, InternalServerError
     └── ClientClosed                 the client was used after it was closed
 
 ``retryable`` tells whether the same request may succeed if tried again
-(possibly on another node). It says nothing about whether a write that
-failed with it was applied: a write whose outcome can't be known raises
-:class:`OutcomeUnknown`.
-
-Every error raised by a client call carries ``attempts``: one
-:class:`Attempt` per try (node, timing, outcome, and why it was or wasn't
-retried).
+(possibly on another node). Whether a failed write may have been applied is
+a separate fact: every error raised by a call carries ``request_sent``,
+``maybe_applied`` and ``idempotency_key`` (see :class:`QdbError`), and
+``attempts``, one :class:`Attempt` per try (node, timing, outcome, and why
+it was or wasn't retried).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-import attrs
+from ._error_base import Attempt, InvalidArgument, QdbError
+from .protocol.errors import (
+    FrameError,
+    FrameTooLarge,
+    MessageError,
+    ProtocolError,
+    ProtocolViolation,
+    ValueNotEncodable,
+)
+from .protocol.server_errors import (
+    CapacityExceeded,
+    Conflict,
+    ConstraintViolation,
+    FrameRejected,
+    InternalServerError,
+    InvalidRequest,
+    MethodNotFound,
+    NotFound,
+    Overloaded,
+    ParseError,
+    PermissionDenied,
+    ReadOnlyViolation,
+    RequestCancelled,
+    ServerError,
+    ServerTimeout,
+    ShuttingDown,
+    SqlError,
+    Unauthenticated,
+    Unavailable,
+    server_error_from_wire,
+)
 
 __all__ = [
     "Attempt",
@@ -88,6 +118,8 @@ __all__ = [
     "ProtocolError",
     "ProtocolViolation",
     "QdbError",
+    "ReadOnlyViolation",
+    "RequestCancelled",
     "RequestTimeout",
     "RetryExhausted",
     "ServerError",
@@ -103,98 +135,8 @@ __all__ = [
 ]
 
 
-@attrs.frozen
-class Attempt:
-    """One try of a client call, as recorded in ``QdbError.attempts``.
-
-    ``started`` and ``elapsed`` are seconds from the start of the call and
-    of the attempt; ``outcome`` is ``"ok"`` or the error's class and
-    message; ``retried`` and ``reason`` say whether another attempt followed
-    and why (or why not).
-    """
-
-    number: int
-    node: str | None
-    started: float
-    elapsed: float
-    outcome: str
-    retried: bool
-    reason: str
-
-    def __str__(self) -> str:
-        verdict = "retried" if self.retried else "not retried"
-        return (
-            f"#{self.number} on {self.node or '(no node)'} at +{self.started:.3f}s"
-            f" took {self.elapsed:.3f}s: {self.outcome}; {verdict}: {self.reason}"
-        )
-
-
-class QdbError(Exception):
-    """Base class of every error raised by qdb_client."""
-
-    #: True when repeating the request (perhaps elsewhere) may succeed.
-    retryable: ClassVar[bool] = False
-    #: The attempts of the call that raised this error (empty if none was made).
-    attempts: tuple[Attempt, ...] = ()
-
-
 class ConfigError(QdbError, ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
-
-
-# --------------------------------------------------------------------- protocol
-
-
-class ProtocolError(QdbError):
-    """Bytes received from a peer do not follow protocol v1."""
-
-
-class FrameError(ProtocolError):
-    """A frame header is broken; the byte stream can no longer be trusted.
-
-    The connection that produced it must be closed.
-    """
-
-
-class FrameTooLarge(FrameError):
-    """A frame header announces more bytes than the negotiated maximum.
-
-    Raised from the header alone, before any buffer for the body exists.
-    """
-
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"frame of {size} bytes exceeds the maximum of {limit} bytes")
-        self.size = size
-        self.limit = limit
-
-
-class ProtocolViolation(ProtocolError):
-    """A peer sent a message that its role or the connection state forbids.
-
-    For example a REQUEST before the handshake finished. Connection-level.
-    """
-
-
-class MessageError(ProtocolError):
-    """One frame arrived whole but its content is unusable.
-
-    A checksum mismatch, undecodable CBOR or a body that does not match its
-    message kind. The connection stays usable; ``request_id`` names the
-    request the frame claimed to belong to (0 when unknown).
-    """
-
-    def __init__(self, message: str, *, request_id: int = 0, kind: int | None = None) -> None:
-        super().__init__(message)
-        self.request_id = request_id
-        self.kind = kind
-
-
-class InvalidArgument(QdbError, TypeError):
-    """A driver method was called with an argument of the wrong type or shape."""
-
-
-class ValueNotEncodable(InvalidArgument):
-    """A value given to the driver has no representation in protocol v1."""
 
 
 # -------------------------------------------------------------------- transport
@@ -206,17 +148,25 @@ class TransportError(QdbError):
     ``node`` is the ``host:port`` address involved, when known.
     ``request_sent`` tells whether the request's bytes had been written when
     it failed: False means the node never saw it and any request may be
-    retried safely.
+    retried safely. ``failure_id`` names the one event behind the error (a
+    connection's death, a failed connect): every request that one event
+    failed carries the same id, so it counts once against the node.
     """
 
     retryable = True
 
     def __init__(
-        self, message: str, *, node: str | None = None, request_sent: bool = False
+        self,
+        message: str,
+        *,
+        node: str | None = None,
+        request_sent: bool = False,
+        failure_id: int | None = None,
     ) -> None:
         super().__init__(message)
         self.node = node
         self.request_sent = request_sent
+        self.failure_id = failure_id
 
 
 class ConnectError(TransportError):
@@ -348,7 +298,11 @@ class OutcomeUnknown(QdbError):
 
 
 class CircuitOpen(QdbError):
-    """The circuit breakers of all usable nodes are open; failing fast.
+    """The circuit breakers of all usable nodes are open; failing fast, nothing sent.
+
+    Raised as such only when no attempt of the call reached a node; when an
+    earlier attempt did, the call ends in :class:`RetryExhausted` (whose
+    ``last_error`` is this) so that ``request_sent``/``maybe_applied`` stay true.
 
     ``reopens_in`` maps each node to seconds until its breaker lets a probe
     through.
@@ -369,180 +323,3 @@ class BulkheadFull(QdbError):
 
 class ClientClosed(QdbError):
     """The client (or connection) was used after it was closed."""
-
-
-# ----------------------------------------------------------------------- server
-
-
-class ServerError(QdbError):
-    """A node answered a request with a structured error.
-
-    Attributes mirror the wire ERROR message: ``code`` (numeric class, as in
-    HTTP), ``name`` (symbolic, e.g. ``"SQL_ERROR"``), ``message``,
-    ``retryable``, ``retry_after_ms`` and ``details``.
-    """
-
-    #: Symbolic name this class stands for; ServerError itself covers unknown names.
-    wire_name: ClassVar[str] = ""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: int,
-        name: str,
-        retryable: bool = False,
-        retry_after_ms: int | None = None,
-        details: dict[str, Any] | None = None,
-        node: str | None = None,
-    ) -> None:
-        super().__init__(f"{name} ({code}): {message}")
-        self.code = code
-        self.name = name
-        self.message = message
-        self.retryable = retryable  # type: ignore[misc]  # instance overrides class default
-        self.retry_after_ms = retry_after_ms
-        self.details = dict(details or {})
-        self.node = node
-
-
-class ParseError(ServerError):
-    """The node could not parse a frame."""
-
-    wire_name = "PARSE_ERROR"
-
-
-class InvalidRequest(ServerError):
-    """The request's arguments are invalid."""
-
-    wire_name = "INVALID_REQUEST"
-
-
-class MethodNotFound(ServerError):
-    """The node has no method of that name."""
-
-    wire_name = "METHOD_NOT_FOUND"
-
-
-class Unauthenticated(ServerError):
-    """Credentials are missing or wrong."""
-
-    wire_name = "UNAUTHENTICATED"
-
-
-class PermissionDenied(ServerError):
-    """The session may not do this."""
-
-    wire_name = "PERMISSION_DENIED"
-
-
-class NotFound(ServerError):
-    """A named session, stream or object is unknown."""
-
-    wire_name = "NOT_FOUND"
-
-
-class Conflict(ServerError):
-    """The request conflicts with earlier state (e.g. a reused key)."""
-
-    wire_name = "CONFLICT"
-
-
-class FrameRejected(ServerError):
-    """The node refused a frame larger than its limit."""
-
-    wire_name = "FRAME_TOO_LARGE"
-
-
-class SqlError(ServerError):
-    """The SQL statement failed."""
-
-    wire_name = "SQL_ERROR"
-
-
-class ConstraintViolation(ServerError):
-    """The statement broke a table constraint."""
-
-    wire_name = "CONSTRAINT_VIOLATION"
-
-
-class ServerTimeout(ServerError):
-    """The node gave up on the request at its deadline."""
-
-    wire_name = "TIMEOUT"
-
-
-class Overloaded(ServerError):
-    """The node is shedding load."""
-
-    wire_name = "OVERLOADED"
-
-
-class CapacityExceeded(ServerError):
-    """The node is at its connection or request limit."""
-
-    wire_name = "CAPACITY_EXCEEDED"
-
-
-class Unavailable(ServerError):
-    """The node cannot serve right now."""
-
-    wire_name = "UNAVAILABLE"
-
-
-class ShuttingDown(ServerError):
-    """The node is shutting down."""
-
-    wire_name = "SHUTTING_DOWN"
-
-
-class InternalServerError(ServerError):
-    """The node failed unexpectedly."""
-
-    wire_name = "INTERNAL"
-
-
-_BY_WIRE_NAME: dict[str, type[ServerError]] = {
-    cls.wire_name: cls
-    for cls in (
-        ParseError,
-        InvalidRequest,
-        MethodNotFound,
-        Unauthenticated,
-        PermissionDenied,
-        NotFound,
-        Conflict,
-        FrameRejected,
-        SqlError,
-        ConstraintViolation,
-        ServerTimeout,
-        Overloaded,
-        CapacityExceeded,
-        Unavailable,
-        ShuttingDown,
-        InternalServerError,
-    )
-}
-
-
-def server_error_from_wire(
-    *,
-    code: int,
-    name: str,
-    message: str,
-    retryable: bool,
-    retry_after_ms: int | None = None,
-    details: dict[str, Any] | None = None,
-    node: str | None = None,
-) -> ServerError:
-    """Build the ServerError subclass matching a wire ERROR's symbolic name."""
-    cls = _BY_WIRE_NAME.get(name, ServerError)
-    return cls(
-        message,
-        code=code,
-        name=name,
-        retryable=retryable,
-        retry_after_ms=retry_after_ms,
-        details=details,
-        node=node,
-    )

@@ -35,7 +35,6 @@ from ..errors import (
     ProtocolViolation,
     QdbError,
     VersionMismatch,
-    server_error_from_wire,
 )
 from ..protocol import (
     BadMessage,
@@ -51,6 +50,7 @@ from ..protocol import (
     Response,
     Role,
     Welcome,
+    error_from_message,
 )
 from .direct import DirectWriter
 
@@ -423,15 +423,7 @@ class Connection:
         )
 
     def _server_error(self, error: Error) -> QdbError:
-        return server_error_from_wire(
-            code=error.code,
-            name=error.name,
-            message=error.message,
-            retryable=error.retryable,
-            retry_after_ms=error.retry_after_ms,
-            details=dict(error.details),
-            node=self.address,
-        )
+        return error_from_message(error, node=self.address)
 
     # ----------------------------------------------------------- I/O loops
 

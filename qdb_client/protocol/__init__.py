@@ -8,6 +8,14 @@ docs/protocol.md.
 from .codec import decode_body, encode_body
 from .codes import RETRYABLE_CLASSES, ErrorCode
 from .connection import BadMessage, ProtocolConnection, Role, State, choose_version
+from .errors import (
+    FrameError,
+    FrameTooLarge,
+    MessageError,
+    ProtocolError,
+    ProtocolViolation,
+    ValueNotEncodable,
+)
 from .frames import DEFAULT_MAX_FRAME_SIZE, HEADER_SIZE, MAGIC, Frame, FrameDecoder, encode_frame
 from .messages import (
     PROTOCOL_VERSIONS,
@@ -31,12 +39,15 @@ from .messages import (
     encode_message,
     error_message,
 )
+from .reader import READ_SIZE, receive_event
+from .server_errors import ServerError, error_from_message, server_error_from_wire
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "HEADER_SIZE",
     "MAGIC",
     "PROTOCOL_VERSIONS",
+    "READ_SIZE",
     "RETRYABLE_CLASSES",
     "BadMessage",
     "Cancel",
@@ -45,21 +56,28 @@ __all__ = [
     "Event",
     "Frame",
     "FrameDecoder",
+    "FrameError",
+    "FrameTooLarge",
     "GoAway",
     "Hello",
     "Kind",
     "Member",
     "Message",
+    "MessageError",
     "Ping",
     "Pong",
     "ProtocolConnection",
+    "ProtocolError",
+    "ProtocolViolation",
     "Request",
     "Response",
     "Role",
+    "ServerError",
     "State",
     "StreamCredit",
     "StreamEnd",
     "StreamPage",
+    "ValueNotEncodable",
     "Welcome",
     "choose_version",
     "decode_body",
@@ -67,5 +85,8 @@ __all__ = [
     "encode_body",
     "encode_frame",
     "encode_message",
+    "error_from_message",
     "error_message",
+    "receive_event",
+    "server_error_from_wire",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 
 import cbor2
 
-from ..errors import MessageError, ValueNotEncodable
+from .errors import MessageError, ValueNotEncodable
 
 __all__ = ["MAX_DEPTH", "decode_body", "encode_body"]
 

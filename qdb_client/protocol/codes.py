@@ -2,8 +2,8 @@
 
 Each symbolic name belongs to a numeric class borrowed from HTTP, so that the
 retry rules of the reliability catalogue apply unchanged: classes 408, 429,
-500, 502, 503 and 504 are retryable; 400, 401, 403, 404, 409, 413, 422 and
-426 are not. The ERROR message carries the ``retryable`` flag explicitly as
+500, 502, 503 and 504 are retryable; 400, 401, 403, 404, 409, 413, 422,
+426 and 499 are not. The ERROR message carries the ``retryable`` flag explicitly as
 well, and receivers trust the flag over the class.
 """
 
@@ -28,9 +28,11 @@ class ErrorCode(enum.Enum):
     INVALID_REQUEST = "INVALID_REQUEST"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
+    READ_ONLY = "READ_ONLY"
     METHOD_NOT_FOUND = "METHOD_NOT_FOUND"
     NOT_FOUND = "NOT_FOUND"
     TIMEOUT = "TIMEOUT"
+    CANCELLED = "CANCELLED"
     CONFLICT = "CONFLICT"
     FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
     CONSTRAINT_VIOLATION = "CONSTRAINT_VIOLATION"
@@ -58,9 +60,11 @@ _CLASS_OF = {
     "INVALID_REQUEST": 400,  # arguments missing, of the wrong type or out of range
     "UNAUTHENTICATED": 401,
     "PERMISSION_DENIED": 403,
+    "READ_ONLY": 403,  # a write sent through a read-only method (query)
     "METHOD_NOT_FOUND": 404,
     "NOT_FOUND": 404,  # a session, stream or resume token is unknown
     "TIMEOUT": 408,
+    "CANCELLED": 499,  # the request was stopped on CANCEL (the acknowledgement)
     "CONFLICT": 409,  # e.g. an idempotency key reused for a different request
     "FRAME_TOO_LARGE": 413,
     "CONSTRAINT_VIOLATION": 422,

@@ -21,7 +21,7 @@ import enum
 
 import attrs
 
-from ..errors import FrameTooLarge, MessageError, ProtocolViolation
+from .errors import FrameTooLarge, MessageError, ProtocolViolation
 from .frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
 from .messages import (
     PROTOCOL_VERSIONS,

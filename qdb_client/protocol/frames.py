@@ -25,7 +25,7 @@ import zlib
 
 import attrs
 
-from ..errors import FrameError, FrameTooLarge, MessageError
+from .errors import FrameError, FrameTooLarge, MessageError
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 import attrs
 
-from ..errors import MessageError
 from .codec import decode_body, encode_body
 from .codes import ErrorCode
+from .errors import MessageError
 from .frames import MAX_REQUEST_ID, Frame, encode_frame
 
 __all__ = [

@@ -34,7 +34,6 @@ from ..errors import (
     RequestTimeout,
     ServerError,
     VersionMismatch,
-    server_error_from_wire,
 )
 from ..protocol import (
     PROTOCOL_VERSIONS,
@@ -50,6 +49,7 @@ from ..protocol import (
     Role,
     State,
     Welcome,
+    error_from_message,
 )
 from .config import parse_address
 from .stats import CONTROL_CLIENT_NAME
@@ -60,15 +60,7 @@ _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError
 
 
 def _to_error(error: Error, node: str) -> ServerError:
-    return server_error_from_wire(
-        code=error.code,
-        name=error.name,
-        message=error.message,
-        retryable=error.retryable,
-        retry_after_ms=error.retry_after_ms,
-        details=dict(error.details),
-        node=node,
-    )
+    return error_from_message(error, node=node)
 
 
 class NodeControl:

@@ -709,9 +709,11 @@ EXPECTED_CODES = {
     "INVALID_REQUEST": (400, False),
     "UNAUTHENTICATED": (401, False),
     "PERMISSION_DENIED": (403, False),
+    "READ_ONLY": (403, False),
     "METHOD_NOT_FOUND": (404, False),
     "NOT_FOUND": (404, False),
     "TIMEOUT": (408, True),
+    "CANCELLED": (499, False),
     "CONFLICT": (409, False),
     "FRAME_TOO_LARGE": (413, False),
     "CONSTRAINT_VIOLATION": (422, False),
@@ -732,7 +734,7 @@ def test_error_codes_match_the_table() -> None:
 
 def test_retryable_classes() -> None:
     assert frozenset({408, 429, 500, 502, 503, 504}) == RETRYABLE_CLASSES
-    for code in (400, 401, 403, 404, 409, 413, 422, 426):
+    for code in (400, 401, 403, 404, 409, 413, 422, 426, 499):
         assert code not in RETRYABLE_CLASSES
 
 

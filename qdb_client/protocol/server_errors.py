@@ -1,0 +1,254 @@
+"""The exception classes of the node's structured errors, and the mapping
+from a wire ERROR to them.
+
+Each class stands for one symbolic name of section 9 of docs/protocol.md;
+an unknown name becomes a plain :class:`ServerError` that keeps its code,
+name and ``retryable`` flag. :mod:`qdb_client.errors` re-exports them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from .._error_base import QdbError
+from .messages import Error
+
+__all__ = [
+    "CapacityExceeded",
+    "Conflict",
+    "ConstraintViolation",
+    "FrameRejected",
+    "InternalServerError",
+    "InvalidRequest",
+    "MethodNotFound",
+    "NotFound",
+    "Overloaded",
+    "ParseError",
+    "PermissionDenied",
+    "ReadOnlyViolation",
+    "RequestCancelled",
+    "ServerError",
+    "ServerTimeout",
+    "ShuttingDown",
+    "SqlError",
+    "Unauthenticated",
+    "Unavailable",
+    "error_from_message",
+    "server_error_from_wire",
+]
+
+
+class ServerError(QdbError):
+    """A node answered a request with a structured error.
+
+    Attributes mirror the wire ERROR message: ``code`` (numeric class, as in
+    HTTP), ``name`` (symbolic, e.g. ``"SQL_ERROR"``), ``message``,
+    ``retryable``, ``retry_after_ms`` and ``details``. ``node`` is the
+    address of the node that answered.
+    """
+
+    #: Symbolic name this class stands for; ServerError itself covers unknown names.
+    wire_name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int,
+        name: str,
+        retryable: bool = False,
+        retry_after_ms: int | None = None,
+        details: dict[str, Any] | None = None,
+        node: str | None = None,
+    ) -> None:
+        super().__init__(f"{name} ({code}): {message}")
+        self.code = code
+        self.name = name
+        self.message = message
+        self.retryable = retryable  # type: ignore[misc]  # instance overrides class default
+        self.retry_after_ms = retry_after_ms
+        self.details = dict(details or {})
+        self.node = node
+
+    @property
+    def executed(self) -> bool | None:
+        """What the node says of the request's effect: False when it states that
+        nothing was executed (``details.executed``), else None (not stated)."""
+        value = self.details.get("executed")
+        return value if isinstance(value, bool) else None
+
+
+class ParseError(ServerError):
+    """The node could not parse a frame."""
+
+    wire_name = "PARSE_ERROR"
+
+
+class InvalidRequest(ServerError):
+    """The request's arguments are invalid."""
+
+    wire_name = "INVALID_REQUEST"
+
+
+class MethodNotFound(ServerError):
+    """The node has no method of that name."""
+
+    wire_name = "METHOD_NOT_FOUND"
+
+
+class Unauthenticated(ServerError):
+    """Credentials are missing or wrong."""
+
+    wire_name = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServerError):
+    """The session may not do this."""
+
+    wire_name = "PERMISSION_DENIED"
+
+
+class ReadOnlyViolation(ServerError):
+    """A read-only call (``query()``) carried a statement that writes.
+
+    The node refused it before anything changed; send writes with ``execute()``.
+    """
+
+    wire_name = "READ_ONLY"
+
+
+class NotFound(ServerError):
+    """A named session, stream or object is unknown."""
+
+    wire_name = "NOT_FOUND"
+
+
+class Conflict(ServerError):
+    """The request conflicts with earlier state (e.g. a reused key)."""
+
+    wire_name = "CONFLICT"
+
+
+class FrameRejected(ServerError):
+    """The node refused a frame larger than its limit."""
+
+    wire_name = "FRAME_TOO_LARGE"
+
+
+class SqlError(ServerError):
+    """The SQL statement failed."""
+
+    wire_name = "SQL_ERROR"
+
+
+class ConstraintViolation(ServerError):
+    """The statement broke a table constraint."""
+
+    wire_name = "CONSTRAINT_VIOLATION"
+
+
+class ServerTimeout(ServerError):
+    """The node gave up on the request at its deadline."""
+
+    wire_name = "TIMEOUT"
+
+
+class RequestCancelled(ServerError):
+    """The node stopped the request because the client sent CANCEL.
+
+    The driver sees it only as the acknowledgement that frees a cancelled
+    request's slot; it never reaches a caller.
+    """
+
+    wire_name = "CANCELLED"
+
+
+class Overloaded(ServerError):
+    """The node is shedding load."""
+
+    wire_name = "OVERLOADED"
+
+
+class CapacityExceeded(ServerError):
+    """The node is at its connection or request limit."""
+
+    wire_name = "CAPACITY_EXCEEDED"
+
+
+class Unavailable(ServerError):
+    """The node cannot serve right now."""
+
+    wire_name = "UNAVAILABLE"
+
+
+class ShuttingDown(ServerError):
+    """The node is shutting down."""
+
+    wire_name = "SHUTTING_DOWN"
+
+
+class InternalServerError(ServerError):
+    """The node failed unexpectedly."""
+
+    wire_name = "INTERNAL"
+
+
+_BY_WIRE_NAME: dict[str, type[ServerError]] = {
+    cls.wire_name: cls
+    for cls in (
+        ParseError,
+        InvalidRequest,
+        MethodNotFound,
+        Unauthenticated,
+        PermissionDenied,
+        ReadOnlyViolation,
+        NotFound,
+        Conflict,
+        FrameRejected,
+        SqlError,
+        ConstraintViolation,
+        ServerTimeout,
+        RequestCancelled,
+        Overloaded,
+        CapacityExceeded,
+        Unavailable,
+        ShuttingDown,
+        InternalServerError,
+    )
+}
+
+
+def server_error_from_wire(
+    *,
+    code: int,
+    name: str,
+    message: str,
+    retryable: bool,
+    retry_after_ms: int | None = None,
+    details: dict[str, Any] | None = None,
+    node: str | None = None,
+) -> ServerError:
+    """Build the ServerError subclass matching a wire ERROR's symbolic name."""
+    cls = _BY_WIRE_NAME.get(name, ServerError)
+    return cls(
+        message,
+        code=code,
+        name=name,
+        retryable=retryable,
+        retry_after_ms=retry_after_ms,
+        details=details,
+        node=node,
+    )
+
+
+def error_from_message(error: Error, *, node: str | None = None) -> ServerError:
+    """The exception a received ERROR message stands for."""
+    return server_error_from_wire(
+        code=error.code,
+        name=error.name,
+        message=error.message,
+        retryable=error.retryable,
+        retry_after_ms=error.retry_after_ms,
+        details=dict(error.details),
+        node=node,
+    )
