@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from ._validation import boolean, int_in, parse_address, positive_seconds, text
+from .validation import boolean, int_in, parse_address, positive_seconds, text
 from .errors import ConfigError
 from .protocol.frames import HEADER_SIZE
 

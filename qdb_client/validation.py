@@ -1,7 +1,9 @@
-"""Validators shared by the client's and the test node's attrs configs.
+"""Validators for attrs configuration classes: the client's and the test node's.
 
-Pure helpers, no driver logic: each raises
-:class:`~qdb_client.errors.ConfigError` naming the field and what it accepts.
+Public so that configurations built on the driver (the test node's, an
+application's own) validate values the same way. Pure helpers, no driver
+logic: each raises :class:`~qdb_client.errors.ConfigError` naming the field
+and what it accepts.
 """
 
 from __future__ import annotations
