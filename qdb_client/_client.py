@@ -10,7 +10,6 @@ health monitors run in the nursery of ``open_client``.
 from __future__ import annotations
 
 import functools
-import math
 import random
 import re
 import uuid
@@ -23,10 +22,17 @@ import trio
 
 from ._cluster import Cluster, ClusterSettings, HealthSettings, make_balancer
 from ._nursery import owned_nursery
-from ._policies import Backoff, BreakerSettings, RetryBudget, RetryBudgetSettings, RetryPolicy
+from ._policies import (
+    AttemptTimeouts,
+    Backoff,
+    BreakerSettings,
+    RetryBudget,
+    RetryBudgetSettings,
+    RetryPolicy,
+)
 from ._pool import PoolLimits
 from ._request import PipelineCounters, RequestPipeline
-from ._transport import Connection
+from ._transport import Connection, ConnectionListener
 from ._transport.establish import establish
 from ._version import __version__
 from .config import ClientConfig
@@ -89,6 +95,9 @@ def _checkpointed(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]
     return checkpointed
 
 
+#: Largest per-call ``timeout=`` in seconds (about 11.5 days).
+MAX_TIMEOUT = 1e6
+
 #: Idempotency keys: 1..128 characters of this set (docs/protocol.md).
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9_\-:.]{1,128}")
 
@@ -124,13 +133,17 @@ class Client:
         timeout: float | None = None,
         idempotency_key: str | bool = True,
     ) -> ExecuteResult:
-        """Run one statement that returns no rows; return its counts.
+        """Run one statement that may write; return its counts (and the rows of
+        ``INSERT/UPDATE/DELETE ... RETURNING`` in ``result.rows``).
 
         By default the write carries a fresh idempotency key, so it can be
         retried safely and is applied exactly once. Pass a string to choose
         the key (e.g. to deduplicate across your own restarts), or False to
         send none: then a lost reply raises OutcomeUnknown instead of being
-        retried.
+        retried. Any error says whether the write may have been applied
+        (``error.maybe_applied``) and carries the key used
+        (``error.idempotency_key``): calling again with that key applies it at
+        most once.
         """
         args = _statement_args(sql, params)
         result = await self._call("execute", args, timeout, idempotency_key=idempotency_key)
@@ -140,9 +153,12 @@ class Client:
     async def query(
         self, sql: str, params: Params = None, *, timeout: float | None = None
     ) -> QueryResult:
-        """Run a query; return all its rows (``result.columns``, ``result.rows``).
+        """Run a read-only statement; return all its rows (``result.columns``, ``result.rows``).
 
-        Queries are retried freely on failure (on another node when possible).
+        The node runs it read-only: a statement that writes is refused with
+        :class:`~qdb_client.errors.ReadOnlyViolation` and nothing changes (use
+        :meth:`execute`, which returns the rows of ``... RETURNING``). So
+        queries are retried freely on failure, on another node when possible.
         """
         result = await self._call("query", _statement_args(sql, params), timeout, read_only=True)
         return QueryResult.from_wire(result)
@@ -178,8 +194,8 @@ class Client:
         try:
             with trio.fail_after(budget):
                 node = await self._require_cluster().select()
-                async with node.pool.reserve() as connection:
-                    return await connection.ping()
+                async with node.pool.reserve() as slot:
+                    return await slot.connection.ping()
         except trio.TooSlowError as exc:
             raise RequestTimeout(
                 f"ping did not complete within {budget:g} s", timeout=budget
@@ -196,21 +212,26 @@ class Client:
     def statistics(self) -> dict[str, Any]:
         """A snapshot: every node's state, connections and counters, and totals.
 
-        Totals: ``calls``, ``attempts``, ``retries``, ``failures`` (calls
-        that raised), ``outcome_unknown``, ``retry_budget_exhausted``,
-        ``circuit_rejections``, ``bulkhead_rejections``, ``in_progress``.
-        Per node: ``address``, ``node_id``, ``state`` (UP/SUSPECT/DOWN),
-        ``reason``, ``connections`` (open/idle/leased/opening/retiring),
-        ``in_flight``, ``waiting``, ``requests_sent``, ``failures``,
+        Totals: ``calls``, ``attempts``, ``retries``, ``requeues`` (attempts
+        sent again at once after a GOAWAY), ``attempt_timeouts``, ``failures``
+        (calls that raised), ``outcome_unknown``, ``retry_budget_exhausted``,
+        ``circuit_rejections``, ``bulkhead_rejections``, ``in_progress``,
+        ``members_skipped``, ``members_forgotten``. Per node: ``address``,
+        ``node_id``, ``state`` (UP/SUSPECT/DOWN), ``reason``, ``configured``,
+        ``connections`` (open/idle/leased/opening/retiring), ``in_flight``
+        (orphans included), ``orphaned`` (cancelled requests the node has not
+        confirmed), ``waiting``, ``requests_sent``, ``failures``,
         ``consecutive_failures``, ``last_ping_rtt``, ``latency_ewma``,
-        ``next_reconnect_in`` and ``breaker`` (seed 003's metrics plus
-        ``transitions``).
+        ``reply_time``, ``reply_time_quantile``, ``next_reconnect_in`` and
+        ``breaker`` (seed 003's metrics plus ``transitions`` and ``opened_by``).
         """
         counters = self._pipeline.counters if self._pipeline else PipelineCounters()
+        members = {} if self._cluster is None else self._cluster.statistics_totals()
         return {
             "closed": self._closed,
             "in_progress": self._active,
             **attrs.asdict(counters),
+            **members,
             "bulkhead_rejections": self._bulkhead_rejections,
             "load_balancing": self.config.load_balancing,
             "nodes": [] if self._cluster is None else self._cluster.statistics(),
@@ -257,6 +278,8 @@ class Client:
             # as its own ConnectTimeout rather than as the wait for it.
             startup_timeout=config.connect_timeout + 1.0,
             discover_members=config.discover_members,
+            max_members=config.max_members,
+            forget_after=config.forget_members_after,
             breaker=BreakerSettings(
                 failure_threshold=config.breaker_failure_threshold,
                 success_threshold=config.breaker_success_threshold,
@@ -289,12 +312,13 @@ class Client:
                 )
             ),
             rng=self._rng,
+            attempt_timeouts=AttemptTimeouts(
+                factor=config.attempt_timeout_factor, minimum=config.attempt_timeout_min
+            ),
         )
         await self._cluster.start(config.hosts)
 
-    async def _connect(
-        self, address: str, on_unusable: Callable[[Connection], None] | None
-    ) -> Connection:
+    async def _connect(self, address: str, listener: ConnectionListener | None) -> Connection:
         assert self._nursery is not None
         return await establish(
             address,
@@ -303,7 +327,7 @@ class Client:
             connect_timeout=self.config.connect_timeout,
             max_frame_size=self.config.max_frame_size,
             max_in_flight=self.config.max_in_flight,
-            on_unusable=on_unusable,
+            listener=listener,
         )
 
     def _require_cluster(self) -> Cluster:
@@ -317,10 +341,10 @@ class Client:
         if (
             isinstance(timeout, bool)
             or not isinstance(timeout, (int, float))
-            or not (timeout > 0 and math.isfinite(timeout))
+            or not (0 < timeout <= MAX_TIMEOUT)
         ):
             raise InvalidArgument(
-                f"timeout must be a positive finite number of seconds, not {timeout!r}"
+                f"timeout must be a number of seconds in (0, {MAX_TIMEOUT:g}], not {timeout!r}"
             )
         return float(timeout)
 
@@ -347,7 +371,7 @@ class Client:
         self._active += 1
         try:
             return await self._pipeline.call(
-                method, args, budget_seconds=budget, idempotent=read_only, idempotency_key=key
+                method, args, budget_seconds=budget, read_only=read_only, idempotency_key=key
             )
         finally:
             self._active -= 1

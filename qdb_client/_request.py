@@ -1,12 +1,20 @@
 """The request pipeline of one client call.
 
-deadline -> pick a node (balancer over healthy nodes whose breaker admits)
--> breaker admission -> pool slot -> send with the remaining budget ->
-reply, or a retry decision (policy, budget, deadline) -> backoff -> again,
-preferably on another node.
+A call picks a node, sends its request there within one deadline, and lets
+the attempt's outcome decide what comes next: the reply, or a retry after a
+backoff (on another node when one is left), or the error that says truthfully
+what happened.
 
-Every attempt is recorded; every error that leaves the pipeline carries the
-list, so a failure says what was tried, where, and why it stopped.
+Each attempt runs in one cancel scope whose deadline is the call's, lowered
+to the attempt timeout once the request is out (a multiple of the node's
+observed reply time, only while another node is left to try and only for
+requests that are safe to repeat), so a node that stalls costs one attempt
+timeout, not the whole deadline. What happened to the attempt is classified
+once (``_policies.outcome``); that one outcome feeds the node's breaker, its
+latency tracker and its health monitor, and the retry policy. Every attempt
+is recorded, and every error that leaves the pipeline carries the list and
+the facts: whether the request was sent, whether a write may have been
+applied, and the idempotency key it was sent with.
 """
 
 from __future__ import annotations
@@ -19,23 +27,31 @@ import attrs
 import trio
 
 from ._cluster import Cluster, Node
-from ._policies import RetryBudget, RetryDecision, RetryPolicy, request_reached_node
-from ._transport import PendingRequest
+from ._policies import (
+    AttemptTimeouts,
+    BreakerVerdict,
+    LatencyVerdict,
+    Outcome,
+    OutcomeKind,
+    RetryBudget,
+    RetryDecision,
+    RetryPolicy,
+    RetryRule,
+    classify,
+)
+from ._policies.outcome import SUCCESS
 from .errors import (
     Attempt,
     CircuitOpen,
-    ClientClosed,
-    MessageError,
     OutcomeUnknown,
-    PoolError,
     QdbError,
     RequestTimeout,
     RetryExhausted,
-    ServerError,
-    TransportError,
 )
 
 __all__ = ["PipelineCounters", "RequestPipeline"]
+
+_NOT_ADMITTED = -1
 
 
 @attrs.define
@@ -45,29 +61,84 @@ class PipelineCounters:
     calls: int = 0
     attempts: int = 0
     retries: int = 0
+    requeues: int = 0
+    attempt_timeouts: int = 0
     failures: int = 0
     outcome_unknown: int = 0
     retry_budget_exhausted: int = 0
     circuit_rejections: int = 0
 
 
-class _Try:
-    """The attempt in progress, so a deadline can say what it interrupted."""
+class _Call:
+    """The state of one call across its attempts."""
 
-    __slots__ = ("node", "pending", "started")
+    __slots__ = (
+        "attempts",
+        "deadline",
+        "key",
+        "method",
+        "previous_delay",
+        "read_only",
+        "requeues",
+        "retries",
+        "start",
+        "timeout",
+        "tried",
+    )
 
-    def __init__(self, started: float) -> None:
-        self.node: Node | None = None
-        self.pending: PendingRequest | None = None
-        self.started = started
+    def __init__(
+        self, method: str, start: float, timeout: float, read_only: bool, key: str | None
+    ) -> None:
+        self.method = method
+        self.start = start
+        self.timeout = timeout
+        self.deadline = start + timeout
+        self.read_only = read_only
+        self.key = key
+        self.attempts: list[Attempt] = []
+        self.tried: list[Node] = []
+        self.retries = 0
+        self.requeues = 0
+        self.previous_delay: float | None = None
+
+    @property
+    def safe(self) -> bool:
+        """Whether the request may be repeated: a read, or a write with a key."""
+        return self.read_only or self.key is not None
 
     @property
     def sent(self) -> bool:
-        return self.pending is not None and self.pending.sent
+        """Whether any attempt's request reached the wire."""
+        return any(a.sent for a in self.attempts)
+
+    @property
+    def maybe_applied(self) -> bool:
+        """Whether a write may have been applied by one of the attempts."""
+        return not self.read_only and any(a.maybe_applied for a in self.attempts)
+
+
+class _Try:
+    """What one attempt left behind, for the call to decide on."""
+
+    __slots__ = ("error", "node", "outcome", "sent", "started")
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        error: QdbError | None,
+        node: Node | None,
+        sent: bool,
+        started: float,
+    ) -> None:
+        self.outcome = outcome
+        self.error = error
+        self.node = node
+        self.sent = sent
+        self.started = started
 
 
 class RequestPipeline:
-    """Runs calls with retries, breakers and one deadline."""
+    """Runs calls with attempt timeouts, breakers, retries and one deadline."""
 
     def __init__(
         self,
@@ -76,11 +147,13 @@ class RequestPipeline:
         policy: RetryPolicy,
         budget: RetryBudget,
         rng: random.Random,
+        attempt_timeouts: AttemptTimeouts | None = None,
     ) -> None:
         self.cluster = cluster
         self.policy = policy
         self.budget = budget
         self.rng = rng
+        self.attempt_timeouts = attempt_timeouts or AttemptTimeouts()
         self.counters = PipelineCounters()
 
     async def call(
@@ -89,216 +162,241 @@ class RequestPipeline:
         args: dict[str, Any],
         *,
         budget_seconds: float,
-        idempotent: bool,
+        read_only: bool,
         idempotency_key: str | None = None,
     ) -> Any:
-        """Run ``method`` until it succeeds or retrying must stop."""
-        timeout = budget_seconds
-        start = trio.current_time()
-        deadline = start + timeout
-        safe = idempotent or idempotency_key is not None
-        attempts: list[Attempt] = []
-        tried: list[Node] = []
-        previous_delay: float | None = None
-        sent_before = False  # did an earlier attempt reach a node?
-        self.counters.calls += 1
-        self.budget.record_request(start)
-        current = _Try(start)
-        try:
-            with trio.fail_at(deadline):
-                while True:
-                    current = _Try(trio.current_time())
-                    try:
-                        node = await self.cluster.select(exclude=tried)
-                        current.node = node
-                        result = await self._attempt(
-                            node, method, args, deadline, idempotency_key, current
-                        )
-                    except QdbError as exc:
-                        error: QdbError = exc
-                    else:
-                        return result  # attempts are only reported with errors
-                    decision = self._decide(len(attempts), error, safe, deadline, previous_delay)
-                    attempts.append(
-                        self._record(
-                            attempts,
-                            current,
-                            start,
-                            _describe(error),
-                            decision.retry,
-                            decision.reason,
-                        )
-                    )
-                    if not decision.retry:
-                        raise self._final(method, error, attempts, safe, decision, current.sent)
-                    self.counters.retries += 1
-                    sent_before = sent_before or current.sent
-                    previous_delay = decision.delay
-                    if current.node is not None:
-                        tried.append(current.node)
-                    await trio.sleep(decision.delay)
-        except trio.TooSlowError as exc:
-            self.counters.failures += 1
-            sent = current.sent or sent_before
-            attempts.append(
-                self._record(
-                    attempts,
-                    current,
-                    start,
-                    "interrupted by the deadline",
-                    False,
-                    f"the {timeout:g} s deadline passed",
-                )
-            )
-            timed_out = RequestTimeout(
-                f"{method} did not complete within {timeout:g} s"
-                + (" (sent; outcome unknown)" if sent else " (not sent)"),
-                timeout=timeout,
-                request_sent=sent,
-            )
-            timed_out.attempts = tuple(attempts)
-            if sent and not safe:
-                self.counters.outcome_unknown += 1
-                unknown = OutcomeUnknown(
-                    f"{method} was sent to {current.node.address if current.node else '?'} but"
-                    f" no reply came within {timeout:g} s; without an idempotency key it is"
-                    " unknown whether it was applied"
-                )
-                unknown.attempts = tuple(attempts)
-                raise unknown from timed_out
-            raise timed_out from exc
-
-    def _decide(
-        self,
-        done: int,
-        error: QdbError,
-        safe: bool,
-        deadline: float,
-        previous_delay: float | None,
-    ) -> RetryDecision:
+        """Run ``method``: attempt, and on failure retry or raise as its outcome says."""
         now = trio.current_time()
-        if isinstance(error, CircuitOpen):
+        call = _Call(method, now, budget_seconds, read_only, idempotency_key)
+        self.counters.calls += 1
+        self.budget.record_request(now)
+        while True:
+            result, attempt = await self._attempt(call, args)
+            if attempt is None:
+                return result  # attempts are only reported with errors
+            decision = self._decide(call, attempt)
+            self._record_attempt(call, attempt, decision)
+            if not decision.retry:
+                raise self._final(call, attempt, decision)
+            if decision.requeue:
+                call.requeues += 1
+                self.counters.requeues += 1
+            else:
+                call.retries += 1
+                self.counters.retries += 1
+                call.previous_delay = decision.delay
+                if attempt.node is not None:
+                    call.tried.append(attempt.node)
+            if decision.delay > 0:
+                await trio.sleep(decision.delay)
+
+    # ------------------------------------------------------------ attempts
+
+    async def _attempt(self, call: _Call, args: dict[str, Any]) -> tuple[Any, _Try | None]:
+        """One attempt: (result, None) on success, else (None, what happened)."""
+        started = trio.current_time()
+        node: Node | None = None
+        pending = None
+        generation = _NOT_ADMITTED
+        sent_at = started
+        error: QdbError | None = None
+        result: Any = None
+        with trio.CancelScope(deadline=call.deadline) as scope:
+            try:
+                node = await self.cluster.select(exclude=call.tried)
+                breaker = node.breaker
+                if not breaker.allow(trio.current_time()):
+                    raise CircuitOpen(
+                        f"circuit breaker of {node.address} is open",
+                        reopens_in={node.address: _reopens_in(node)},
+                    )
+                generation = breaker.generation
+                self.counters.attempts += 1
+                node.requests_sent += 1
+                connection = await node.pool.acquire_slot()
+                sent_at = trio.current_time()
+                pending = connection.send_reserved(
+                    call.method,
+                    args,
+                    deadline_ms=max(1, math.ceil((call.deadline - sent_at) * 1000)),
+                    idempotency_key=call.key,
+                )
+                timeout = self._attempt_timeout(node, call)
+                if timeout < call.deadline - sent_at:
+                    scope.deadline = sent_at + timeout
+                result = await pending.wait()
+            except QdbError as exc:
+                error = exc
+            except BaseException:
+                # The caller's own cancellation: it says nothing about the node.
+                if node is not None and generation != _NOT_ADMITTED:
+                    sent = pending is not None and pending.sent
+                    outcome = classify(None, sent=sent, cancelled=True)
+                    self._feed(node, generation, outcome, None, trio.current_time() - sent_at)
+                raise
+        sent = pending is not None and pending.sent
+        if scope.cancelled_caught:
+            deadline_passed = trio.current_time() >= call.deadline
+            outcome = classify(
+                None,
+                sent=sent,
+                attempt_timed_out=not deadline_passed,
+                deadline_passed=deadline_passed,
+            )
+        elif error is None:
+            outcome = SUCCESS
+        else:
+            outcome = classify(error, sent=sent)
+        if node is not None and generation != _NOT_ADMITTED:
+            self._feed(node, generation, outcome, error, trio.current_time() - sent_at)
+        if outcome is SUCCESS:
+            return result, None
+        return None, _Try(outcome, error, node, sent, started)
+
+    def _attempt_timeout(self, node: Node, call: _Call) -> float:
+        """Seconds the attempt waits for its reply before another node is tried."""
+        timeouts = self.attempt_timeouts
+        if not timeouts.enabled or not call.safe:
+            return math.inf
+        if not self.cluster.has_alternative(node, call.tried):
+            return math.inf  # the last node left gets the whole deadline
+        fallback = None
+        if node.latency.reply_quantile is None:
+            fallback = _typical_quantile(self.cluster.nodes)
+        return timeouts.for_node(node.latency, fallback)
+
+    def _feed(
+        self,
+        node: Node,
+        generation: int,
+        outcome: Outcome,
+        error: QdbError | None,
+        elapsed: float,
+    ) -> None:
+        """Give the attempt's one outcome to the node's breaker, latency and health."""
+        now = trio.current_time()
+        breaker = node.breaker
+        verdict = outcome.breaker
+        if verdict is BreakerVerdict.SUCCESS:
+            breaker.record_success(now, generation)
+        elif verdict is BreakerVerdict.FAILURE:
+            breaker.record_failure(
+                now,
+                generation,
+                cause=outcome.cause,
+                correlation=getattr(error, "failure_id", None),
+            )
+        else:
+            breaker.record_ignored(generation)
+        latency = outcome.latency
+        if latency is LatencyVerdict.SAMPLE:
+            node.latency.record_reply(elapsed)
+        elif latency is LatencyVerdict.PENALTY:
+            node.latency.record_penalty(elapsed)
+        if outcome.probe:
+            self.counters.attempt_timeouts += 1
+            self.cluster.report_silence(node)
+
+    # ------------------------------------------------------------ decisions
+
+    def _decide(self, call: _Call, attempt: _Try) -> RetryDecision:
+        now = trio.current_time()
+        outcome = attempt.outcome
+        if outcome.kind is OutcomeKind.CIRCUIT_OPEN:
             self.counters.circuit_rejections += 1
         decision = self.policy.decide(
-            done,
-            error,
-            idempotent=safe,
-            remaining=deadline - now,
+            call.retries,
+            outcome,
+            idempotent=call.safe,
+            remaining=call.deadline - now,
             rng=self.rng,
-            previous_delay=previous_delay,
+            previous_delay=call.previous_delay,
+            requeues_done=call.requeues,
+            error=attempt.error,
         )
-        if decision.retry and not self.budget.try_retry(now):
+        if decision.retry and not decision.requeue and not self.budget.try_retry(now):
             self.counters.retry_budget_exhausted += 1
             return RetryDecision(False, 0.0, f"{decision.reason}, but the retry budget is spent")
         return decision
 
-    async def _attempt(
-        self,
-        node: Node,
-        method: str,
-        args: dict[str, Any],
-        deadline: float,
-        idempotency_key: str | None,
-        current: _Try,
-    ) -> Any:
-        breaker = node.breaker
-        admitted = breaker.allow(trio.current_time())
-        generation = breaker.generation
-        if not admitted:
-            raise CircuitOpen(
-                f"circuit breaker of {node.address} is open",
-                reopens_in={node.address: _reopens_in(node)},
-            )
-        self.counters.attempts += 1
-        node.requests_sent += 1
-        verdict = "ignored"
-        pool = node.pool
-        try:
-            token, connection = await pool.acquire_slot()
-            try:
-                remaining_ms = max(1, math.ceil((deadline - trio.current_time()) * 1000))
-                current.pending = await connection.send_request(
-                    method, args, deadline_ms=remaining_ms, idempotency_key=idempotency_key
-                )
-                result = await current.pending.wait()
-            finally:
-                pool.release_slot(token)
-            verdict = "success"
-            return result
-        except ServerError as exc:
-            # A SQL error says nothing bad about the node; an overload does.
-            verdict = "failure" if exc.retryable else "success"
-            raise
-        except PoolError:
-            # Our own pool was congested: says nothing about the node.
-            raise
-        except (TransportError, MessageError):
-            verdict = "failure"
-            node.failures += 1
-            raise
-        finally:
-            now = trio.current_time()
-            if verdict == "success":
-                breaker.record_success(now, generation)
-                node.record_latency(now - current.started)
-            elif verdict == "failure":
-                breaker.record_failure(now, generation)
-            else:
-                breaker.record_ignored(generation)
-
-    def _record(
-        self,
-        attempts: list[Attempt],
-        current: _Try,
-        start: float,
-        outcome: str,
-        retried: bool,
-        reason: str,
-    ) -> Attempt:
+    def _record_attempt(self, call: _Call, attempt: _Try, decision: RetryDecision) -> None:
         now = trio.current_time()
-        return Attempt(
-            number=len(attempts) + 1,
-            node=current.node.address if current.node is not None else None,
-            started=current.started - start,
-            elapsed=now - current.started,
-            outcome=outcome,
-            retried=retried,
-            reason=reason,
+        outcome = attempt.outcome
+        text = outcome.kind.value if attempt.error is None else _describe(attempt.error)
+        call.attempts.append(
+            Attempt(
+                number=len(call.attempts) + 1,
+                node=attempt.node.address if attempt.node is not None else None,
+                started=attempt.started - call.start,
+                elapsed=now - attempt.started,
+                outcome=text,
+                retried=decision.retry,
+                reason=decision.reason,
+                sent=attempt.sent,
+                maybe_applied=outcome.maybe_applied and not call.read_only,
+            )
         )
 
-    def _final(
-        self,
-        method: str,
-        error: QdbError,
-        attempts: list[Attempt],
-        safe: bool,
-        decision: RetryDecision,
-        sent: bool,
-    ) -> QdbError:
+    def _final(self, call: _Call, attempt: _Try, decision: RetryDecision) -> QdbError:
+        """The one error the call raises, with its facts."""
         self.counters.failures += 1
-        history = tuple(attempts)
-        lost_reply = (
-            isinstance(error, (TransportError, MessageError)) and request_reached_node(error)
-        ) or (isinstance(error, ClientClosed) and sent)  # closed while the write was out
-        if not safe and lost_reply:
-            self.counters.outcome_unknown += 1
-            unknown = OutcomeUnknown(
-                f"{method} reached {attempts[-1].node} but its reply was lost ({error});"
+        outcome = attempt.outcome
+        error = attempt.error
+        kind = outcome.kind
+        history = tuple(call.attempts)
+        unkeyed_write = not call.read_only and call.key is None
+        final: QdbError
+        if kind in (OutcomeKind.DEADLINE_BEFORE_SEND, OutcomeKind.DEADLINE_AFTER_SEND):
+            sent = call.sent
+            timed_out = RequestTimeout(
+                f"{call.method} did not complete within {call.timeout:g} s"
+                + (" (sent; outcome unknown)" if sent else " (not sent)"),
+                timeout=call.timeout,
+                request_sent=sent,
+            )
+            if unkeyed_write and call.maybe_applied:
+                final = self._unknown(
+                    call,
+                    f"{call.method} was sent to {history[-1].node} but no reply came within"
+                    f" {call.timeout:g} s; without an idempotency key it is unknown whether it"
+                    " was applied",
+                    timed_out,
+                )
+            else:
+                timed_out.attempts = history
+                final = timed_out
+        elif unkeyed_write and call.maybe_applied:
+            final = self._unknown(
+                call,
+                f"{call.method} reached {history[-1].node} but its outcome was lost ({error});"
                 " without an idempotency key it was not retried and may or may not have been"
-                " applied"
+                " applied",
+                error,
             )
-            unknown.__cause__ = error
-            unknown.attempts = history
-            return unknown
-        retryable, _ = self.policy.classify(error, idempotent=safe)
-        if retryable:
-            exhausted = RetryExhausted(
-                f"{method} failed: {decision.reason}", last_error=error, attempts=history
+        elif outcome.retry is not RetryRule.NEVER or (
+            kind in (OutcomeKind.CIRCUIT_OPEN, OutcomeKind.NO_NODE) and call.sent
+        ):
+            # Retrying stopped on a failure that could have been retried (or
+            # nothing was left to try after an attempt that reached a node).
+            assert error is not None
+            final = RetryExhausted(
+                f"{call.method} failed: {decision.reason}", last_error=error, attempts=history
             )
-            exhausted.__cause__ = error
-            return exhausted
-        error.attempts = history
-        return error
+            final.__cause__ = error
+        else:
+            assert error is not None
+            final = error
+        final.attempts = history
+        final.request_sent = call.sent
+        final.maybe_applied = call.maybe_applied
+        final.idempotency_key = call.key
+        return final
+
+    def _unknown(self, call: _Call, message: str, cause: BaseException | None) -> OutcomeUnknown:
+        self.counters.outcome_unknown += 1
+        unknown = OutcomeUnknown(message)
+        unknown.__cause__ = cause
+        return unknown
 
 
 def _describe(error: BaseException) -> str:
@@ -309,3 +407,8 @@ def _describe(error: BaseException) -> str:
 def _reopens_in(node: Node) -> float:
     reopens_at = node.breaker.reopens_at()
     return 0.0 if reopens_at is None else max(0.0, reopens_at - trio.current_time())
+
+
+def _typical_quantile(nodes: list[Node]) -> float | None:
+    known = sorted(q for n in nodes if (q := n.latency.reply_quantile) is not None)
+    return known[len(known) // 2] if known else None

@@ -122,6 +122,11 @@ class ClientConfig:
     breaker_half_open_probes: int = attrs.field(default=1, validator=int_in(1, 10**6))
     # Bulkheads
     max_concurrent_requests: int = attrs.field(default=10_000, validator=int_in(1, 10**7))
+    # Attempt timeouts and membership (gray failures: stalled nodes, departed members)
+    attempt_timeout_factor: float = attrs.field(default=3.0)
+    attempt_timeout_min: float = attrs.field(default=0.25, validator=positive_seconds)
+    max_members: int = attrs.field(default=64, validator=int_in(1, 10_000))
+    forget_members_after: float = attrs.field(default=60.0, validator=positive_seconds)
 
     def __attrs_post_init__(self) -> None:
         if self.min_connections > self.max_connections:
@@ -144,6 +149,7 @@ class ClientConfig:
             raise ConfigError(
                 f"slow_start must be a non-negative number of seconds, not {self.slow_start!r}"
             )
+        _check_number("attempt_timeout_factor", self.attempt_timeout_factor, 0, 1000)
         _check_number("retry_multiplier", self.retry_multiplier, 1, 10)
         _check_number("retry_jitter_factor", self.retry_jitter_factor, 0, 0.999)
         _check_number("retry_budget_ratio", self.retry_budget_ratio, 0, 100)

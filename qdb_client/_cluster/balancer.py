@@ -7,8 +7,13 @@ random source, so they are deterministic under test.
 - :class:`RoundRobin` (default): each candidate in turn.
 - :class:`LatencyAware`: power of two choices (Finagle, Envoy, MongoDB):
   draw two candidates, keep the one with the lower ``(in_flight + 1) *
-  latency_ewma``. A slow node accumulates in-flight requests and a high
+  latency``. A slow node accumulates in-flight requests and a high
   average, so it is picked less without ever being starved of probes.
+  ``latency`` is the node's load average (replies, and penalties for
+  attempts that met silence), raised to the age of its oldest request still
+  waiting: a node that stopped answering looks slower with every second,
+  before any timeout fires. A node with no estimate yet counts as the
+  typical (median) node among the candidates, not as the fastest.
 
 Slow start: a node that just came back from DOWN is accepted with
 probability growing linearly from 10% to 100% over ``slow_start`` seconds,
@@ -22,7 +27,7 @@ from collections.abc import Sequence
 
 from .node import Node
 
-__all__ = ["Balancer", "LatencyAware", "RoundRobin", "make_balancer"]
+__all__ = ["Balancer", "LatencyAware", "RoundRobin", "load", "make_balancer"]
 
 _MIN_RAMP = 0.1
 
@@ -77,7 +82,7 @@ class RoundRobin(Balancer):
 
 
 class LatencyAware(Balancer):
-    """Power of two choices by ``(in_flight + 1) * latency_ewma``."""
+    """Power of two choices by ``(in_flight + 1) * latency``."""
 
     name = "latency_aware"
 
@@ -89,13 +94,26 @@ class LatencyAware(Balancer):
             return second
         if not self._accepts(second, now):
             return first
-        return first if _load(first) <= _load(second) else second
+        typical: float | None = None
+        if first.latency_ewma is None or second.latency_ewma is None:
+            typical = _typical_latency(candidates)
+        return first if load(first, now, typical) <= load(second, now, typical) else second
 
 
-def _load(node: Node) -> float:
-    # Unknown latency counts as fast so a new node gets measured.
-    latency = node.latency_ewma if node.latency_ewma is not None else 0.0
+def load(node: Node, now: float, typical: float | None = None) -> float:
+    """What the latency-aware balancer weighs: ``(in_flight + 1) * latency``."""
+    latency = node.latency_ewma
+    if latency is None:
+        latency = typical if typical is not None else 0.0
+    oldest = node.oldest_in_flight()
+    if oldest is not None and now - oldest > latency:
+        latency = now - oldest
     return (node.in_flight + 1) * (latency + 1e-6)
+
+
+def _typical_latency(candidates: Sequence[Node]) -> float | None:
+    known = sorted(n.latency_ewma for n in candidates if n.latency_ewma is not None)
+    return known[len(known) // 2] if known else None
 
 
 def make_balancer(name: str, rng: random.Random, *, slow_start: float) -> Balancer:

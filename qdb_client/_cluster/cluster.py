@@ -1,10 +1,16 @@
 """The node registry: nodes, their pools and health monitors, node selection.
 
 Nodes come from the configured hosts and from the members a node announces
-in WELCOME (deduplicated by node id). ``select()`` asks the balancer for a
-node among the usable ones and waits, at most ``node_selection_timeout``,
-for one to become usable before raising NoAvailableNode with each node's
-state and reason.
+in WELCOME (deduplicated by node id, at most ``max_members`` nodes in all).
+A discovered member that no WELCOME has announced for ``forget_after``
+seconds and that has been DOWN that long is forgotten: its pool, monitor
+and reconnect loop stop. Configured hosts are never forgotten.
+``select()`` asks the balancer for a node among the usable ones and waits,
+at most ``node_selection_timeout``, for one to become usable before
+raising NoAvailableNode with each node's state and reason.
+
+Pool events reach each node's health monitor as health events (the pure
+machine of :mod:`.health_state` decides what they mean).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import trio
 
 from .._policies import BreakerSettings
 from .._pool import NodePool, PoolLimits, PoolListener
-from .._transport import Connection
+from .._transport import Connection, ConnectionListener
 from ..config import parse_address
 from ..errors import (
     CircuitOpen,
@@ -31,12 +37,13 @@ from ..errors import (
 )
 from .balancer import Balancer
 from .health import HealthMonitor, HealthSettings
+from .health_state import HealthEvent
 from .node import Node, NodeState
 
 __all__ = ["Cluster", "ClusterSettings"]
 
-#: Opens a connection to an address; the callback hears when it becomes unusable.
-Connect = Callable[[str, Callable[[Connection], None] | None], Awaitable[Connection]]
+#: Opens a connection to an address; the listener hears what happens to it.
+Connect = Callable[[str, ConnectionListener | None], Awaitable[Connection]]
 
 
 @attrs.frozen(kw_only=True)
@@ -51,6 +58,10 @@ class ClusterSettings:
     selection_timeout: float
     startup_timeout: float
     discover_members: bool = True
+    #: Nodes known at most (configured ones included); more announced members are skipped.
+    max_members: int = 64
+    #: Seconds a discovered member may stay DOWN and unannounced before it is forgotten.
+    forget_after: float = 60.0
 
 
 class _NodeListener(PoolListener):
@@ -63,6 +74,9 @@ class _NodeListener(PoolListener):
 
     def opened(self, pool: NodePool, connection: Connection) -> None:
         self.cluster._on_opened(self.node, connection)
+        monitor = self.cluster._monitors.get(self.node.address)
+        if monitor is not None:
+            monitor.report(HealthEvent.CONNECTION_OPENED)
 
     def open_failed(self, pool: NodePool, error: QdbError) -> None:
         monitor = self.cluster._monitors.get(self.node.address)
@@ -108,6 +122,10 @@ class Cluster:
         self._live: list[Node] | None = None
         #: Pools of nodes merged into another (closed with the client).
         self._merged_pools: list[NodePool] = []
+        #: Announced members not added because ``max_members`` nodes are known.
+        self.members_skipped = 0
+        #: Discovered members forgotten after staying DOWN and unannounced.
+        self.members_forgotten = 0
 
     # ------------------------------------------------------------ registry
 
@@ -132,16 +150,25 @@ class Cluster:
             max_waiters=self.settings.max_waiters,
             listener=listener,
         )
-        node = listener.node = Node(address, pool, node_id=node_id, breaker=self.settings.breaker)
-        node.changed_at = trio.current_time()
+        now = trio.current_time()
+        node = listener.node = Node(
+            address,
+            pool,
+            node_id=node_id,
+            breaker=self.settings.breaker,
+            failures_to_down=self.settings.health.failures_to_down,
+            now=now,
+        )
         node.configured = configured
+        if not configured:
+            node.announced_at = now
         node.tasks = trio.CancelScope()
         monitor = HealthMonitor(
             node,
             self.settings.health,
             connect=functools.partial(self._connect, address, None),
             rng=self._rng,
-            on_change=lambda _node: self._changed(),
+            on_change=self._on_health_change,
         )
         self.nodes.append(node)
         self._by_address[address] = node
@@ -188,6 +215,13 @@ class Cluster:
             raise ConfigError(f"no node {ref!r}; known nodes: {known}")
         return node
 
+    def statistics_totals(self) -> dict[str, int]:
+        """Registry counters: members skipped by the cap, members forgotten."""
+        return {
+            "members_skipped": self.members_skipped,
+            "members_forgotten": self.members_forgotten,
+        }
+
     def mark(self, ref: str, *, healthy: bool) -> None:
         """Operator override of a node's health."""
         node = self.find(ref)
@@ -208,17 +242,67 @@ class Cluster:
             if drop is node:
                 return
         if self.settings.discover_members:
-            known_ids = {n.node_id for n in self.nodes if n.node_id is not None}
-            for member in welcome.members:
-                if member.node_id in known_ids or member.address in self._by_address:
-                    continue
-                try:
-                    parse_address(member.address)
-                except ConfigError:
-                    continue  # a node announced something that isn't host:port
-                self.add_node(member.address, member.node_id)
-                known_ids.add(member.node_id)
+            self._learn_members(welcome.members)
         self._changed()
+
+    def _learn_members(self, members: Sequence[Any]) -> None:
+        now = trio.current_time()
+        by_id = {n.node_id: n for n in self.nodes if n.node_id is not None}
+        for member in members:
+            known = by_id.get(member.node_id) or self._by_address.get(member.address)
+            if known is not None:
+                known.announced_at = now
+                continue
+            if len(self.nodes) >= self.settings.max_members:
+                self.members_skipped += 1
+                continue
+            try:
+                parse_address(member.address)
+            except ConfigError:
+                continue  # a node announced something that isn't host:port
+            by_id[member.node_id] = self.add_node(member.address, member.node_id)
+
+    def _on_health_change(self, node: Node) -> None:
+        self._changed()
+        if (
+            not node.configured
+            and node.state is NodeState.DOWN
+            and node in self.nodes
+            and not node.forced_down
+        ):
+            now = trio.current_time()
+            window = self.settings.forget_after
+            announced = node.announced_at if node.announced_at is not None else -window
+            if now - node.changed_at >= window and now - announced >= window:
+                self._forget(node)
+
+    def _forget(self, node: Node) -> None:
+        """Stop tracking a discovered member that is gone (DOWN and unannounced)."""
+        self.members_forgotten += 1
+        node.pool.set_listener(PoolListener())
+        node.pool.disable("forgotten: no longer announced by the cluster")
+        if node.tasks is not None:
+            node.tasks.cancel()
+        self.nodes.remove(node)
+        self._monitors.pop(node.address, None)
+        self._by_address.pop(node.address, None)
+        self._nursery.start_soon(node.pool.aclose)
+        self._changed()
+
+    def report_silence(self, node: Node) -> None:
+        """An attempt on ``node`` met silence: its monitor checks it now."""
+        monitor = self._monitors.get(node.address)
+        if monitor is not None:
+            monitor.report(HealthEvent.ATTEMPT_SILENT)
+
+    def has_alternative(self, node: Node, tried: Sequence[Node]) -> bool:
+        """Whether a candidate other than ``node`` and those in ``tried`` exists
+        whose breaker would admit a request."""
+        now = trio.current_time()
+        return any(
+            n is not node and n not in tried and n.breaker.would_allow(now)
+            for n in self.candidates(tried)
+        )
 
     def _changed(self) -> None:
         self._live = None

@@ -1,9 +1,17 @@
 """Health probing of one node: heartbeats while UP, quick re-probes while
 SUSPECT, reconnection with backoff while DOWN.
 
+The decisions are the pure state machine's (:mod:`.health_state`); this
+module is its trio side: it runs the probes, feeds their results in as
+events, and carries out the actions that come back.
+
 - UP: every ``heartbeat_interval`` the node's connections that have been
   silent for that long are pinged (at least one connection per interval).
-  A failed or late PONG makes the node SUSPECT.
+  A failed or late PONG makes the node SUSPECT. An attempt that met silence
+  asks for a heartbeat at once (at most one per ``suspect_interval``), so a
+  node that stopped answering is found out before the next interval.
+  Answered heartbeats prove the node reachable: a breaker opened by
+  connection failures gets to probe at once.
 - SUSPECT: probed every ``suspect_interval`` (0.5 s, MongoDB's floor); each
   failure counts; ``failures_to_down`` consecutive failures make it DOWN.
   A connection failure also makes it SUSPECT with an immediate probe, and a
@@ -30,7 +38,8 @@ import trio
 from .._policies import Backoff
 from .._transport import Connection
 from ..errors import QdbError
-from .node import Node, NodeState
+from .health_state import Action, HealthEvent, NodeState
+from .node import Node
 
 __all__ = ["HealthMonitor", "HealthSettings"]
 
@@ -54,7 +63,7 @@ class HealthSettings:
 
 
 class HealthMonitor:
-    """Background task owning one node's health transitions."""
+    """Background task owning one node's health probes."""
 
     def __init__(
         self,
@@ -72,37 +81,52 @@ class HealthMonitor:
         self._on_change = on_change
         self._wake = trio.Event()
         self._probe_now = False
+        self._last_early_heartbeat = -math.inf
 
-    # ------------------------------------------------------------ signals
+    # ------------------------------------------------------------ events
+
+    def report(self, event: HealthEvent, reason: str | None = None) -> None:
+        """Feed one event to the node's health machine and carry out its actions."""
+        node = self.node
+        now = trio.current_time()
+        actions = node.health.handle(event, now, reason)
+        if not actions:
+            return
+        pool = node.pool
+        if Action.DISABLE_POOL in actions:
+            pool.disable(node.reason or "DOWN")
+        if Action.ENABLE_POOL in actions:
+            node.next_reconnect_at = None
+            pool.enable()
+        if Action.WARM_POOL in actions:
+            pool.warm()
+        if Action.RECOVERED in actions:
+            # Requests that failed while it died opened the breaker; a
+            # successful reconnect earns it half-open trial requests.
+            node.breaker.probe_now(now)
+        elif Action.REACHABLE in actions:
+            node.breaker.node_reachable(now)
+        if Action.CHANGED in actions:
+            self._on_change(node)
+        if Action.PROBE_NOW in actions:
+            self._probe_now = True
+            self._wake.set()
 
     def connection_failed(self, reason: str) -> None:
         """A connection to the node died: suspect it and probe at once."""
-        self.node.failures += 1
-        if self.node.state is NodeState.UP:
-            self._transition(NodeState.SUSPECT, reason)
-        self._probe_now = True
-        self._wake.set()
+        self.report(HealthEvent.CONNECTION_LOST, reason)
 
     def connect_failed(self, reason: str) -> None:
         """Opening a connection failed: the node is unreachable."""
-        self.node.failures += 1
-        if self.node.state is not NodeState.DOWN:
-            self._mark_down(reason)
-        self._wake.set()
+        self.report(HealthEvent.OPEN_FAILED, reason)
 
     def force(self, healthy: bool, reason: str = "marked unhealthy by operator") -> None:
         """Operator override: DOWN until marked healthy, or UP now."""
-        node = self.node
-        node.forced_down = not healthy
         if healthy:
-            node.consecutive_failures = 0
-            node.reconnect_attempts = 0
-            node.next_reconnect_at = None
-            self._transition(NodeState.UP, None)
-            node.pool.enable()
+            self.node.consecutive_failures = 0
+            self.report(HealthEvent.MARKED_UP)
         else:
-            self._mark_down(reason)
-        self._wake.set()
+            self.report(HealthEvent.MARKED_DOWN, reason)
 
     # --------------------------------------------------------------- loop
 
@@ -121,9 +145,23 @@ class HealthMonitor:
                 if node.state is NodeState.SUSPECT and not node.forced_down:
                     await self._suspect_probe()
             else:
-                await self._sleep_until(trio.current_time() + self.settings.heartbeat_interval)
-                if node.state is NodeState.UP and not self._probe_now:
-                    await self._heartbeat()
+                await self._up_step()
+
+    async def _up_step(self) -> None:
+        start = trio.current_time()
+        due = start + self.settings.heartbeat_interval
+        while trio.current_time() < due:
+            await self._sleep_until(due)
+            if self.node.state is not NodeState.UP or self.node.forced_down:
+                return
+            if self._probe_now:
+                self._probe_now = False
+                now = trio.current_time()
+                if now - self._last_early_heartbeat >= self.settings.suspect_interval:
+                    # An attempt met silence: check the node now, not at the interval.
+                    self._last_early_heartbeat = now
+                    break
+        await self._heartbeat()
 
     async def _sleep_until(self, deadline: float) -> None:
         with trio.move_on_at(deadline):
@@ -136,16 +174,16 @@ class HealthMonitor:
         targets = [c for c in connections if c.usable and c.last_received <= silent_since]
         if not targets and connections:
             targets = [c for c in connections if c.usable][:1]
+        if not targets:
+            return
         failures: list[str] = []
         async with trio.open_nursery() as nursery:
             for connection in targets:
                 nursery.start_soon(self._ping_connection, connection, failures)
-        if failures and self.node.state is NodeState.UP and not self.node.forced_down:
-            self.node.consecutive_failures = 1
-            if self.settings.failures_to_down <= 1:
-                self._mark_down(failures[0])
-            else:
-                self._transition(NodeState.SUSPECT, failures[0])
+        if failures:
+            self.report(HealthEvent.HEARTBEAT_FAILED, failures[0])
+        else:
+            self.report(HealthEvent.HEARTBEAT_OK)
 
     async def _ping_connection(self, connection: Connection, failures: list[str]) -> None:
         reason = await self._ping(connection)
@@ -164,34 +202,28 @@ class HealthMonitor:
         return f"no PONG within {self.settings.ping_timeout:g} s"
 
     async def _suspect_probe(self) -> None:
-        reason = await self._probe()
-        node = self.node
-        if node.forced_down or node.state is not NodeState.SUSPECT:
-            return  # an operator (or another report) decided while we probed
+        reason, connected = await self._probe()
         if reason is None:
-            node.consecutive_failures = 0
-            self._transition(NodeState.UP, None)
-            node.pool.warm()
-            return
-        node.consecutive_failures += 1
-        if reason.startswith("connect failed") or (
-            node.consecutive_failures >= self.settings.failures_to_down
-        ):
-            self._mark_down(reason)
+            self.report(HealthEvent.PROBE_OK)
+        elif not connected:
+            self.report(HealthEvent.PROBE_CONNECT_FAILED, reason)
         else:
-            node.reason = reason
+            self.report(HealthEvent.PROBE_FAILED, reason)
 
-    async def _probe(self) -> str | None:
-        """Ping over an existing connection, or over a fresh one if none is open."""
+    async def _probe(self) -> tuple[str | None, bool]:
+        """Ping over an existing connection, or over a fresh one if none is open.
+
+        Returns (why it failed or None, whether a connection was there to ping).
+        """
         connection = self.node.pool.any_connection()
         if connection is not None:
-            return await self._ping(connection)
+            return await self._ping(connection), True
         try:
             connection = await self._connect()
         except QdbError as exc:
-            return f"connect failed: {exc}"
+            return f"connect failed: {exc}", False
         try:
-            return await self._ping(connection)
+            return await self._ping(connection), True
         finally:
             await connection.aclose()
 
@@ -205,23 +237,12 @@ class HealthMonitor:
             await self._sleep_until(wake_at)
             if node.state is not NodeState.DOWN or node.forced_down:
                 return
+        self._probe_now = False
         node.next_reconnect_at = None
-        reason = await self._probe()
-        if node.forced_down or node.state is not NodeState.DOWN:
-            return  # marked by an operator while we probed
+        reason, _ = await self._probe()
         if reason is None:
-            node.consecutive_failures = 0
-            node.reconnect_attempts = 0
-            self._transition(NodeState.UP, None)
-            node.pool.enable()
+            self.report(HealthEvent.RECONNECTED)
         else:
-            node.reconnect_attempts += 1
-            node.reason = reason
-
-    def _mark_down(self, reason: str) -> None:
-        self.node.pool.disable(reason)
-        self._transition(NodeState.DOWN, reason)
-
-    def _transition(self, state: NodeState, reason: str | None) -> None:
-        if self.node.set_state(state, trio.current_time(), reason):
-            self._on_change(self.node)
+            self.report(HealthEvent.RECONNECT_FAILED, reason)
+        if node.state is NodeState.DOWN:
+            self._on_change(node)  # the registry may forget a member that stays gone

@@ -3,17 +3,37 @@
 from .backoff import Backoff, Jitter
 from .breaker import BreakerSettings, BreakerState, CircuitBreaker
 from .budget import RetryBudget, RetryBudgetSettings
-from .retry import RetryDecision, RetryPolicy, request_reached_node
+from .latency import AttemptTimeouts, LatencyTracker
+from .outcome import (
+    TABLE,
+    BreakerVerdict,
+    LatencyVerdict,
+    Outcome,
+    OutcomeKind,
+    RetryRule,
+    classify,
+    outcome_table_markdown,
+)
+from .retry import RetryDecision, RetryPolicy
 
 __all__ = [
+    "TABLE",
+    "AttemptTimeouts",
     "Backoff",
     "BreakerSettings",
     "BreakerState",
+    "BreakerVerdict",
     "CircuitBreaker",
     "Jitter",
+    "LatencyTracker",
+    "LatencyVerdict",
+    "Outcome",
+    "OutcomeKind",
     "RetryBudget",
     "RetryBudgetSettings",
     "RetryDecision",
     "RetryPolicy",
-    "request_reached_node",
+    "RetryRule",
+    "classify",
+    "outcome_table_markdown",
 ]

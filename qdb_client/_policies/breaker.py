@@ -6,10 +6,28 @@ OPEN: requests are refused (counted as ``circuit_open_requests``) until
 HALF_OPEN: at most ``half_open_probes`` requests at a time are let through;
 ``success_threshold`` successes close it, any failure opens it again.
 
-Only failures that say something about the node count (transport failures,
-timeouts, retryable server errors); a SQL error is the caller's problem and
-counts as a success of the node. Defaults follow seed 000: 5 failures to
-open, 2 successes to close, 30 s before half-open.
+What counts is decided once per attempt by the outcome classifier
+(:mod:`.outcome`, whose table docs/resilience.md prints): failures are
+connection losses and failed connects (cause ``connection``), silence
+(attempt timeouts, the node's TIMEOUT; cause ``slow``) and retryable node
+errors (cause ``overload``); a SQL error is the caller's problem and counts
+as a success of the node; a GOAWAY, a cancellation or our own pool's
+congestion count as nothing.
+
+Correlated failures count once: every failure carries an optional
+``correlation`` key (the id of the connection loss or failed connect behind
+it) and a key already counted in the current run of failures is only
+tallied in the metrics. So one reset that fails N requests in flight is one
+failure, not N.
+
+A breaker opened only by ``connection`` failures is given a second chance as
+soon as the node is shown reachable (a successful heartbeat, a reconnect):
+:meth:`node_reachable` moves it to HALF_OPEN. One opened by silence or
+overload waits out ``open_timeout``: a node that answers pings but not
+queries proves nothing by answering pings.
+
+Defaults follow seed 000: 5 failures to open, 2 successes to close, 30 s
+before half-open.
 """
 
 from __future__ import annotations
@@ -20,6 +38,9 @@ from typing import Any
 import attrs
 
 __all__ = ["BreakerSettings", "BreakerState", "CircuitBreaker"]
+
+#: Failure causes that a successful contact with the node disproves.
+_CONNECTION_CAUSES = frozenset({"connection"})
 
 
 class BreakerState(enum.Enum):
@@ -50,6 +71,12 @@ class CircuitBreaker:
         self._consecutive_failures = 0
         self._half_open_successes = 0
         self._probes = 0
+        #: Correlation keys already counted in the current run of failures.
+        self._correlated: set[object] = set()
+        #: Causes of the failures of the current run (and of the last opening).
+        self._causes: set[str] = set()
+        #: Causes of the failures that last opened the breaker.
+        self.opened_by: frozenset[str] = frozenset()
         #: Bumped at every state change; records carry the one they were admitted in.
         self.generation = 0
         self.total_requests = 0
@@ -106,17 +133,40 @@ class CircuitBreaker:
         if generation is not None and generation != self.generation:
             return
         self._consecutive_failures = 0
+        if self._correlated:
+            self._correlated.clear()
+        if self._causes:
+            self._causes.clear()
         if self._state is BreakerState.HALF_OPEN:
             self._probes = max(0, self._probes - 1)
             self._half_open_successes += 1
             if self._half_open_successes >= self.settings.success_threshold:
                 self._move(BreakerState.CLOSED, now)
 
-    def record_failure(self, now: float, generation: int | None = None) -> None:
-        """An admitted request failed because of the node (``generation`` as above)."""
+    def record_failure(
+        self,
+        now: float,
+        generation: int | None = None,
+        *,
+        cause: str = "",
+        correlation: object = None,
+    ) -> None:
+        """An admitted request failed because of the node (``generation`` as above).
+
+        ``cause`` is the outcome's kind of evidence (``connection``, ``slow``,
+        ``overload``); failures sharing a non-None ``correlation`` key are one
+        event and count once.
+        """
         self.failed_requests += 1
         if generation is not None and generation != self.generation:
             return
+        if correlation is not None:
+            if correlation in self._correlated:
+                if self._state is BreakerState.HALF_OPEN:
+                    self._probes = max(0, self._probes - 1)
+                return
+            self._correlated.add(correlation)
+        self._causes.add(cause)
         if self._state is BreakerState.HALF_OPEN:
             self._probes = max(0, self._probes - 1)
             self._open(now)
@@ -141,8 +191,24 @@ class CircuitBreaker:
         if self._state is BreakerState.OPEN:
             self._move(BreakerState.HALF_OPEN, now)
 
+    def node_reachable(self, now: float) -> bool:
+        """The node was just reached (a heartbeat answered, a connection opened).
+
+        An OPEN breaker that only connection failures opened goes HALF_OPEN at
+        once (those failures are disproved); returns whether it did.
+        """
+        if (
+            self._state is BreakerState.OPEN
+            and self.opened_by
+            and self.opened_by <= _CONNECTION_CAUSES
+        ):
+            self._move(BreakerState.HALF_OPEN, now)
+            return True
+        return False
+
     def _open(self, now: float) -> None:
         self._opened_at = now
+        self.opened_by = frozenset(self._causes)
         self._move(BreakerState.OPEN, now)
 
     def _move(self, state: BreakerState, now: float) -> None:
@@ -151,6 +217,8 @@ class CircuitBreaker:
         self._consecutive_failures = 0
         self._half_open_successes = 0
         self._probes = 0
+        self._correlated.clear()
+        self._causes.clear()
         self.transitions.append((now, state))
         del self.transitions[:-100]
 
@@ -162,5 +230,6 @@ class CircuitBreaker:
             "failed_requests": self.failed_requests,
             "circuit_open_requests": self.circuit_open_requests,
             "current_state": self.state(now).value,
+            "opened_by": sorted(self.opened_by),
             "transitions": [state.value for _, state in self.transitions],
         }

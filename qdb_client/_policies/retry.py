@@ -1,17 +1,24 @@
-"""Which failures are retried, when, and why not. Pure.
+"""Whether another attempt follows, when, and why not. Pure.
 
-A failed attempt is retried when all of these hold:
+The kind of failure is decided by the outcome classifier (:mod:`.outcome`);
+this policy adds the limits. A failed attempt is retried when all of these
+hold:
 
-1. the error is of a retryable kind: a transport failure, a pool failure,
-   or a server error whose ``retryable`` flag is set
-   (classes 408, 429, 500, 502, 503, 504 of the reliability catalogue);
-2. repeating it is safe: the request never reached a node, or it is
-   idempotent (a read, or a write carrying an idempotency key);
-3. retries remain (``max_retries``), and the retry budget has room;
-4. the next attempt fits the deadline: after the backoff delay at least
+1. its outcome allows a retry: always (the node did not process the
+   request: a retryable node error, a connection lost before the write, a
+   failed connect, our pool's congestion), or only if the request is safe to
+   repeat (a read, or a write carrying an idempotency key) when the request
+   may have run (a connection lost after the write, a corrupted reply, an
+   attempt timeout);
+2. retries remain (``max_retries``), and the retry budget has room (checked
+   by the pipeline);
+3. the next attempt fits the deadline: after the backoff delay at least
    ``min_attempt_time`` of the budget must be left.
 
-The backoff delay honours a server's ``retry_after_ms`` when longer.
+A re-queue (the node sent GOAWAY before processing the request) is no
+retry: it goes again at once, without backoff, and uses up neither a retry
+nor the budget (at most ``max_requeues`` times a call). The backoff delay
+honours a server's ``retry_after_ms`` when longer.
 """
 
 from __future__ import annotations
@@ -20,40 +27,20 @@ import random
 
 import attrs
 
-from ..errors import (
-    CircuitOpen,
-    MessageError,
-    NoAvailableNode,
-    PoolError,
-    QdbError,
-    ServerError,
-    TransportError,
-)
 from .backoff import Backoff
+from .outcome import Outcome, OutcomeKind, RetryRule
 
-__all__ = ["RetryDecision", "RetryPolicy", "request_reached_node"]
-
-
-def request_reached_node(error: BaseException) -> bool:
-    """Whether the failed request may have been seen (and applied) by a node."""
-    if isinstance(error, ServerError):
-        # The node answered; it decides what it applied (a retryable error
-        # from a node means it did not commit, see docs/protocol.md).
-        return True
-    if isinstance(error, (PoolError, NoAvailableNode)):
-        return False
-    if isinstance(error, TransportError):
-        return error.request_sent
-    return True
+__all__ = ["RetryDecision", "RetryPolicy"]
 
 
 @attrs.frozen
 class RetryDecision:
-    """Outcome of one retry decision: retry after ``delay``, or stop because ``reason``."""
+    """Retry after ``delay``, or stop because ``reason``; ``requeue``: not a retry."""
 
     retry: bool
     delay: float
     reason: str
+    requeue: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -69,56 +56,41 @@ class RetryPolicy:
         factory=lambda: Backoff(initial=0.1, maximum=5.0, multiplier=2.0, factor=0.1)
     )
     min_attempt_time: float = 0.01
-
-    def classify(self, error: BaseException, *, idempotent: bool) -> tuple[bool, str]:
-        """(retryable, why) for one failed attempt, ignoring limits."""
-        if isinstance(error, ServerError):
-            if not error.retryable:
-                return False, f"{error.name} ({error.code}) is not retryable"
-            if error.name == "TIMEOUT" and not idempotent and error.details.get("executed"):
-                return False, "the node timed out after executing a write without a key"
-            return True, f"{error.name} ({error.code}) is retryable"
-        if isinstance(error, CircuitOpen):
-            # Failing fast is the point: retrying would only wait out the breaker.
-            return False, "every usable node's circuit breaker is open"
-        if isinstance(error, NoAvailableNode):
-            # Selection already waited node_selection_timeout for a node.
-            return False, "no node became usable within the selection timeout"
-        if isinstance(error, PoolError):
-            return True, f"{type(error).__name__}: no node saw the request"
-        if isinstance(error, TransportError):
-            if not error.request_sent:
-                return True, f"{type(error).__name__} before the request was sent"
-            if idempotent:
-                return True, f"{type(error).__name__} after sending an idempotent request"
-            return False, f"{type(error).__name__} after sending a write without an idempotency key"
-        if isinstance(error, MessageError):
-            if idempotent:
-                return True, "reply was corrupted; the request is idempotent"
-            return False, "reply was corrupted; a write without a key can't be repeated"
-        if isinstance(error, QdbError):
-            return False, f"{type(error).__name__} is not retryable"
-        return False, f"unexpected {type(error).__name__}"
+    max_requeues: int = 8
 
     def decide(
         self,
         retries_done: int,
-        error: BaseException,
+        outcome: Outcome,
         *,
         idempotent: bool,
         remaining: float,
         rng: random.Random,
         previous_delay: float | None = None,
+        requeues_done: int = 0,
+        error: BaseException | None = None,
     ) -> RetryDecision:
-        """Retry after a delay, or give up, for the failure of attempt ``retries_done + 1``."""
-        retryable, why = self.classify(error, idempotent=idempotent)
-        if not retryable:
-            return RetryDecision(False, 0.0, why)
+        """Retry after a delay, or give up, after the attempt that ended in ``outcome``.
+
+        ``retries_done`` retries and ``requeues_done`` re-queues came before;
+        ``error`` (the attempt's exception) only words the reason and carries
+        a server's ``retry_after_ms``.
+        """
+        why = _describe(outcome, error)
+        rule = outcome.retry
+        if rule is RetryRule.REQUEUE and requeues_done < self.max_requeues:
+            return RetryDecision(True, 0.0, why, requeue=True)
+        if rule is RetryRule.NEVER:
+            return RetryDecision(False, 0.0, f"{why} is not retryable")
+        if rule is RetryRule.IF_SAFE and not idempotent:
+            return RetryDecision(
+                False, 0.0, f"{why}; a write without an idempotency key can't be repeated"
+            )
         if retries_done >= self.max_retries:
             return RetryDecision(False, 0.0, f"{why}, but all {self.max_retries} retries are used")
-        delay = self.backoff.delay(retries_done, rng, previous_delay)
+        delay = self.backoff.delay(retries_done, rng, previous_delay) if outcome.backoff else 0.0
         retry_after = getattr(error, "retry_after_ms", None)
-        if retry_after:
+        if isinstance(retry_after, int) and retry_after > 0:
             delay = max(delay, retry_after / 1000)
         if remaining - delay < self.min_attempt_time:
             return RetryDecision(
@@ -127,4 +99,21 @@ class RetryPolicy:
                 f"{why}, but {remaining:.3f} s of the deadline can't fit a {delay:.3f} s backoff"
                 " and another attempt",
             )
-        return RetryDecision(True, delay, why)
+        return RetryDecision(True, delay, f"{why}, retryable")
+
+
+def _describe(outcome: Outcome, error: BaseException | None) -> str:
+    name = getattr(error, "name", None)
+    code = getattr(error, "code", None)
+    if outcome.kind in (OutcomeKind.REJECTED, OutcomeKind.NODE_UNAVAILABLE) and name:
+        return f"{name} ({code})"
+    if outcome.kind is OutcomeKind.CIRCUIT_OPEN:
+        return "every usable node's circuit breaker is open (fail fast)"
+    if error is not None and outcome.kind in (
+        OutcomeKind.CONNECT_FAILED,
+        OutcomeKind.HANDSHAKE_REFUSED,
+        OutcomeKind.BAD_REQUEST,
+        OutcomeKind.UNEXPECTED,
+    ):
+        return f"{outcome.kind.value} ({type(error).__name__})"
+    return outcome.kind.value

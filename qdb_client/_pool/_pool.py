@@ -1,11 +1,18 @@
 """One node's connection pool: the trio side of ``_state.PoolState``.
 
-Callers ``reserve()`` a slot for one multiplexed request, or ``lease()`` a
-whole connection. When nothing has room the pool opens a connection in the
+Callers ``acquire_slot()`` a connection with one request slot reserved on
+it (then send on it, or give the slot back), or ``lease()`` a whole
+connection. When nothing has room the pool opens a connection in the
 background (never in the caller's task, so a caller giving up doesn't
 abort a half-made connection) and the caller waits in a bounded queue for
 at most ``acquire_timeout``. A failed open wakes the waiters with its error
-rather than letting them wait out the timeout.
+rather than letting them wait out the timeout; after it, no new open starts
+for ``OPEN_RETRY_DELAY``, and the waiters are woken again when that delay
+ends (as MongoDB's CMAP wakes waiters after every connect attempt).
+
+Request counts live in each connection (the in-flight ledger, orphans of
+cancelled callers included); the pool is the connection's listener and
+hears when a slot frees or the connection stops taking work.
 """
 
 from __future__ import annotations
@@ -15,19 +22,20 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 
-from .._transport import Connection
+from .._transport import Connection, ConnectionListener
 from ..errors import ClientClosed, ConnectError, PoolQueueFull, PoolTimeout, QdbError
 from ._state import PoolLimits, PoolState
 
-__all__ = ["NodePool", "PoolListener"]
+__all__ = ["NodePool", "PoolListener", "Reservation"]
 
 #: Seconds after a failed open before waiters may try another one.
 OPEN_RETRY_DELAY = 1.0
 
-Connector = Callable[[Callable[[Connection], None]], Awaitable[Connection]]
+Connector = Callable[[ConnectionListener], Awaitable[Connection]]
 
 
 class _Waiter:
@@ -39,6 +47,24 @@ class _Waiter:
         self.exclusive = exclusive
         self.event = trio.Event()
         self.granted: tuple[int, Connection] | None = None
+
+
+class Reservation:
+    """A request slot reserved on ``connection`` by :meth:`NodePool.reserve`."""
+
+    __slots__ = ("connection", "used")
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.used = False
+
+    async def request(self, method: str, args: dict[str, Any], **options: Any) -> Any:
+        """Send one request on the slot and wait for its result."""
+        if self.used:
+            raise RuntimeError("a reserved slot carries one request")
+        self.used = True
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return await self.connection.send_reserved(method, args, **options).wait()
 
 
 class PoolListener:
@@ -84,6 +110,8 @@ class NodePool:
         self._maintenance_at = math.inf
         self._open_failures = 0
         self._last_open_failure = -math.inf
+        #: When waiters held back by a failed open may try again (inf: none held).
+        self._reopen_at = math.inf
         self._warm_after_failure = False
         #: The last error from opening a connection, if the last open failed.
         self.last_open_error: QdbError | None = None
@@ -93,26 +121,28 @@ class NodePool:
     # ---------------------------------------------------------------- public
 
     @asynccontextmanager
-    async def reserve(self) -> AsyncIterator[Connection]:
-        """A connection with room for one more request, held for the block."""
-        connection_id, connection = await self.acquire_slot()
-        try:
-            yield connection
-        finally:
-            self.release_slot(connection_id)
+    async def reserve(self) -> AsyncIterator[Reservation]:
+        """One request slot on a connection, held for the block.
 
-    async def acquire_slot(self) -> tuple[int, Connection]:
-        """Reserve room for one request: (slot token, connection).
-
-        The hot-path form of ``reserve()``; every successful call must be
-        paired with ``release_slot(token)``.
+        Send on it once with ``slot.request(...)``; a slot the block did not
+        use is given back when it exits.
         """
-        return await self._acquire(exclusive=False)
+        slot = Reservation(await self.acquire_slot())
+        try:
+            yield slot
+        finally:
+            if not slot.used:
+                slot.connection.unreserve()
 
-    def release_slot(self, token: int) -> None:
-        """The request of an ``acquire_slot`` finished."""
-        self.state.release(token, trio.current_time())
-        self._after_release(token)
+    async def acquire_slot(self) -> Connection:
+        """A connection with one request slot reserved on it.
+
+        Send on it at once with ``connection.send_reserved(...)`` (which gives
+        the slot back if it raises), or give the slot back with
+        ``connection.unreserve()``; the connection frees it when the reply
+        comes.
+        """
+        return (await self._acquire(exclusive=False))[1]
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[Connection]:
@@ -191,6 +221,7 @@ class NodePool:
             "opening": state.opening,
             "retiring": len(state.connections) - state.active,
             "in_flight": state.reserved,
+            "orphaned": sum(c.orphaned for c in self._connections.values()),
             "waiting": len(self._queue),
         }
 
@@ -207,8 +238,11 @@ class NodePool:
                 for _ in range(self.state.deficit()):
                     if self.state.can_open():
                         self._start_open()
+            if now >= self._reopen_at:
+                self._reopen_at = math.inf
+                self._wake_waiters()  # the delay after a failed open is over: try again
             wake_at = self.state.next_expiry(now)
-            self._maintenance_at = math.inf if wake_at is None else wake_at
+            self._maintenance_at = min(math.inf if wake_at is None else wake_at, self._reopen_at)
             with trio.move_on_at(self._maintenance_at):
                 await self._maintenance.wait()
             self._maintenance = trio.Event()
@@ -325,14 +359,13 @@ class NodePool:
 
     def _give_back(self, waiter: _Waiter) -> None:
         assert waiter.granted is not None
-        connection_id, _ = waiter.granted
+        connection_id, connection = waiter.granted
         waiter.granted = None
-        now = trio.current_time()
         if waiter.exclusive:
-            self.state.return_lease(connection_id, now, reusable=True)
+            self.state.return_lease(connection_id, trio.current_time(), reusable=True)
+            self._after_release(connection_id)
         else:
-            self.state.release(connection_id, now)
-        self._after_release(connection_id)
+            connection.unreserve()  # frees the slot; slot_freed() does the rest
 
     def _wake_waiters(self) -> None:
         """Let every queued caller re-check (failures, closing, new capacity)."""
@@ -354,7 +387,8 @@ class NodePool:
             if exclusive:
                 self.state.lease(record.id, now)
             else:
-                self.state.reserve(record.id, now)
+                connection.reserve()
+                record.last_used = now
             return record.id, connection
 
     def _after_release(self, connection_id: int) -> None:
@@ -391,42 +425,61 @@ class NodePool:
 
     async def _open_one(self) -> None:
         try:
-            connection = await self._connect(self._on_unusable)
+            connection = await self._connect(self)
         except Exception as exc:
             if not isinstance(exc, QdbError):  # defensive: connect translates errors
                 exc = ConnectError(
                     f"connecting to {self.address} failed: {exc!r}", node=self.address
                 )
-            self.state.open_finished(None, trio.current_time())
+            if isinstance(exc, ConnectError) and exc.failure_id is None:
+                exc.failure_id = next(_OPEN_FAILURES)  # one refusal, however many waiters see it
+            now = trio.current_time()
+            self.state.open_finished(None, now)
             self._open_failures += 1
             self._warm_after_failure = False
             self.last_open_error = exc
-            self._last_open_failure = trio.current_time()
+            self._last_open_failure = now
+            if self._queue:
+                # Waiters may not open again before the delay: wake them when it ends.
+                self._reopen_at = now + OPEN_RETRY_DELAY
+                self._wake_maintenance()
             self._listener.open_failed(self, exc)
             self._wake_waiters()
             return
         except BaseException:
             self.state.open_finished(None, trio.current_time())
             raise
-        if self._closed:
+        if self._closed or self._disabled is not None:
+            # The node went out of service (DOWN, or found to be another
+            # node's alias) while this was opening: nothing may use it.
             self.state.open_finished(None, trio.current_time())
             await connection.aclose()
+            self._wake_maintenance()
             return
         connection_id = next(self._ids)
         connection.tag = connection_id
         self._connections[connection_id] = connection
-        self.state.open_finished(
-            connection_id, trio.current_time(), capacity=connection.max_in_flight
-        )
+        self.state.open_finished(connection_id, trio.current_time(), connection)
         self.last_open_error = None
+        self._reopen_at = math.inf
         self._warm_after_failure = True
         self._listener.opened(self, connection)
         if not connection.usable:
-            self._on_unusable(connection)
+            self.connection_unusable(connection)
         self._wake_waiters()
         self._wake_maintenance()
 
-    def _on_unusable(self, connection: Connection) -> None:
+    # ------------------------------------------------- connection listener
+
+    def slot_freed(self, connection: Connection) -> None:
+        """A request slot on ``connection`` became free (its ledger says so)."""
+        connection_id = connection.tag
+        if isinstance(connection_id, int) and connection_id in self._connections:
+            self.state.touch(connection_id, trio.current_time())
+            self._after_release(connection_id)
+
+    def connection_unusable(self, connection: Connection) -> None:
+        """``connection`` stopped taking new requests (GOAWAY, failure, close)."""
         connection_id = connection.tag
         if not isinstance(connection_id, int) or connection_id not in self._connections:
             return
@@ -449,6 +502,10 @@ class NodePool:
 
     def _wake_maintenance(self) -> None:
         self._maintenance.set()
+
+
+#: Ids of failed opens: the ``failure_id`` shared by every waiter that sees one.
+_OPEN_FAILURES = itertools.count(1)
 
 
 def _copy(error: QdbError) -> QdbError:

@@ -2,11 +2,18 @@
 
 No trio here: time comes in as ``now`` and the methods return what to do
 (open one more connection, close these). The trio wrapper in ``_pool.py``
-carries the decisions out. Invariants, checked by the stateful tests:
+carries the decisions out.
+
+Request counts are not kept here: each record reads them from its
+connection's ledger (an object with ``in_flight`` and ``max_in_flight``,
+the transport's Connection in production), which also counts requests the
+pool never saw end, such as orphans of cancelled callers. So the pool and
+the connection can never disagree about room. Invariants, checked by the
+stateful tests:
 
 - open + opening connections never exceed ``max_connections``, and at most
   ``max_connecting`` are being opened at once;
-- a connection never carries more reserved requests than its capacity;
+- a connection is handed out only when its ledger has room;
 - an exclusively leased connection carries nothing else, and a lease is
   returned exactly once;
 - a connection idle for ``idle_timeout`` (beyond ``min_connections``) or
@@ -17,9 +24,34 @@ carries the decisions out. Invariants, checked by the stateful tests:
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import attrs
 
-__all__ = ["ConnectionRecord", "PoolLimits", "PoolState"]
+__all__ = ["ConnectionRecord", "Ledger", "PoolLimits", "PoolState"]
+
+
+class Ledger(Protocol):
+    """The request counts of one connection, as its owner keeps them."""
+
+    @property
+    def in_flight(self) -> int:
+        """Request slots taken."""
+        ...
+
+    @property
+    def orphaned(self) -> int:
+        """Slots held by requests whose callers gave up (awaiting the node's word)."""
+        ...
+
+    @property
+    def max_in_flight(self) -> int:
+        """Request slots the connection has."""
+        ...
+
+    def has_room(self) -> bool:
+        """Whether one more request may go on it now."""
+        ...
 
 
 @attrs.frozen(kw_only=True)
@@ -40,20 +72,34 @@ class ConnectionRecord:
     id: int
     opened_at: float
     last_used: float
-    capacity: int
-    reserved: int = 0
+    ledger: Ledger
     leased: bool = False
     retiring: bool = False
 
     @property
+    def reserved(self) -> int:
+        """Requests on it now (read from its ledger)."""
+        return self.ledger.in_flight
+
+    @property
+    def capacity(self) -> int:
+        """Requests it can carry at once (read from its ledger)."""
+        return self.ledger.max_in_flight
+
+    @property
     def idle(self) -> bool:
-        """No request on it and not leased."""
-        return self.reserved == 0 and not self.leased
+        """No live request on it and not leased.
+
+        Orphans don't count: nobody waits for them, and closing the
+        connection ends them on the node as well.
+        """
+        ledger = self.ledger
+        return ledger.in_flight == ledger.orphaned and not self.leased
 
     @property
     def shareable(self) -> bool:
         """May take one more multiplexed request."""
-        return not self.leased and not self.retiring and self.reserved < self.capacity
+        return not self.leased and not self.retiring and self.ledger.has_room()
 
 
 class PoolState:
@@ -155,31 +201,24 @@ class PoolState:
             raise AssertionError("open_started beyond the pool's limits")
         self.opening += 1
 
-    def open_finished(self, connection_id: int | None, now: float, capacity: int = 1) -> None:
-        """A connection attempt ended, successfully if ``connection_id`` is given."""
+    def open_finished(
+        self, connection_id: int | None, now: float, ledger: Ledger | None = None
+    ) -> None:
+        """A connection attempt ended, successfully if ``connection_id`` is given
+        (then ``ledger`` is the new connection's request counts)."""
         self.opening -= 1
         if connection_id is not None:
+            if ledger is None:
+                raise AssertionError("an opened connection needs its ledger")
             self.connections[connection_id] = ConnectionRecord(
-                id=connection_id, opened_at=now, last_used=now, capacity=max(1, capacity)
+                id=connection_id, opened_at=now, last_used=now, ledger=ledger
             )
 
-    def reserve(self, connection_id: int, now: float) -> None:
-        """One more request goes on this connection."""
-        record = self.connections[connection_id]
-        if not record.shareable:
-            raise AssertionError(f"connection {connection_id} has no room")
-        record.reserved += 1
-        record.last_used = now
-
-    def release(self, connection_id: int, now: float) -> None:
-        """A request on this connection finished."""
+    def touch(self, connection_id: int, now: float) -> None:
+        """A request went on, or came off, this connection."""
         record = self.connections.get(connection_id)
-        if record is None:
-            return  # closed meanwhile
-        if record.reserved <= 0:
-            raise AssertionError(f"release without reserve on connection {connection_id}")
-        record.reserved -= 1
-        record.last_used = now
+        if record is not None:
+            record.last_used = now
 
     def lease(self, connection_id: int, now: float) -> None:
         """Hand the whole connection to one owner."""

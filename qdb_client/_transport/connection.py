@@ -1,4 +1,4 @@
-"""One multiplexed connection to a node.
+"""One multiplexed connection to a node, and the ledger of its requests.
 
 Layout: a caller encodes its REQUEST and puts it in the outbox (no await
 between the protocol state change and the enqueue); a writer task drains the
@@ -13,14 +13,23 @@ not sent) or abandons one already written (a CANCEL goes out and the late
 reply is dropped: ids are never reused, so it can't reach another caller).
 Only the connection's own failure can interrupt a write, and that fails
 every waiter with a typed error.
+
+The connection is the in-flight ledger of its node's work: ``in_flight``
+counts requests reserved, queued, sent and *orphaned*. A request whose
+caller gave up after it was written stays orphaned, still holding its slot,
+until the node confirms it stopped (its reply, or the ERROR ``CANCELLED``
+the node answers a CANCEL with; docs/protocol.md section 8.3), so a storm
+of cancellations can never push more requests at the node than its
+``max_in_flight``. An orphan the node never confirms is forgotten once its
+deadline plus :data:`ORPHAN_GRACE` has passed. The pool reads its counts
+from here and hears when a slot frees.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -31,6 +40,7 @@ from ..errors import (
     ConnectionLost,
     FrameError,
     HandshakeError,
+    MessageError,
     ProtocolError,
     ProtocolViolation,
     QdbError,
@@ -51,23 +61,40 @@ from ..protocol import (
     Role,
     Welcome,
     error_from_message,
+    receive_event,
 )
 from .direct import DirectWriter
 
-__all__ = ["Connection", "PendingRequest"]
+__all__ = ["ORPHAN_GRACE", "Connection", "ConnectionListener", "PendingRequest"]
 
-_READ_SIZE = 65536
 _MAX_WRITE_BATCH = 256 * 1024
 #: Bytes queued for the writer beyond which new requests wait (a stalled peer).
 _MAX_QUEUED_BYTES = 8 * 1024 * 1024
+#: Seconds past its deadline after which an unconfirmed orphan is forgotten.
+ORPHAN_GRACE = 2.0
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_EMPTY = b""
+#: Connection serial numbers: the ``failure_id`` of every error one connection's death causes.
+_SERIALS = itertools.count(1)
+
+
+class ConnectionListener(Protocol):
+    """What a connection tells its owner (the pool), synchronously."""
+
+    def connection_unusable(self, connection: Connection) -> None:
+        """It stopped taking new requests: once on the first GOAWAY, once when it
+        fails or closes."""
+
+    def slot_freed(self, connection: Connection) -> None:
+        """A request slot became free (a reply, a confirmed orphan, a withdrawal)."""
 
 
 class PendingRequest:
     """A request (or ping) from the moment it is queued until its reply.
 
-    ``sent`` becomes True when the writer starts writing its frame; a request
-    whose caller gives up before that was never sent.
+    ``sent`` becomes True when its frame starts going to the kernel; a
+    request whose caller gives up before that was never sent. ``started``
+    is the trio time it was queued.
     """
 
     __slots__ = (
@@ -76,21 +103,34 @@ class PendingRequest:
         "_event",
         "_result",
         "data",
+        "expires",
         "holds_slot",
         "request_id",
         "sent",
+        "started",
         "withdrawn",
     )
 
     def __init__(
-        self, connection: Connection, request_id: int, data: bytes, *, holds_slot: bool
+        self,
+        connection: Connection,
+        request_id: int,
+        data: bytes,
+        *,
+        holds_slot: bool,
+        started: float,
+        expires: float,
     ) -> None:
         self._connection = connection
         self.request_id = request_id
+        #: The frame until it is written (then released).
         self.data = data
         self.holds_slot = holds_slot
         self.sent = False
         self.withdrawn = False
+        self.started = started
+        #: When an orphan of this request is forgotten if never confirmed.
+        self.expires = expires
         self._event = trio.Event()
         self._result: Any = None
         self._error: BaseException | None = None
@@ -108,7 +148,7 @@ class PendingRequest:
     async def wait(self) -> Any:
         """Wait for the reply; return the result or raise the typed error.
 
-        Cancellation withdraws an unsent frame, or abandons a sent one.
+        Cancellation withdraws an unsent frame, or orphans a sent one.
         """
         try:
             await self._event.wait()
@@ -127,9 +167,7 @@ class Connection:
     nursery.start(connection.run, hello)``: ``run`` performs the handshake,
     reports readiness, then runs the reader and writer until the connection
     closes. ``run`` never raises after readiness; failures are recorded in
-    ``error`` and raised to waiters and later callers. ``on_unusable`` is
-    called synchronously when the connection stops taking new requests:
-    once on the first GOAWAY, once when it fails or closes.
+    ``error`` and raised to waiters and later callers.
     """
 
     def __init__(
@@ -139,17 +177,22 @@ class Connection:
         address: str,
         max_frame_size: int,
         max_in_flight: int,
-        on_unusable: Callable[[Connection], None] | None = None,
+        listener: ConnectionListener | None = None,
     ) -> None:
         self.address = address
-        self._on_unusable = on_unusable
+        self._listener = listener
+        #: Identifies this connection in ``failure_id`` of the errors its death causes.
+        self.serial = next(_SERIALS)
         #: Free for the owner's bookkeeping (the pool stores its id here).
         self.tag: object = None
         self._stream = stream
         self._protocol = ProtocolConnection(Role.CLIENT, max_frame_size=max_frame_size)
         self._limit = max_in_flight
         self._ids = itertools.count(1)
+        #: Live requests by id, oldest first (ids increase).
         self._waiting: dict[int, PendingRequest] = {}
+        #: Abandoned after their write, still holding a slot until confirmed.
+        self._orphans: dict[int, PendingRequest] = {}
         self._outbox: deque[PendingRequest | bytes] = deque()
         self._outbox_lot = trio.lowlevel.ParkingLot()
         self._slot_lot = trio.lowlevel.ParkingLot()
@@ -169,10 +212,15 @@ class Connection:
         self.welcome: Welcome | None = None
         #: trio time of the last frame sent or received.
         self.last_activity = trio.current_time()
-        #: trio time of the last bytes received (proof the node is alive).
+        #: trio time of the last frame received (proof the node is alive).
         self.last_received = self.last_activity
         self.requests_sent = 0
+        #: Replies that found no caller (their caller had gone: late replies).
         self.late_replies_dropped = 0
+        #: Replies for ids this connection never had in flight.
+        self.unknown_replies = 0
+        #: Orphans forgotten because the node never confirmed them.
+        self.orphans_expired = 0
         self.bad_messages = 0
 
     # ---------------------------------------------------------------- status
@@ -184,8 +232,13 @@ class Connection:
 
     @property
     def in_flight(self) -> int:
-        """Requests sent or queued and not yet answered."""
+        """Request slots taken: reserved, queued, sent, or orphaned."""
         return self._in_flight
+
+    @property
+    def orphaned(self) -> int:
+        """Requests abandoned after their write that the node has not confirmed."""
+        return len(self._orphans)
 
     @property
     def max_in_flight(self) -> int:
@@ -196,6 +249,18 @@ class Connection:
     def usable(self) -> bool:
         """True while new requests may be sent."""
         return self.error is None and self.draining_reason is None and self.welcome is not None
+
+    def has_room(self) -> bool:
+        """Whether one more request may be reserved now."""
+        if self._in_flight >= self._limit and self._orphans:
+            self._expire_orphans(trio.current_time())
+        return self._in_flight < self._limit and self._queued_bytes < _MAX_QUEUED_BYTES
+
+    def oldest_started(self) -> float | None:
+        """trio time the oldest live request was queued (None when none is)."""
+        for pending in self._waiting.values():
+            return pending.started
+        return None
 
     def _check_usable(self) -> None:
         if self.error is not None:
@@ -208,6 +273,55 @@ class Connection:
             )
 
     # -------------------------------------------------------------- requests
+
+    def reserve(self) -> None:
+        """Take one request slot for a request about to be sent (``has_room()`` first).
+
+        Pair with :meth:`send_reserved` or :meth:`unreserve`. On a failed
+        connection it takes nothing (the send then raises its error).
+        """
+        if self.error is None:
+            self._in_flight += 1
+
+    def unreserve(self) -> None:
+        """Give back a slot taken with :meth:`reserve` and not used."""
+        if self._in_flight > 0 and self.error is None:
+            self._in_flight -= 1
+            self._slot_freed()
+
+    def send_reserved(
+        self,
+        method: str,
+        args: dict[str, Any],
+        *,
+        deadline_ms: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> PendingRequest:
+        """Queue a REQUEST on a reserved slot, synchronously.
+
+        Raises at once (nothing sent, the slot given back) if the connection is
+        unusable, the arguments can't be encoded, or the frame exceeds the
+        node's limit.
+        """
+        try:
+            self._check_usable()
+            request_id = next(self._ids)
+            data = self._protocol.send(
+                Request(
+                    request_id=request_id,
+                    method=method,
+                    args=args,
+                    deadline_ms=deadline_ms,
+                    idempotency_key=idempotency_key,
+                )
+            )
+        except BaseException:
+            self.unreserve()
+            raise
+        self.requests_sent += 1
+        now = trio.current_time()
+        budget = deadline_ms / 1000 if deadline_ms is not None else 3600.0
+        return self._enqueue(request_id, data, holds_slot=True, now=now, expires=now + budget)
 
     async def send_request(
         self,
@@ -225,22 +339,13 @@ class Connection:
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             self._check_usable()
-            if self._in_flight < self._limit and self._queued_bytes < _MAX_QUEUED_BYTES:
+            if self.has_room():
                 break
             await self._slot_lot.park()
-        request_id = next(self._ids)
-        data = self._protocol.send(
-            Request(
-                request_id=request_id,
-                method=method,
-                args=args,
-                deadline_ms=deadline_ms,
-                idempotency_key=idempotency_key,
-            )
+        self.reserve()
+        return self.send_reserved(
+            method, args, deadline_ms=deadline_ms, idempotency_key=idempotency_key
         )
-        self._in_flight += 1
-        self.requests_sent += 1
-        return self._enqueue(request_id, data, holds_slot=True)
 
     async def request(self, method: str, args: dict[str, Any], **options: Any) -> Any:
         """Send a request and wait for its result (``send_request`` + ``wait``)."""
@@ -258,11 +363,16 @@ class Connection:
         request_id = next(self._ids)
         started = trio.current_time()
         data = self._protocol.send(Ping(request_id))
-        await self._enqueue(request_id, data, holds_slot=False).wait()
+        pending = self._enqueue(request_id, data, holds_slot=False, now=started, expires=started)
+        await pending.wait()
         return trio.current_time() - started
 
-    def _enqueue(self, request_id: int, data: bytes, *, holds_slot: bool) -> PendingRequest:
-        pending = PendingRequest(self, request_id, data, holds_slot=holds_slot)
+    def _enqueue(
+        self, request_id: int, data: bytes, *, holds_slot: bool, now: float, expires: float
+    ) -> PendingRequest:
+        pending = PendingRequest(
+            self, request_id, data, holds_slot=holds_slot, started=now, expires=expires
+        )
         self._waiting[request_id] = pending
         if self._direct is not None and not self._outbox and not self._writing:
             # Fast path: the socket is ours right now, so try to hand the
@@ -271,11 +381,10 @@ class Connection:
             written = self._direct.write(data)
             if written:
                 pending.sent = True
-                self.last_activity = trio.current_time()
-                if written == len(data):
-                    return pending
-                data = data[written:]  # the rest goes through the writer, in order
-                self._queue_bytes(data)
+                pending.data = _EMPTY
+                self.last_activity = now
+                if written < len(data):
+                    self._queue_bytes(data[written:])  # the rest goes through the writer
                 return pending
         self._queued_bytes += len(data)
         self._outbox.append(pending)
@@ -297,17 +406,33 @@ class Connection:
             # slot back, so abandoned frames can't pile up in the outbox.
             pending.withdrawn = True
             return
-        self._release_slot(pending)
-        if self.error is None:
-            # Written already: ask the node to stop; its late reply will find
-            # no waiter and be dropped.
-            self._queue_bytes(self._protocol.send(Cancel(pending.request_id)))
+        if not pending.holds_slot:
+            return  # a ping: nothing to account for
+        if self.error is not None:
+            self._release_slot(pending)
+            return
+        # Written already: ask the node to stop, and keep the slot until it
+        # confirms (its reply or CANCELLED), so we never overrun its limit.
+        self._orphans[pending.request_id] = pending
+        self._queue_bytes(self._protocol.send(Cancel(pending.request_id)))
+
+    def _expire_orphans(self, now: float) -> None:
+        expired = [rid for rid, p in self._orphans.items() if now >= p.expires + ORPHAN_GRACE]
+        for request_id in expired:
+            self.orphans_expired += 1
+            self._release_slot(self._orphans.pop(request_id))
 
     def _release_slot(self, pending: PendingRequest) -> None:
         if pending.holds_slot:  # at most once per request
             pending.holds_slot = False
             self._in_flight -= 1
+            self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        if self._slot_lot:
             self._slot_lot.unpark()
+        if self._listener is not None:
+            self._listener.slot_freed(self)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -317,7 +442,7 @@ class Connection:
             welcome = await self._handshake(hello)
         except BaseException:
             self.error = self.error or ConnectionLost(
-                "handshake did not complete", node=self.address
+                "handshake did not complete", node=self.address, failure_id=self.serial
             )
             await trio.aclose_forcefully(self._stream)
             self._finished.set()
@@ -331,7 +456,13 @@ class Connection:
                     nursery.start_soon(self._guard, self._read_loop)
                     nursery.start_soon(self._guard, self._write_loop)
         finally:
-            self._fail(ConnectionLost(f"connection to {self.address} closed", node=self.address))
+            self._fail(
+                ConnectionLost(
+                    f"connection to {self.address} closed",
+                    node=self.address,
+                    failure_id=self.serial,
+                )
+            )
             if self._direct is not None:
                 self._direct.close()
                 self._direct = None
@@ -353,7 +484,9 @@ class Connection:
             return
         self.error = error
         waiting, self._waiting = self._waiting, {}
+        self._orphans.clear()
         for pending in waiting.values():
+            pending.holds_slot = False
             pending._finish(error=_copy_error(error, request_sent=pending.sent))
         self._outbox.clear()
         self._queued_bytes = 0
@@ -363,36 +496,40 @@ class Connection:
         self._notify_unusable()
 
     def _notify_unusable(self) -> None:
-        if self._on_unusable is not None:
-            self._on_unusable(self)
+        if self._listener is not None:
+            self._listener.connection_unusable(self)
 
     async def _guard(self, loop: Any) -> None:
         try:
             await loop()
         except _TRANSPORT_ERRORS as exc:
-            self._fail(_lost(self.address, f"transport failed: {exc!r}", exc))
+            self._fail(self._lost(f"transport failed: {exc!r}", exc))
         except (FrameError, ProtocolViolation) as exc:
-            self._fail(_lost(self.address, f"protocol error from node: {exc}", exc))
+            self._fail(self._lost(f"protocol error from node: {exc}", exc))
         except QdbError as exc:
             self._fail(exc)
         except Exception as exc:  # a bug must not crash the owner's nursery
-            self._fail(_lost(self.address, f"internal error: {exc!r}", exc))
+            self._fail(self._lost(f"internal error: {exc!r}", exc))
+
+    def _lost(self, message: str, cause: BaseException) -> ConnectionLost:
+        error = ConnectionLost(
+            f"connection to {self.address} lost: {message}",
+            node=self.address,
+            failure_id=self.serial,
+        )
+        error.__cause__ = cause
+        return error
 
     async def _handshake(self, hello: Hello) -> Welcome:
         try:
             await self._stream.send_all(self._protocol.send(hello))
-            while True:
-                event = self._protocol.next_event()
-                if event is None:
-                    data = await self._stream.receive_some(_READ_SIZE)
-                    if not data:
-                        raise ConnectError(
-                            f"{self.address} closed the connection during the handshake",
-                            node=self.address,
-                        )
-                    self._protocol.receive_data(data)
-                    continue
-                return self._handshake_reply(event)
+            event = await receive_event(self._protocol, self._stream)
+            if event is None:
+                raise ConnectError(
+                    f"{self.address} closed the connection during the handshake",
+                    node=self.address,
+                )
+            return self._handshake_reply(event)
         except _TRANSPORT_ERRORS as exc:
             raise ConnectError(
                 f"handshake with {self.address} failed: {exc!r}", node=self.address
@@ -414,16 +551,13 @@ class Connection:
                     offered = []
                 raise VersionMismatch(
                     f"{self.address} speaks none of our protocol versions: {event.message}",
-                    supported_versions=[v for v in offered if isinstance(v, int)],
+                    supported_versions=[v for v in offered if isinstance(v, int) and 0 < v < 256],
                     node=self.address,
                 )
-            raise self._server_error(event)
+            raise error_from_message(event, node=self.address)
         raise HandshakeError(
-            f"unexpected handshake reply from {self.address}: {event!r}", node=self.address
+            f"unexpected handshake reply from {self.address}: {event!r:.300}", node=self.address
         )
-
-    def _server_error(self, error: Error) -> QdbError:
-        return error_from_message(error, node=self.address)
 
     # ----------------------------------------------------------- I/O loops
 
@@ -438,16 +572,18 @@ class Connection:
             while outbox and size < _MAX_WRITE_BATCH:
                 item = outbox.popleft()
                 if isinstance(item, PendingRequest):
-                    self._queued_bytes -= len(item.data)
+                    data = item.data
+                    self._queued_bytes -= len(data)
                     if item.withdrawn:
                         self._release_slot(item)
                         continue
                     item.sent = True
-                    item = item.data
+                    item.data = _EMPTY  # the frame's bytes are not kept past their write
                 else:
-                    self._queued_bytes -= len(item)
-                chunks.append(item)
-                size += len(item)
+                    data = item
+                    self._queued_bytes -= len(data)
+                chunks.append(data)
+                size += len(data)
             if chunks:
                 self._writing = True
                 await self._stream.send_all(b"".join(chunks))
@@ -458,19 +594,25 @@ class Connection:
 
     async def _read_loop(self) -> None:
         protocol = self._protocol
+        stream = self._stream
         while True:
-            # Frames that arrived with the WELCOME are already buffered.
-            while (event := protocol.next_event()) is not None:
-                self._dispatch(event)
-            data = await self._stream.receive_some(_READ_SIZE)
-            if not data:
-                protocol.receive_eof()
+            event = await receive_event(protocol, stream)
+            if event is None:
                 reason = self.draining_reason or "without GOAWAY"
                 raise ConnectionLost(
-                    f"{self.address} closed the connection ({reason})", node=self.address
+                    f"{self.address} closed the connection ({reason})",
+                    node=self.address,
+                    failure_id=self.serial,
                 )
             self.last_activity = self.last_received = trio.current_time()
-            protocol.receive_data(data)
+            try:
+                self._dispatch(event)
+            except Exception as exc:  # a bad reply fails its own request, never its neighbours
+                self.bad_messages += 1
+                self._deliver(
+                    getattr(event, "request_id", 0),
+                    error=MessageError(f"unusable reply from {self.address}: {exc!r:.300}"),
+                )
 
     def _dispatch(self, event: Message | BadMessage) -> None:
         if isinstance(event, Response):
@@ -478,8 +620,10 @@ class Connection:
         elif isinstance(event, Error):
             if event.request_id == 0:
                 self.bad_messages += 1  # connection-level complaint; a GOAWAY or EOF follows
+            elif event.request_id in self._waiting:
+                self._deliver(event.request_id, error=error_from_message(event, node=self.address))
             else:
-                self._deliver(event.request_id, error=self._server_error(event))
+                self._deliver(event.request_id)  # an orphan's confirmation, or unknown
         elif isinstance(event, Pong):
             self._deliver(event.request_id, result=None)
         elif isinstance(event, Ping):
@@ -492,6 +636,8 @@ class Connection:
                 # The reply was corrupted in transit: the request ran, its
                 # result is lost. The MessageError says so.
                 self._deliver(event.request_id, error=event.error)
+            elif event.request_id in self._orphans:
+                self._deliver(event.request_id)
         # STREAM_* and EVENT frames belong to features built on top of this
         # layer; without a subscriber they are ignored.
 
@@ -500,7 +646,12 @@ class Connection:
     ) -> None:
         pending = self._waiting.pop(request_id, None)
         if pending is None:
-            self.late_replies_dropped += 1
+            orphan = self._orphans.pop(request_id, None)
+            if orphan is None:
+                self.unknown_replies += 1
+            else:
+                self.late_replies_dropped += 1
+                self._release_slot(orphan)
             return
         self._release_slot(pending)
         pending._finish(result, error)
@@ -522,19 +673,19 @@ class Connection:
                     node=self.address,
                 )
             )
+        for request_id in [rid for rid in self._orphans if rid > goaway.last_request_id]:
+            self._release_slot(
+                self._orphans.pop(request_id)
+            )  # never processed: nothing to wait for
         self._slot_lot.unpark_all()
-
-
-def _lost(address: str, message: str, cause: BaseException) -> ConnectionLost:
-    error = ConnectionLost(f"connection to {address} lost: {message}", node=address)
-    error.__cause__ = cause
-    return error
 
 
 def _copy_error(error: QdbError, *, request_sent: bool) -> QdbError:
     """A fresh exception per waiter, so tracebacks don't pile up on one object."""
     if isinstance(error, ConnectionLost):
-        copy = ConnectionLost(str(error), node=error.node, request_sent=request_sent)
+        copy: QdbError = ConnectionLost(
+            str(error), node=error.node, request_sent=request_sent, failure_id=error.failure_id
+        )
     elif isinstance(error, ClientClosed):
         copy = ClientClosed(str(error))
     else:

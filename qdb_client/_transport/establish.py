@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import trio
 
 from ..errors import ConnectError, ConnectTimeout, QdbError
 from ..protocol import Hello
-from .connection import Connection
+from .connection import Connection, ConnectionListener
 from .connector import open_tcp
 
 __all__ = ["establish"]
@@ -22,7 +20,7 @@ async def establish(
     connect_timeout: float,
     max_frame_size: int,
     max_in_flight: int,
-    on_unusable: Callable[[Connection], None] | None = None,
+    listener: ConnectionListener | None = None,
 ) -> Connection:
     """Connect to ``address`` and complete the handshake within ``connect_timeout``.
 
@@ -38,7 +36,7 @@ async def establish(
                 address=address,
                 max_frame_size=max_frame_size,
                 max_in_flight=max_in_flight,
-                on_unusable=on_unusable,
+                listener=listener,
             )
             await nursery.start(connection.run, hello)
     except trio.TooSlowError as exc:

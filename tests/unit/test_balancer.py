@@ -1,7 +1,8 @@
 """Load balancers: round robin, power of two choices by load, slow start.
 
 Nodes get a stand-in pool exposing only ``state.reserved`` (their in-flight
-count); randomness comes from seeded ``random.Random`` instances, so every
+count) and ``connections()`` (stand-ins reporting when their oldest request
+was sent); randomness comes from seeded ``random.Random`` instances, so every
 sequence and frequency here is reproducible.
 """
 
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qdb_client._cluster import balancer as balancing
 from qdb_client._cluster.balancer import LatencyAware, RoundRobin, make_balancer
 from qdb_client._cluster.node import Node
 
@@ -24,16 +26,24 @@ def make_node(
     in_flight: int = 0,
     latency: float | None = None,
     recovered_at: float | None = None,
+    oldest_sent: float | None = None,
 ) -> Node:
-    pool = SimpleNamespace(state=SimpleNamespace(reserved=in_flight))
+    connection = SimpleNamespace(oldest_started=lambda: oldest_sent)
+    pool = SimpleNamespace(
+        state=SimpleNamespace(reserved=in_flight), connections=lambda: [connection]
+    )
     node = Node(name, pool)  # type: ignore[arg-type]
     node.latency_ewma = latency
     node.recovered_at = recovered_at
     return node
 
 
-def load(node: Node) -> float:
-    latency = node.latency_ewma if node.latency_ewma is not None else 0.0
+def load(node: Node, among: list[Node] | None = None) -> float:
+    """``(in_flight + 1) * latency``; a node without an estimate counts as the
+    median known node of ``among``."""
+    known = sorted(n.latency_ewma for n in among or [] if n.latency_ewma is not None)
+    typical = known[len(known) // 2] if known else 0.0
+    latency = node.latency_ewma if node.latency_ewma is not None else typical
     return (node.in_flight + 1) * (latency + 1e-6)
 
 
@@ -96,12 +106,33 @@ def test_latency_aware_with_two_candidates_always_takes_the_less_loaded():
         assert balancer.pick([busy_fast, idle_slow], 0.0) is idle_slow
 
 
-def test_latency_aware_unknown_latency_counts_as_fast():
-    measured = make_node("measured", latency=0.001)
-    new = make_node("new", latency=None)
+def test_latency_aware_unknown_latency_counts_as_typical_not_fastest():
+    """A node with no estimate weighs as the median known node: it never beats a
+    fast node on latency alone, but it beats a node known to be slow."""
+    fast = make_node("fast", latency=0.001, in_flight=1)
+    slow = make_node("slow", latency=0.5)
+    new = make_node("new", latency=None, in_flight=3)
     balancer = LatencyAware(random.Random(5))
+    # Median of (0.001, 0.5) is 0.5: new (4 * 0.5) loses to fast (2 * 0.001).
     for _ in range(20):
-        assert balancer.pick([measured, new], 0.0) is new
+        assert balancer.pick([fast, new, slow][:2], 0.0) is fast
+    idle_new = make_node("idle-new", latency=None)
+    for _ in range(20):
+        # Only the slow node is known: the new one counts as 0.5 too and wins
+        # on in-flight count (1 * 0.5 < 2 * 0.5).
+        slow_busy = make_node("slow-busy", latency=0.5, in_flight=1)
+        assert balancer.pick([slow_busy, idle_new], 0.0) is idle_new
+
+
+def test_latency_aware_counts_the_age_of_a_request_still_waiting():
+    """A node that stopped answering looks slower with every second, before any
+    timeout fires: its oldest unanswered request sets a floor on its latency."""
+    stalled = make_node("stalled", latency=0.001, oldest_sent=10.0)
+    healthy = make_node("healthy", latency=0.01, in_flight=3)
+    balancer = LatencyAware(random.Random(5))
+    assert balancer.pick([stalled, healthy], 10.001) is stalled  # 1 ms old: still fast
+    for _ in range(20):
+        assert balancer.pick([stalled, healthy], 12.0) is healthy  # 2 s without an answer
 
 
 def test_latency_aware_single_candidate_uses_no_randomness():
@@ -137,7 +168,8 @@ def test_latency_aware_picks_the_less_loaded_of_every_sampled_pair(loads, seed):
         assert first is not second
         assert picked in (first, second)
         other = second if picked is first else first
-        assert load(picked) <= load(other)
+        assert load(picked, nodes) <= load(other, nodes)
+        assert balancing.load(picked, 0.0, None) == load(picked, [picked])
     assert len(rng.pairs) == 30
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from qdb_client._policies import (
     Backoff,
+    classify,
     BreakerSettings,
     BreakerState,
     CircuitBreaker,
@@ -33,6 +34,11 @@ from qdb_client.protocol import ErrorCode
 RNG = random.Random(3)
 
 
+def decide(policy: RetryPolicy, retries: int, error: Exception, *, sent: bool = True, **kw):
+    """The policy's decision after an attempt that failed with ``error``."""
+    return policy.decide(retries, classify(error, sent=sent), error=error, **kw)
+
+
 def server_error(code: ErrorCode, **extra) -> ServerError:
     return server_error_from_wire(
         code=code.code, name=code.value, message="x", retryable=code.retryable, **extra
@@ -48,7 +54,7 @@ def server_error(code: ErrorCode, **extra) -> ServerError:
 )
 def test_retryable_error_codes(code):
     """seed 003 test_retryable_error_codes: 408/429/500/503 classes are retried."""
-    decision = RetryPolicy().decide(0, server_error(code), idempotent=False, remaining=5.0, rng=RNG)
+    decision = decide(RetryPolicy(), 0, server_error(code), idempotent=False, remaining=5.0, rng=RNG)
     assert decision.retry, decision.reason
 
 
@@ -66,7 +72,7 @@ def test_retryable_error_codes(code):
 )
 def test_non_retryable_error_codes(code):
     """seed 003 test_non_retryable_error_codes: 400/401/403/404/409/422 are not."""
-    decision = RetryPolicy().decide(0, server_error(code), idempotent=True, remaining=5.0, rng=RNG)
+    decision = decide(RetryPolicy(), 0, server_error(code), idempotent=True, remaining=5.0, rng=RNG)
     assert not decision.retry and "not retryable" in decision.reason
 
 
@@ -74,7 +80,7 @@ def test_max_retries_exceeded():
     """seed 003 test_max_retries_exceeded / TC-TR-006: attempts = 1 + max_retries."""
     policy = RetryPolicy(max_retries=3)
     error = server_error(ErrorCode.UNAVAILABLE)
-    decisions = [policy.decide(n, error, idempotent=True, remaining=60, rng=RNG) for n in range(4)]
+    decisions = [decide(policy, n, error, idempotent=True, remaining=60, rng=RNG) for n in range(4)]
     assert [d.retry for d in decisions] == [True, True, True, False]
     assert "all 3 retries are used" in decisions[3].reason
 
@@ -84,7 +90,8 @@ def test_exponential_backoff_retry():
     policy = RetryPolicy(backoff=Backoff(initial=0.1, maximum=5.0, jitter="none"))
     error = ConnectError("refused")
     delays = [
-        policy.decide(n, error, idempotent=False, remaining=60, rng=RNG).delay for n in range(3)
+        decide(policy, n, error, sent=False, idempotent=False, remaining=60, rng=RNG).delay
+        for n in range(3)
     ]
     assert delays == pytest.approx([0.1, 0.2, 0.4])
 
@@ -93,8 +100,14 @@ def test_exponential_backoff_retry():
 def test_jitter_backoff(retries, seed):
     """seed 003 test_jitter_backoff: each delay within +-10% of its base."""
     policy = RetryPolicy()
-    decision = policy.decide(
-        retries, ConnectError("x"), idempotent=False, remaining=60, rng=random.Random(seed)
+    decision = decide(
+        policy,
+        retries,
+        ConnectError("x"),
+        sent=False,
+        idempotent=False,
+        remaining=60,
+        rng=random.Random(seed),
     )
     base = 0.1 * 2**retries
     assert abs(decision.delay - base) <= base * 0.1 + 1e-12
@@ -103,27 +116,26 @@ def test_jitter_backoff(retries, seed):
 def test_write_sent_without_key_is_not_retried():
     policy = RetryPolicy()
     lost = ConnectionLost("reset", request_sent=True)
-    assert not policy.decide(0, lost, idempotent=False, remaining=5, rng=RNG).retry
-    assert policy.decide(0, lost, idempotent=True, remaining=5, rng=RNG).retry
+    assert not decide(policy, 0, lost, idempotent=False, remaining=5, rng=RNG).retry
+    assert decide(policy, 0, lost, idempotent=True, remaining=5, rng=RNG).retry
     unsent = ConnectionLost("reset", request_sent=False)
-    assert policy.decide(0, unsent, idempotent=False, remaining=5, rng=RNG).retry
-    assert policy.decide(
-        0, PoolTimeout("t", node="a", in_use="u"), idempotent=False, remaining=5, rng=RNG
-    ).retry
+    assert decide(policy, 0, unsent, sent=False, idempotent=False, remaining=5, rng=RNG).retry
+    pool_timeout = PoolTimeout("t", node="a", in_use="u")
+    assert decide(policy, 0, pool_timeout, sent=False, idempotent=False, remaining=5, rng=RNG).retry
 
 
 def test_no_attempt_starts_when_the_deadline_cannot_fit_it():
     policy = RetryPolicy(backoff=Backoff(initial=0.1, maximum=5.0, jitter="none"))
     error = server_error(ErrorCode.UNAVAILABLE)
-    assert policy.decide(0, error, idempotent=True, remaining=0.2, rng=RNG).retry
-    decision = policy.decide(0, error, idempotent=True, remaining=0.105, rng=RNG)
+    assert decide(policy, 0, error, idempotent=True, remaining=0.2, rng=RNG).retry
+    decision = decide(policy, 0, error, idempotent=True, remaining=0.105, rng=RNG)
     assert not decision.retry and "can't fit" in decision.reason
 
 
 def test_retry_after_from_the_server_is_honoured():
     policy = RetryPolicy(backoff=Backoff(initial=0.1, maximum=5.0, jitter="none"))
     error = server_error(ErrorCode.OVERLOADED, retry_after_ms=750)
-    assert policy.decide(0, error, idempotent=True, remaining=5, rng=RNG).delay == 0.75
+    assert decide(policy, 0, error, idempotent=True, remaining=5, rng=RNG).delay == 0.75
 
 
 # ------------------------------------------------------------------- breaker
@@ -254,7 +266,13 @@ def test_stale_records_do_not_steer_a_newer_state():
 def test_circuit_open_is_never_retried():
     from qdb_client.errors import CircuitOpen
 
-    decision = RetryPolicy().decide(
-        0, CircuitOpen("open", reopens_in={"a:1": 3.0}), idempotent=True, remaining=5, rng=RNG
+    decision = decide(
+        RetryPolicy(),
+        0,
+        CircuitOpen("open", reopens_in={"a:1": 3.0}),
+        sent=False,
+        idempotent=True,
+        remaining=5,
+        rng=RNG,
     )
     assert not decision.retry and "circuit breaker" in decision.reason

@@ -1,5 +1,9 @@
 """PoolState: the pure decisions of one node's pool, as a state machine and by example.
 
+Request counts live in each connection's ledger (the transport connection in
+production); here a :class:`FakeLedger` stands in, and ``reserve``/``release``
+move its count the way a connection does, touching the record as the pool does.
+
 Times in the state machine are multiples of 1/4 second so that every sum and
 difference is exact in binary floating point: the checks are exact
 comparisons, not approximations. (Arbitrary float times are probed by a
@@ -34,9 +38,41 @@ def before(t: float) -> float:
     return math.nextafter(t, -math.inf)
 
 
+class FakeLedger:
+    """The request counts of one stand-in connection."""
+
+    def __init__(self, capacity: int = 1) -> None:
+        self.in_flight = 0
+        self.orphaned = 0
+        self.max_in_flight = max(1, capacity)
+
+    def has_room(self) -> bool:
+        return self.in_flight < self.max_in_flight
+
+
+def reserve(state: PoolState, connection_id: int, now: float) -> None:
+    """One request goes on the connection, as the pool does it: only where there is room."""
+    record = state.connections[connection_id]
+    if not record.shareable:
+        raise AssertionError(f"connection {connection_id} has no room")
+    record.ledger.in_flight += 1  # type: ignore[misc]
+    state.touch(connection_id, now)
+
+
+def release(state: PoolState, connection_id: int, now: float) -> None:
+    """A request's reply came (a no-op if the connection closed meanwhile)."""
+    record = state.connections.get(connection_id)
+    if record is None:
+        return
+    if record.ledger.in_flight <= 0:
+        raise AssertionError(f"release without reserve on connection {connection_id}")
+    record.ledger.in_flight -= 1  # type: ignore[misc]
+    state.touch(connection_id, now)
+
+
 def open_connection(state: PoolState, connection_id: int, now: float, capacity: int = 1) -> None:
     state.open_started()
-    state.open_finished(connection_id, now, capacity=capacity)
+    state.open_finished(connection_id, now, FakeLedger(capacity))
 
 
 def clone(state: PoolState) -> PoolState:
@@ -134,7 +170,7 @@ class PoolStateMachine(RuleBasedStateMachine):
     def open_at_once(self, capacity):
         self.state.open_started()
         self.ids += 1
-        self.state.open_finished(self.ids, self.now, capacity=capacity)
+        self.state.open_finished(self.ids, self.now, FakeLedger(capacity))
 
     @precondition(lambda self: self.pending_opens > 0)
     @rule(ok=st.booleans(), capacity=st.integers(0, 4))
@@ -142,7 +178,7 @@ class PoolStateMachine(RuleBasedStateMachine):
         self.pending_opens -= 1
         if ok:
             self.ids += 1
-            self.state.open_finished(self.ids, self.now, capacity=capacity)
+            self.state.open_finished(self.ids, self.now, FakeLedger(capacity))
             record = self.state.connections[self.ids]
             assert record.capacity == max(1, capacity)
             assert record.idle and not record.retiring
@@ -160,7 +196,7 @@ class PoolStateMachine(RuleBasedStateMachine):
             return
         assert record is not None and record.shareable
         assert record.reserved == max(c.reserved for c in shareable)
-        self.state.reserve(record.id, self.now)
+        reserve(self.state, record.id, self.now)
         assert record.last_used == self.now
         self.requests.append(record.id)
 
@@ -169,7 +205,7 @@ class PoolStateMachine(RuleBasedStateMachine):
     def release(self, data):
         index = data.draw(st.integers(0, len(self.requests) - 1))
         connection_id = self.requests.pop(index)
-        self.state.release(connection_id, self.now)  # a no-op if closed meanwhile
+        release(self.state, connection_id, self.now)  # a no-op if closed meanwhile
 
     @rule()
     def lease(self):
@@ -341,26 +377,23 @@ def test_lease_and_reserve_exclude_each_other():
     state.lease(1, 0.0)
     assert state.pick_shared() is None
     with pytest.raises(AssertionError):
-        state.reserve(1, 0.0)
+        reserve(state, 1, 0.0)
     state.return_lease(1, 1.0, reusable=True)
-    state.reserve(1, 1.0)
+    reserve(state, 1, 1.0)
     assert state.pick_exclusive() is None
     with pytest.raises(AssertionError):
         state.lease(1, 1.0)
 
 
-def test_reserve_beyond_capacity_raises():
+def test_a_connection_whose_ledger_is_full_is_not_shared():
     state = PoolState(LIMITS)
     open_connection(state, 1, 0.0, capacity=2)
-    state.reserve(1, 0.0)
-    state.reserve(1, 0.0)
+    reserve(state, 1, 0.0)
+    reserve(state, 1, 0.0)
     assert state.pick_shared() is None
-    with pytest.raises(AssertionError, match="no room"):
-        state.reserve(1, 0.0)
-    state.release(1, 1.0)
-    state.release(1, 1.0)
-    with pytest.raises(AssertionError, match="release without reserve"):
-        state.release(1, 1.0)
+    assert not state.connections[1].shareable
+    release(state, 1, 1.0)
+    assert state.pick_shared() is state.connections[1]
 
 
 def test_unreusable_lease_is_retired_and_closed_on_the_next_expiry_pass():
@@ -376,8 +409,8 @@ def test_unreusable_lease_is_retired_and_closed_on_the_next_expiry_pass():
 def test_idle_expiry_happens_exactly_at_idle_timeout():
     state = PoolState(LIMITS)
     open_connection(state, 1, 0.0)
-    state.reserve(1, 3.0)
-    state.release(1, 5.0)
+    reserve(state, 1, 3.0)
+    release(state, 1, 5.0)
     assert state.next_expiry(5.0) == 15.0
     assert state.expired(before(15.0)) == []
     assert state.expired(14.75) == []
@@ -398,8 +431,8 @@ def test_use_pushes_idle_expiry_back():
 def test_lifetime_retires_a_busy_connection_and_closes_it_when_the_last_request_ends():
     state = PoolState(LIMITS)
     open_connection(state, 1, 0.0, capacity=4)
-    state.reserve(1, 90.0)
-    state.reserve(1, 95.0)
+    reserve(state, 1, 90.0)
+    reserve(state, 1, 95.0)
     assert state.next_expiry(95.0) == 100.0
     assert state.expired(before(100.0)) == []
     assert not state.connections[1].retiring
@@ -410,9 +443,9 @@ def test_lifetime_retires_a_busy_connection_and_closes_it_when_the_last_request_
     assert state.pick_shared() is None and state.active == 0
     assert state.next_expiry(100.0) is None  # nothing left to time; it closes on release
 
-    state.release(1, 120.0)
+    release(state, 1, 120.0)
     assert state.expired(120.0) == []  # one request still on it
-    state.release(1, 130.0)
+    release(state, 1, 130.0)
     assert state.expired(130.0) == [1]
 
 
@@ -433,8 +466,8 @@ def test_min_connections_are_never_idle_expired():
     state = PoolState(limits)
     open_connection(state, 1, 0.0)
     open_connection(state, 2, 0.0)
-    state.reserve(1, 1.0)
-    state.release(1, 1.0)
+    reserve(state, 1, 1.0)
+    release(state, 1, 1.0)
     assert state.next_expiry(1.0) == 1000.0  # no idle expiry at the minimum
     assert state.expired(999.0) == []
     assert sorted(state.connections) == [1, 2]
@@ -448,8 +481,8 @@ def test_idle_expiry_closes_only_the_surplus_least_recently_used_first():
     for cid in (1, 2, 3, 4):
         open_connection(state, cid, 0.0)
     for cid, t in ((3, 1.0), (1, 2.0), (4, 3.0), (2, 4.0)):
-        state.reserve(cid, t)
-        state.release(cid, t)
+        reserve(state, cid, t)
+        release(state, cid, t)
     assert state.next_expiry(4.0) == 11.0
     assert state.expired(11.75) == [3]
     assert state.expired(12.0) == [3, 1]
@@ -485,7 +518,7 @@ def test_busy_old_connection_being_retired_does_not_count_as_spare():
     state = PoolState(limits)
     open_connection(state, 1, 0.0)
     open_connection(state, 2, 5.0)
-    state.reserve(1, 50.0)
+    reserve(state, 1, 50.0)
     closed = state.expired(100.0)
     assert state.connections[1].retiring
     assert closed == [], f"expired(100) closed {closed}; connection 2 is the minimum"
@@ -497,16 +530,16 @@ def test_pick_shared_packs_onto_the_busiest_connection_with_room():
         open_connection(state, cid, 0.0, capacity=3)
     for cid, count in ((1, 1), (2, 2), (3, 0), (4, 3)):
         for _ in range(count):
-            state.reserve(cid, 0.0)
+            reserve(state, cid, 0.0)
     # 4 is full, 2 is the busiest with room
     assert state.pick_shared().id == 2
-    state.reserve(2, 0.0)
+    reserve(state, 2, 0.0)
     assert state.pick_shared().id == 1  # 2 and 4 full now
     state.retire(1)
     assert state.pick_shared().id == 3  # retiring connections take no new work
     state.lease(3, 0.0)
     assert state.pick_shared() is None
-    state.release(4, 1.0)
+    release(state, 4, 1.0)
     assert state.pick_shared().id == 4
 
 
@@ -518,13 +551,13 @@ def test_can_open_and_deficit_count_connections_being_opened():
     state.open_started()
     assert not state.can_open()  # max_connecting
     assert state.deficit() == 1
-    state.open_finished(1, 0.0)
+    state.open_finished(1, 0.0, FakeLedger())
     state.open_finished(None, 0.0)
     assert state.deficit() == 2
     state.open_started()
-    state.open_finished(2, 0.0)
+    state.open_finished(2, 0.0, FakeLedger())
     state.open_started()
-    state.open_finished(3, 0.0)
+    state.open_finished(3, 0.0, FakeLedger())
     state.open_started()
     assert not state.can_open()  # max_connections: 3 open + 1 opening
     state.retire(1)
@@ -566,8 +599,8 @@ def test_something_expires_at_next_expiry_with_any_float_times(
     open_connection(state, 1, opened_at)
     last_used = opened_at + last_used_after
     assume(last_used - opened_at < max_lifetime)
-    state.reserve(1, last_used)
-    state.release(1, last_used)
+    reserve(state, 1, last_used)
+    release(state, 1, last_used)
     due = state.next_expiry(last_used)
     assert due is not None
     assert acts_new(state, due), (
