@@ -240,7 +240,8 @@ class NodePool:
                         self._start_open()
             if now >= self._reopen_at:
                 self._reopen_at = math.inf
-                self._wake_waiters()  # the delay after a failed open is over: try again
+                if self._queue:
+                    self._wake_waiters()  # the delay after a failed open is over: try again
             wake_at = self.state.next_expiry(now)
             self._maintenance_at = min(math.inf if wake_at is None else wake_at, self._reopen_at)
             with trio.move_on_at(self._maintenance_at):
@@ -310,8 +311,8 @@ class NodePool:
                         # is open: fail now, not at the timeout (attempts
                         # still under way would most likely fail the same way).
                         raise _copy(self.last_open_error)
-                    if self._may_open():
-                        self._start_open()
+                    if self.state.opening < len(self._queue) and self._may_open():
+                        self._start_open()  # no more opens under way than callers waiting
                     waiter.event = trio.Event()
                     await waiter.event.wait()
         finally:
@@ -439,10 +440,10 @@ class NodePool:
             self._warm_after_failure = False
             self.last_open_error = exc
             self._last_open_failure = now
-            if self._queue:
-                # Waiters may not open again before the delay: wake them when it ends.
-                self._reopen_at = now + OPEN_RETRY_DELAY
-                self._wake_maintenance()
+            # Waiters may not open again before the delay (those queued now and
+            # those arriving meanwhile): wake them when it ends.
+            self._reopen_at = now + OPEN_RETRY_DELAY
+            self._wake_maintenance()
             self._listener.open_failed(self, exc)
             self._wake_waiters()
             return

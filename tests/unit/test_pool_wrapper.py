@@ -873,3 +873,40 @@ async def test_a_refused_extra_connection_is_retried_at_most_once_a_second(nurse
     # tight loop; the waiter is served when the busy connection frees up.
     assert len(server.connect_times) <= 1 + 4
     assert got == [pytest.approx(3.0, abs=0.01)]
+
+
+# ------------------------------------------- gray failures: smaller defects
+
+
+async def test_6_waiters_are_woken_when_the_reopen_delay_ends(nursery, autojump_clock):
+    """A node refuses once, then is back 50 ms later: a caller that arrived in
+    between is served when the 1 s re-open delay ends, not at its 10 s timeout."""
+    server = FakeServer(nursery)
+    server.refuse = "refused"
+    pool = make_pool(nursery, server, acquire_timeout=10.0)
+    nursery.start_soon(pool.maintain)
+    with pytest.raises(ConnectError):
+        async with pool.reserve():
+            pytest.fail("the node refuses")
+    assert trio.current_time() == 0.0
+    await trio.sleep(0.05)
+    server.refuse = None  # the node is back
+    await trio.sleep(0.05)
+    async with pool.reserve() as slot:
+        assert await slot.request("query", {}) == {"node": "node-1"}
+    assert trio.current_time() == pytest.approx(1.0)
+    assert server.connect_times == [0.0, 1.0]
+
+
+async def test_6_an_open_that_finishes_in_a_disabled_pool_is_closed(nursery, autojump_clock):
+    """A node found to be another's alias (or DOWN) while a connection to it
+    was opening: the connection is closed, never kept unused and open."""
+    server = FakeServer(nursery, connect_delay=1.0)
+    pool = make_pool(nursery, server)
+    pool.ensure_connection()
+    await trio.sleep(0.5)
+    pool.disable("same node as other:1")
+    await sleep_until(2.0)
+    assert len(server.connections) == 1
+    assert server.closed_at == {"node-1": 1.0}
+    assert pool.statistics() == ALL_ZERO
