@@ -221,8 +221,8 @@ async def test_3_an_answered_heartbeat_lets_a_breaker_opened_by_resets_probe(
         assert a.breaker.state(trio.current_time()).value == "OPEN"
         assert a.breaker.opened_by == frozenset({"connection"})
         opened = trio.current_time()
-        while a.breaker.state(trio.current_time()).value == "OPEN":
-            await trio.sleep(0.1)
+        while a.breaker.state(trio.current_time()).value == "OPEN":  # noqa: ASYNC110
+            await trio.sleep(0.1)  # virtual time: polls the pure breaker
         assert trio.current_time() - opened <= 2.0 + 0.2  # one heartbeat, not 30 s
         assert a.breaker.state(trio.current_time()).value == "HALF_OPEN"
 
@@ -427,8 +427,9 @@ async def test_6_departed_members_are_forgotten_and_the_member_list_is_capped(
     max_members are skipped."""
     network.handlers["a:1"] = echo
     network.handlers["gone:9"] = "refuse"
-    network.members = (Member("fake-gone:9", "gone:9"),) + tuple(
-        Member(f"n{i}", f"n{i}:1") for i in range(20)
+    network.members = (
+        Member("fake-gone:9", "gone:9"),
+        *(Member(f"n{i}", f"n{i}:1") for i in range(20)),
     )
     options = dict(EXACT, max_members=5, forget_members_after=30.0)
     async with qdb_client.open_client("a:1", **options) as client:

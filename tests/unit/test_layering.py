@@ -1,9 +1,12 @@
-"""The pure layers stay pure: ``qdb_client.protocol`` and ``qdb_client._policies``
-import neither trio nor sockets nor a clock, and nothing above them.
+"""Layers only look down, and the pure layers stay pure.
 
-Two checks: a scan of every import statement in their source (so a lazy
-import inside a function counts too), and a fresh interpreter that imports
-both packages and looks at ``sys.modules``.
+``qdb_client.protocol`` and ``qdb_client._policies`` import neither trio nor
+sockets nor a clock, and nothing above them: a scan of every import
+statement in their source (so a lazy import inside a function counts too),
+and a fresh interpreter that imports both packages and looks at
+``sys.modules``. Every other driver module imports only the layers below
+its own (``LAYERS``), and ``qdb_client.testing`` only the protocol and the
+public API, never a private module of the client.
 """
 
 from __future__ import annotations
@@ -122,3 +125,71 @@ def test_importing_pure_packages_loads_no_io() -> None:
     loaded = {m.split(".")[0] for m in modules}
     assert not loaded & {"trio", "socket", "ssl", "asyncio", "selectors", "sniffio", "outcome"}
     assert not any(m.startswith(("qdb_client._transport", "qdb_client.testing")) for m in modules)
+
+
+# ------------------------------------------------------------ every layer
+
+#: The driver's layers, bottom first. A module may import modules of lower
+#: layers and of its own package, never a layer above it (docs: architecture).
+LAYERS: list[set[str]] = [
+    {"_error_base", "_version", "_nursery"},
+    {"protocol"},
+    {"errors"},
+    {"validation"},
+    {"config", "results"},
+    {"_policies"},
+    {"_transport"},
+    {"_pool"},
+    {"_cluster"},
+    {"_request"},
+    {"_client"},
+    {"__init__"},
+]
+RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+
+
+def _top(module: str) -> str:
+    """``qdb_client.x.y`` -> ``x`` (``__init__`` for the package itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _driver_sources() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "testing" not in p.relative_to(PACKAGE).parts)
+
+
+def test_every_driver_module_belongs_to_a_layer() -> None:
+    tops = {p.relative_to(PACKAGE).with_suffix("").parts[0] for p in _driver_sources()}
+    assert tops - {"py"} <= set(RANK), f"modules without a layer: {tops - set(RANK)}"
+
+
+@pytest.mark.parametrize(
+    "path", _driver_sources(), ids=lambda p: str(p.relative_to(PACKAGE.parent))
+)
+def test_layers_only_look_down(path: Path) -> None:
+    own = path.relative_to(PACKAGE).with_suffix("").parts[0]
+    rank = RANK[own]
+    problems = []
+    for line, name in _imports(path, own):
+        if name.split(".")[0] != "qdb_client":
+            continue
+        other = _top(name)
+        if other == own:
+            continue
+        if other == "testing" or RANK.get(other, len(LAYERS)) >= rank:
+            problems.append(f"line {line}: {name} is not below {own}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "testing").rglob("*.py")), ids=lambda p: p.name)
+def test_testing_uses_only_the_protocol_and_the_public_api(path: Path) -> None:
+    """``qdb_client.testing`` checks the wire contract for real: it may use the
+    protocol layer and public modules, never the client's internals."""
+    problems = [
+        f"line {line}: {name}"
+        for line, name in _imports(path, "testing")
+        if name.split(".")[0] == "qdb_client"
+        and _top(name) != "testing"
+        and _top(name).startswith("_")
+    ]
+    assert not problems, "private imports in qdb_client.testing:\n" + "\n".join(problems)

@@ -40,7 +40,7 @@ from qdb_client.errors import (
 )
 from qdb_client.protocol import ErrorCode
 
-S, F, I = BreakerVerdict.SUCCESS, BreakerVerdict.FAILURE, BreakerVerdict.IGNORE
+S, F, IGN = BreakerVerdict.SUCCESS, BreakerVerdict.FAILURE, BreakerVerdict.IGNORE
 SAMPLE, PENALTY, NONE = LatencyVerdict.SAMPLE, LatencyVerdict.PENALTY, LatencyVerdict.NONE
 NEVER, ALWAYS, IF_SAFE, REQUEUE = (
     RetryRule.NEVER,
@@ -129,7 +129,7 @@ ROWS = [
     (
         dict(error=ConnectionDraining("goaway", reason="shutdown"), sent=True),
         K.DRAINING,
-        I,
+        IGN,
         "",
         NONE,
         REQUEUE,
@@ -184,7 +184,7 @@ ROWS = [
     (
         dict(error=None, sent=False, deadline_passed=True),
         K.DEADLINE_BEFORE_SEND,
-        I,
+        IGN,
         "",
         NONE,
         NEVER,
@@ -206,7 +206,7 @@ ROWS = [
     (
         dict(error=None, sent=False, cancelled=True),
         K.CANCELLED_BEFORE_SEND,
-        I,
+        IGN,
         "",
         NONE,
         NEVER,
@@ -217,7 +217,7 @@ ROWS = [
     (
         dict(error=None, sent=True, cancelled=True),
         K.CANCELLED_AFTER_SEND,
-        I,
+        IGN,
         "",
         NONE,
         NEVER,
@@ -261,7 +261,7 @@ ROWS = [
     (
         dict(error=VersionMismatch("v", supported_versions=[2]), sent=False),
         K.HANDSHAKE_REFUSED,
-        I,
+        IGN,
         "",
         NONE,
         NEVER,
@@ -272,7 +272,7 @@ ROWS = [
     (
         dict(error=HandshakeError("bad welcome"), sent=False),
         K.HANDSHAKE_REFUSED,
-        I,
+        IGN,
         "",
         NONE,
         NEVER,
@@ -283,7 +283,7 @@ ROWS = [
     (
         dict(error=wire(ErrorCode.UNAUTHENTICATED), sent=False),
         K.HANDSHAKE_REFUSED,
-        I,
+        IGN,
         "",
         NONE,
         NEVER,
@@ -294,7 +294,7 @@ ROWS = [
     (
         dict(error=PoolTimeout("t", node="a", in_use="u"), sent=False),
         K.POOL_BUSY,
-        I,
+        IGN,
         "",
         NONE,
         ALWAYS,
@@ -305,7 +305,7 @@ ROWS = [
     (
         dict(error=PoolQueueFull("q", node="a", in_use="u"), sent=False),
         K.POOL_BUSY,
-        I,
+        IGN,
         "",
         NONE,
         ALWAYS,
@@ -316,7 +316,7 @@ ROWS = [
     (
         dict(error=CircuitOpen("open", reopens_in={}), sent=False),
         K.CIRCUIT_OPEN,
-        I,
+        IGN,
         "",
         NONE,
         NEVER,
@@ -327,7 +327,7 @@ ROWS = [
     (
         dict(error=NoAvailableNode({"a": "DOWN"}), sent=False),
         K.NO_NODE,
-        I,
+        IGN,
         "",
         NONE,
         NEVER,
@@ -338,7 +338,7 @@ ROWS = [
     (
         dict(error=ClientClosed("closed"), sent=False),
         K.CLOSED_BEFORE_SEND,
-        I,
+        IGN,
         "",
         NONE,
         NEVER,
@@ -349,7 +349,7 @@ ROWS = [
     (
         dict(error=ClientClosed("closed"), sent=True),
         K.CLOSED_AFTER_SEND,
-        I,
+        IGN,
         "",
         NONE,
         NEVER,
@@ -360,7 +360,7 @@ ROWS = [
     (
         dict(error=ValueNotEncodable("no CBOR form"), sent=False),
         K.BAD_REQUEST,
-        I,
+        IGN,
         "",
         NONE,
         NEVER,
@@ -371,7 +371,7 @@ ROWS = [
     (
         dict(error=FrameTooLarge(2_000_000, 1_048_576), sent=False),
         K.BAD_REQUEST,
-        I,
+        IGN,
         "",
         NONE,
         NEVER,
@@ -382,7 +382,7 @@ ROWS = [
     (
         dict(error=QdbError("odd"), sent=True),
         K.UNEXPECTED,
-        I,
+        IGN,
         "",
         NONE,
         NEVER,

@@ -54,7 +54,9 @@ def server_error(code: ErrorCode, **extra) -> ServerError:
 )
 def test_retryable_error_codes(code):
     """seed 003 test_retryable_error_codes: 408/429/500/503 classes are retried."""
-    decision = decide(RetryPolicy(), 0, server_error(code), idempotent=False, remaining=5.0, rng=RNG)
+    decision = decide(
+        RetryPolicy(), 0, server_error(code), idempotent=False, remaining=5.0, rng=RNG
+    )
     assert decision.retry, decision.reason
 
 

@@ -138,7 +138,7 @@ async def test_6_a_reply_that_breaks_the_reader_fails_only_its_own_request(monke
 
 @pytest.mark.parametrize("unused", [True, False])
 async def test_a_reserved_slot_is_given_back_or_handed_to_the_request(unused):
-    async with connected() as (conn, node, nursery):
+    async with connected() as (conn, node, _):
         conn.reserve()
         assert conn.in_flight == 1
         if unused:
@@ -153,7 +153,7 @@ async def test_a_reserved_slot_is_given_back_or_handed_to_the_request(unused):
 
 
 async def test_a_reservation_whose_send_fails_is_given_back():
-    async with connected() as (conn, node, nursery):
+    async with connected() as (conn, _node, _):
         conn.reserve()
         with pytest.raises(Exception, match="encode"):
             conn.send_reserved("query", {"bad": object()})
