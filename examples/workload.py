@@ -10,6 +10,9 @@
    breaker opens, half-opens and closes.
 4. Lose the replies of committed writes: keyed retries make them apply
    exactly once (the nodes count the deduplicated writes).
+5. Stall one node (it answers pings but takes 30 s per query): reads move
+   to the other nodes within their 1 s deadline; the stalled node's breaker
+   and latency estimate say so; when it recovers, traffic returns.
 
 Exits non-zero if any check fails.
 
@@ -328,6 +331,80 @@ async def _node_counter(hosts: list[str], name: str) -> int:
     return total
 
 
+# ------------------------------------------------------------------ phase 5
+
+
+async def stalled_node(client: qdb_client.Client, victim: str, report: Report) -> None:
+    print(f"\n5. A stalled node: {victim} answers pings but takes 30 s per query")
+    await client.execute("CREATE TABLE IF NOT EXISTS demo_stall (id INTEGER PRIMARY KEY, v INT)")
+    await client.execute("INSERT INTO demo_stall (v) VALUES (1)")
+    reads = 0
+    failures: list[BaseException] = []
+    latencies: list[float] = []
+    stop = trio.Event()
+
+    async def reader() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                await client.query("SELECT count(*) FROM demo_stall", timeout=1.0)
+                reads += 1
+                latencies.append(time.perf_counter() - started)
+            except qdb_client.QdbError as exc:
+                failures.append(exc)
+
+    spans: dict[str, dict[str, int]] = {}
+    async with open_node_control(victim) as control, trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(reader)
+        counts = requests_per_node(client)
+        await trio.sleep(1.0)
+        spans["before the stall"] = diff(requests_per_node(client), counts)
+        calm = node_stats(client, victim)["latency_ewma"] or 0.0
+        await control.add_latency("query", 30.0)
+        counts = requests_per_node(client)
+        await trio.sleep(1.0)
+        spans["first second of it"] = diff(requests_per_node(client), counts)
+        counts = requests_per_node(client)
+        await trio.sleep(2.0)
+        spans["the next two seconds"] = diff(requests_per_node(client), counts)
+        during = node_stats(client, victim)
+        await control.add_latency("query", 0)
+        counts = requests_per_node(client)
+        await trio.sleep(3.0)
+        spans["after it recovered"] = diff(requests_per_node(client), counts)
+        stop.set()
+    for title, spread in spans.items():
+        show_spread(title, spread)
+    breaker = during["breaker"]
+    latency = during["latency_ewma"] or 0.0
+    print(
+        f"  {victim} while stalled: breaker {breaker['current_state']}"
+        f" (opened by {', '.join(breaker['opened_by']) or '-'}), latency estimate"
+        f" {calm * 1e3:.1f} -> {latency * 1e3:.0f} ms; attempt timeouts so far"
+        f" {client.statistics()['attempt_timeouts']}"
+    )
+    p99 = percentile(latencies, 0.99) * 1e3
+    report.check(failures == [], f"{reads} reads with a 1 s deadline, {len(failures)} failed")
+    report.check(p99 < 1000, f"p99 read latency {p99:.0f} ms, within the deadline")
+    report.check(
+        spans["the next two seconds"][victim]
+        <= max(4, sum(spans["the next two seconds"].values()) // 20),
+        f"reads moved away from {victim} ({spans['the next two seconds'][victim]} attempts there"
+        " in the next two seconds)",
+    )
+    report.check(
+        breaker["opened_by"] == ["slow"] and latency >= max(0.1, 10 * calm),
+        "its breaker opened on silence and its latency estimate rose",
+    )
+    report.check(spans["after it recovered"][victim] > 0, f"traffic returned to {victim}")
+
+
+def node_stats(client: qdb_client.Client, address: str) -> dict[str, Any]:
+    return next(n for n in client.statistics()["nodes"] if n["address"] == address)
+
+
 # --------------------------------------------------------------------- main
 
 
@@ -343,6 +420,8 @@ async def run(hosts: list[str]) -> int:
             await node_outage(client, hosts[-1], report)
             await failing_node(client, hosts[0], report)
         await lost_replies(client, hosts, report)
+        if len(hosts) > 1:
+            await stalled_node(client, hosts[1], report)
         stats = client.statistics()
 
     print("\nLatency (ms)")
