@@ -8,10 +8,24 @@
 #   PYTHON              interpreter (default .venv/bin/python, else python3)
 #   QDB_CLUSTER_START_TIMEOUT  seconds to wait for readiness (default 15)
 #
+# With --proxies, also one fault proxy process (`python -m qdb_client.testing proxy`)
+# with a proxy in front of every node, once the nodes are ready:
+#   TEST_PROXY_PORTS         proxy ports, one per node, in order (default: node port + 10000)
+#   TEST_PROXY_CONTROL_PORT  its JSON-lines control port (default: first proxy port + 100)
+# It prints the proxied addresses the driver should use.
+#
 # Nodes run `python -m qdb_client.testing --test-mode` on one shared SQLite file.
-# Idempotent: nodes whose pid file names a live node are left alone.
+# Idempotent: nodes (and a proxy process) whose pid file names a live one are left alone.
 # Stop with scripts/stop-test-cluster.sh.
 set -euo pipefail
+
+PROXIES=0
+for arg in "$@"; do
+    case "$arg" in
+        --proxies) PROXIES=1 ;;
+        *) echo "usage: start-test-cluster.sh [--proxies]" >&2; exit 2 ;;
+    esac
+done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${QDB_CLUSTER_DIR:-$ROOT/.qdb-cluster}"
@@ -30,6 +44,23 @@ if ! [[ "$SIZE" =~ ^[0-9]+$ ]] || (( SIZE < 1 || SIZE > ${#PORTS[@]} )); then
     exit 2
 fi
 PORTS=("${PORTS[@]:0:$SIZE}")
+
+PROXY_PORTS=()
+if (( PROXIES )); then
+    if [[ -n "${TEST_PROXY_PORTS:-}" ]]; then
+        IFS=',' read -r -a PROXY_PORTS <<< "$TEST_PROXY_PORTS"
+    else
+        for port in "${PORTS[@]}"; do
+            PROXY_PORTS+=($((port + 10000)))
+        done
+    fi
+    if (( ${#PROXY_PORTS[@]} < ${#PORTS[@]} )); then
+        echo "start-test-cluster: TEST_PROXY_PORTS has ${#PROXY_PORTS[@]} port(s) for ${#PORTS[@]} node(s)" >&2
+        exit 2
+    fi
+    PROXY_PORTS=("${PROXY_PORTS[@]:0:${#PORTS[@]}}")
+    CONTROL_PORT="${TEST_PROXY_CONTROL_PORT:-$((PROXY_PORTS[0] + 100))}"
+fi
 
 mkdir -p "$STATE"
 touch "$STATE/.qdb-test-cluster"   # marks the directory as ours for stop-test-cluster.sh
@@ -75,6 +106,24 @@ show_logs() {
     done
 }
 
+show_proxy_log() {
+    echo "--- $STATE/proxy.log (last 20 lines) ---" >&2
+    tail -n 20 "$STATE/proxy.log" >&2 2>/dev/null || true
+}
+
+proxy_started=""
+give_up() {  # leave nothing half-started behind
+    for entry in "${started[@]+"${started[@]}"}"; do
+        kill -KILL "${entry%%:*}" 2>/dev/null || true
+        rm -f "$STATE/node-${entry##*:}.pid"
+    done
+    if [[ -n "$proxy_started" ]]; then
+        kill -KILL "$proxy_started" 2>/dev/null || true
+        rm -f "$STATE/proxy.pid"
+    fi
+    exit 1
+}
+
 all_addresses="$(IFS=','; echo "${addresses[*]}")"
 "$PY" -m qdb_client.testing.wait "$all_addresses" --timeout "$TIMEOUT" &
 waiter=$!
@@ -91,19 +140,55 @@ while kill -0 "$waiter" 2>/dev/null; do
     fi
     sleep 0.1
 done
-if [[ -z "$died" ]] && wait "$waiter"; then
-    echo "start-test-cluster: ${#PORTS[@]} node(s) ready on $all_addresses (state in $STATE)"
-    exit 0
+if [[ -n "$died" ]] || ! wait "$waiter"; then
+    wait "$waiter" 2>/dev/null || true
+    if [[ -n "$died" ]]; then
+        echo "start-test-cluster: the node on port $died exited during startup" >&2
+    else
+        echo "start-test-cluster: nodes not ready within ${TIMEOUT}s" >&2
+    fi
+    show_logs
+    give_up
 fi
-wait "$waiter" 2>/dev/null || true
-if [[ -n "$died" ]]; then
-    echo "start-test-cluster: the node on port $died exited during startup" >&2
-else
-    echo "start-test-cluster: nodes not ready within ${TIMEOUT}s" >&2
-fi
-show_logs
-for entry in "${started[@]+"${started[@]}"}"; do  # leave nothing half-started behind
-    kill -KILL "${entry%%:*}" 2>/dev/null || true
-    rm -f "$STATE/node-${entry##*:}.pid"
+echo "start-test-cluster: ${#PORTS[@]} node(s) ready on $all_addresses (state in $STATE)"
+(( PROXIES )) || exit 0
+
+# ---------------------------------------------------------------- proxies
+proxy_addresses=()
+maps=()
+for i in "${!PORTS[@]}"; do
+    proxy_addresses+=("$HOST:${PROXY_PORTS[$i]}")
+    maps+=(--map "$HOST:${PROXY_PORTS[$i]}=$HOST:${PORTS[$i]}")
 done
-exit 1
+all_proxies="$(IFS=','; echo "${proxy_addresses[*]}")"
+pidfile="$STATE/proxy.pid"
+if [[ -f "$pidfile" ]] && is_our_node "$(cat "$pidfile")"; then
+    echo "start-test-cluster: proxies already running (pid $(cat "$pidfile"))"
+else
+    nohup "$PY" -m qdb_client.testing proxy "${maps[@]}" --control "$HOST:$CONTROL_PORT" \
+        >"$STATE/proxy.out" 2>"$STATE/proxy.log" </dev/null &
+    proxy_started=$!
+    echo "$proxy_started" >"$pidfile"
+    deadline=$((SECONDS + TIMEOUT))
+    until grep -q '^QDB-PROXY READY' "$STATE/proxy.out" 2>/dev/null; do
+        if ! is_our_node "$proxy_started"; then
+            echo "start-test-cluster: the proxy process exited during startup" >&2
+            show_proxy_log
+            give_up
+        fi
+        if (( SECONDS >= deadline )); then
+            echo "start-test-cluster: proxies not ready within ${TIMEOUT}s" >&2
+            show_proxy_log
+            give_up
+        fi
+        sleep 0.1
+    done
+fi
+if ! "$PY" -m qdb_client.testing.wait "$all_proxies" --timeout "$TIMEOUT"; then
+    echo "start-test-cluster: the nodes do not answer through the proxies" >&2
+    show_proxy_log
+    give_up
+fi
+proxy_ports="$(IFS=','; echo "${PROXY_PORTS[*]}")"
+echo "start-test-cluster: proxies ready on $all_proxies (control $HOST:$CONTROL_PORT)"
+echo "start-test-cluster: point the driver at the proxies: TEST_SERVER_PORTS=$proxy_ports"

@@ -5,8 +5,20 @@
 #   QDB_CLUSTER_STOP_TIMEOUT   seconds between SIGTERM and SIGKILL (default 10)
 #
 # SIGTERM makes each node shut down gracefully (GOAWAY "shutdown" to clients).
+# The fault proxy process of `start-test-cluster.sh --proxies` (proxy.pid) is stopped
+# too; `--proxies` is accepted for symmetry, `--proxies-only` stops just the proxies
+# and leaves the nodes and the state directory alone.
 # Idempotent: nothing to stop is not an error.
 set -euo pipefail
+
+ONLY_PROXIES=0
+for arg in "$@"; do
+    case "$arg" in
+        --proxies) ;;
+        --proxies-only) ONLY_PROXIES=1 ;;
+        *) echo "usage: stop-test-cluster.sh [--proxies | --proxies-only]" >&2; exit 2 ;;
+    esac
+done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${QDB_CLUSTER_DIR:-$ROOT/.qdb-cluster}"
@@ -24,12 +36,22 @@ is_our_node() {  # pid -> true if it is a live test node (guards against reused 
 }
 
 pids=()
+nodes=0
+proxies=0
 shopt -s nullglob
-for pidfile in "$STATE"/node-*.pid; do
+pidfiles=("$STATE"/proxy.pid)
+(( ONLY_PROXIES )) || pidfiles+=("$STATE"/node-*.pid)
+for pidfile in "${pidfiles[@]}"; do
+    [[ -f "$pidfile" ]] || continue
     pid="$(cat "$pidfile")"
     if [[ "$pid" =~ ^[0-9]+$ ]] && is_our_node "$pid"; then
         kill -TERM "$pid" 2>/dev/null || true
         pids+=("$pid")
+        if [[ "$pidfile" == */proxy.pid ]]; then
+            proxies=$((proxies + 1))
+        else
+            nodes=$((nodes + 1))
+        fi
     fi
 done
 
@@ -51,10 +73,19 @@ for pid in "${pids[@]+"${pids[@]}"}"; do
     fi
 done
 
+rm -f "$STATE"/proxy.pid
+if (( ONLY_PROXIES )); then
+    echo "stop-test-cluster: stopped $proxies proxy process(es)"
+    exit 0
+fi
 rm -f "$STATE"/node-*.pid
 if [[ -f "$STATE/.qdb-test-cluster" ]]; then
     rm -rf "$STATE"
 else
     echo "stop-test-cluster: $STATE was not created by start-test-cluster.sh; kept it" >&2
 fi
-echo "stop-test-cluster: stopped ${#pids[@]} node(s)"
+if (( proxies )); then
+    echo "stop-test-cluster: stopped $nodes node(s) and $proxies proxy process(es)"
+else
+    echo "stop-test-cluster: stopped $nodes node(s)"
+fi
