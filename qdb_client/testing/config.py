@@ -12,8 +12,8 @@ from typing import Any
 
 import attrs
 
-from ..validation import boolean, int_in, parse_address, positive_seconds, text
 from ..errors import ConfigError
+from ..validation import boolean, int_in, parse_address, positive_seconds, text
 
 __all__ = [
     "DEFAULT_SERVER_NAME",

@@ -50,6 +50,7 @@ from ..protocol import (
     State,
     Welcome,
     error_from_message,
+    receive_event,
 )
 from .config import parse_address
 from .stats import CONTROL_CLIENT_NAME
@@ -174,20 +175,7 @@ class NodeControl:
         proto = self._proto
         while True:
             try:
-                event = proto.next_event()
-            except ProtocolError as exc:
-                await self._discard()
-                raise ConnectionLost(
-                    f"{self.address} broke the protocol: {exc}",
-                    node=self.address,
-                    request_sent=request_sent,
-                ) from exc
-            if isinstance(event, BadMessage):
-                continue
-            if event is not None:
-                return event
-            try:
-                data = await self._stream.receive_some(65536)
+                event = await receive_event(proto, self._stream)
             except _TRANSPORT_ERRORS as exc:
                 await self._discard()
                 raise ConnectionLost(
@@ -195,16 +183,27 @@ class NodeControl:
                     node=self.address,
                     request_sent=request_sent,
                 ) from exc
-            if not data:
-                goaway = proto.received_goaway
-                await self._discard()
-                why = f" after GOAWAY {goaway.reason!r}" if isinstance(goaway, GoAway) else ""
-                raise ConnectionLost(
-                    f"{self.address} closed the connection{why}",
-                    node=self.address,
-                    request_sent=request_sent,
-                )
-            proto.receive_data(data)
+            except ProtocolError as exc:
+                if proto.state is not State.CLOSED:  # not a frame cut short by the close
+                    await self._discard()
+                    raise ConnectionLost(
+                        f"{self.address} broke the protocol: {exc}",
+                        node=self.address,
+                        request_sent=request_sent,
+                    ) from exc
+                event = None
+            if isinstance(event, BadMessage):
+                continue
+            if event is not None:
+                return event
+            goaway = proto.received_goaway
+            await self._discard()
+            why = f" after GOAWAY {goaway.reason!r}" if isinstance(goaway, GoAway) else ""
+            raise ConnectionLost(
+                f"{self.address} closed the connection{why}",
+                node=self.address,
+                request_sent=request_sent,
+            )
 
     async def _discard(self) -> None:
         stream, self._stream = self._stream, None

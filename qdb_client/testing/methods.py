@@ -10,30 +10,33 @@ request of the control tool itself, are never subject to faults.
 
 Writes carrying an idempotency key (REQUEST ``idem_key``) are executed at
 most once per key (:mod:`.idempotency`); reads ignore the key.
+
+Handlers see a :class:`MethodContext`, built by the connection: what they
+use of the node and of the connection, and nothing else. This module knows
+neither the node nor the connection classes.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import trio
 
 from ..protocol import ErrorCode, Request
 from ._failure import RequestFailed
+from .faults import Faults
 from .idempotency import IdempotencyKey, KeyedOutcome, KeyedResult, check_key, request_hash
-from .storage import Params, Statement
-
-if TYPE_CHECKING:
-    from .server import QdbNode
-    from .session import ServerConnection
+from .stats import NodeStatistics
+from .storage import Params, Statement, Storage
 
 __all__ = [
     "CONTROL_METHODS",
     "DATA_METHODS",
     "Call",
+    "MethodContext",
     "Outcome",
     "is_control_method",
     "run_method",
@@ -43,6 +46,33 @@ logger = logging.getLogger("qdb_client.testing")
 
 _REQUIRED: Any = object()
 _MIN_INT, _MAX_INT = -(2**63), 2**63 - 1
+
+
+@attrs.frozen
+class MethodContext:
+    """What a method handler may use: the node's parts and the caller's identity.
+
+    ``scope`` is the authenticated user ("" without credentials), which
+    idempotency keys are stored under; ``is_control_client``: the caller is
+    the control tool (exempt from faults, left out of the statistics).
+    The callables are the node actions control methods need:
+    ``drop_other_connections`` / ``count_other_connections`` spare the
+    caller's own connection; ``start_shutdown(grace)``; ``statistics()``.
+    """
+
+    node_id: str
+    storage: Storage
+    faults: Faults
+    stats: NodeStatistics
+    test_mode: bool
+    scope: str
+    is_control_client: bool
+    #: Who is calling (``host:port``), for log lines.
+    peer: str
+    drop_other_connections: Callable[[], int]
+    count_other_connections: Callable[[], int]
+    start_shutdown: Callable[[float], None]
+    statistics: Callable[[], dict[str, Any]]
 
 
 @attrs.frozen
@@ -157,29 +187,29 @@ def _sql_args(args: Mapping[str, Any], index: int | None = None) -> Statement:
 
 # ------------------------------------------------------------- data methods
 
-DataHandler = Callable[["QdbNode", Call], Awaitable[Outcome]]
+DataHandler = Callable[[MethodContext, Call], Awaitable[Outcome]]
 
 
-async def _ping(node: QdbNode, call: Call) -> Outcome:
-    return Outcome({"node_id": node.node_id})
+async def _ping(ctx: MethodContext, call: Call) -> Outcome:
+    return Outcome({"node_id": ctx.node_id})
 
 
-async def _execute(node: QdbNode, call: Call) -> Outcome:
+async def _execute(ctx: MethodContext, call: Call) -> Outcome:
     key = None if call.idem_key is None else check_key(call.idem_key)
     sql, params = _sql_args(call.args)
     if key is None:
-        return Outcome(await node.storage.execute(sql, params, deadline=call.deadline))
+        return Outcome(await ctx.storage.execute(sql, params, deadline=call.deadline))
     idem = IdempotencyKey(key, request_hash("execute", [sql, params]), call.scope)
-    keyed = await node.storage.execute_keyed(sql, params, idem, deadline=call.deadline)
-    return _keyed_outcome(node, call, keyed)
+    keyed = await ctx.storage.execute_keyed(sql, params, idem, deadline=call.deadline)
+    return _keyed_outcome(ctx, call, keyed)
 
 
-async def _query(node: QdbNode, call: Call) -> Outcome:
+async def _query(ctx: MethodContext, call: Call) -> Outcome:
     sql, params = _sql_args(call.args)  # a read: any idem_key is ignored
-    return Outcome(await node.storage.query(sql, params, deadline=call.deadline))
+    return Outcome(await ctx.storage.query(sql, params, deadline=call.deadline))
 
 
-async def _batch(node: QdbNode, call: Call) -> Outcome:
+async def _batch(ctx: MethodContext, call: Call) -> Outcome:
     key = None if call.idem_key is None else check_key(call.idem_key)
     raw = _arg(call.args, "statements", list)
     statements = []
@@ -192,14 +222,14 @@ async def _batch(node: QdbNode, call: Call) -> Outcome:
             )
         statements.append(_sql_args(item, index))
     if key is None:
-        return Outcome(await node.storage.batch(statements, deadline=call.deadline))
+        return Outcome(await ctx.storage.batch(statements, deadline=call.deadline))
     idem = IdempotencyKey(key, request_hash("batch", statements), call.scope)
-    keyed = await node.storage.batch_keyed(statements, idem, deadline=call.deadline)
-    return _keyed_outcome(node, call, keyed)
+    keyed = await ctx.storage.batch_keyed(statements, idem, deadline=call.deadline)
+    return _keyed_outcome(ctx, call, keyed)
 
 
-def _keyed_outcome(node: QdbNode, call: Call, keyed: KeyedResult) -> Outcome:
-    stats = node.stats
+def _keyed_outcome(ctx: MethodContext, call: Call, keyed: KeyedResult) -> Outcome:
+    stats = ctx.stats
     if keyed.outcome is KeyedOutcome.STORED:
         if call.counted:
             stats.idempotent_stored += 1
@@ -207,7 +237,7 @@ def _keyed_outcome(node: QdbNode, call: Call, keyed: KeyedResult) -> Outcome:
     if keyed.outcome is KeyedOutcome.REPLAYED:
         if call.counted:
             stats.idempotent_hits += 1
-        logger.debug("%s: replayed the stored result of key %r", node.node_id, call.idem_key)
+        logger.debug("%s: replayed the stored result of key %r", ctx.node_id, call.idem_key)
         return Outcome(keyed.result, replayed=True)
     if call.counted:
         stats.idempotent_conflicts += 1
@@ -225,7 +255,7 @@ DATA_METHODS: dict[str, DataHandler] = {
 
 # ---------------------------------------------------------- control methods
 
-ControlHandler = Callable[["QdbNode", "ServerConnection", Mapping[str, Any]], Outcome]
+ControlHandler = Callable[[MethodContext, Mapping[str, Any]], Outcome]
 
 
 def _faults_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -235,68 +265,68 @@ def _faults_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise RequestFailed(ErrorCode.INVALID_REQUEST, str(exc)) from exc
 
 
-def _fail_next(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+def _fail_next(ctx: MethodContext, args: Mapping[str, Any]) -> Outcome:
     methods = _arg(args, "methods", list, None)
     _faults_call(
-        node.faults.fail_next,
+        ctx.faults.fail_next,
         _non_negative(args, "count"),
         _arg(args, "code", (str, int), "UNAVAILABLE"),
         message=_arg(args, "message", str, None),
         methods=methods,
         retry_after_ms=_non_negative(args, "retry_after_ms", None),
     )
-    return Outcome(node.faults.describe())
+    return Outcome(ctx.faults.describe())
 
 
-def _drop_after_commit(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+def _drop_after_commit(ctx: MethodContext, args: Mapping[str, Any]) -> Outcome:
     _faults_call(
-        node.faults.drop_after_commit,
+        ctx.faults.drop_after_commit,
         _non_negative(args, "count"),
         methods=_arg(args, "methods", list, None),
     )
-    return Outcome(node.faults.describe())
+    return Outcome(ctx.faults.describe())
 
 
-def _add_latency(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+def _add_latency(ctx: MethodContext, args: Mapping[str, Any]) -> Outcome:
     method = _arg(args, "method", str)
-    _faults_call(node.faults.add_latency, method, _non_negative(args, "ms") / 1000)
-    return Outcome(node.faults.describe())
+    _faults_call(ctx.faults.add_latency, method, _non_negative(args, "ms") / 1000)
+    return Outcome(ctx.faults.describe())
 
 
-def _stop_pings(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
-    node.faults.stop_pings(_arg(args, "enabled", bool, True))
-    return Outcome(node.faults.describe())
+def _stop_pings(ctx: MethodContext, args: Mapping[str, Any]) -> Outcome:
+    ctx.faults.stop_pings(_arg(args, "enabled", bool, True))
+    return Outcome(ctx.faults.describe())
 
 
-def _drop_connections(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
-    count = node.count_connections(exclude=conn)
-    return Outcome({"dropped": count}, after_reply=lambda: node.drop_connections(keep=conn))
+def _drop_connections(ctx: MethodContext, args: Mapping[str, Any]) -> Outcome:
+    count = ctx.count_other_connections()
+    return Outcome({"dropped": count}, after_reply=ctx.drop_other_connections)
 
 
-def _refuse_connections(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+def _refuse_connections(ctx: MethodContext, args: Mapping[str, Any]) -> Outcome:
     enabled = _arg(args, "enabled", bool, True)
     try:
-        node.faults.refuse_connections(enabled)
+        ctx.faults.refuse_connections(enabled)
     except OSError as exc:
         raise RequestFailed(ErrorCode.INTERNAL, f"cannot listen again: {exc}") from exc
-    return Outcome(node.faults.describe())
+    return Outcome(ctx.faults.describe())
 
 
-def _stats(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
-    return Outcome(node.statistics())
+def _stats(ctx: MethodContext, args: Mapping[str, Any]) -> Outcome:
+    return Outcome(ctx.statistics())
 
 
-def _reset(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+def _reset(ctx: MethodContext, args: Mapping[str, Any]) -> Outcome:
     try:
-        node.faults.reset()
+        ctx.faults.reset()
     except OSError as exc:
         raise RequestFailed(ErrorCode.INTERNAL, f"cannot listen again: {exc}") from exc
-    return Outcome(node.faults.describe())
+    return Outcome(ctx.faults.describe())
 
 
-def _shutdown(node: QdbNode, conn: ServerConnection, args: Mapping[str, Any]) -> Outcome:
+def _shutdown(ctx: MethodContext, args: Mapping[str, Any]) -> Outcome:
     grace = _non_negative(args, "grace_ms", 5000) / 1000
-    return Outcome({"shutting_down": True}, after_reply=lambda: node.start_shutdown(grace))
+    return Outcome({"shutting_down": True}, after_reply=lambda: ctx.start_shutdown(grace))
 
 
 #: Method name -> handler, for methods answered only in test mode.
@@ -316,26 +346,26 @@ CONTROL_METHODS: dict[str, ControlHandler] = {
 # ----------------------------------------------------------------- dispatch
 
 
-async def run_method(
-    node: QdbNode, conn: ServerConnection, request: Request, deadline: float
-) -> Outcome | None:
-    """Run ``request`` and return its outcome; None means send no reply at all.
+async def run_method(ctx: MethodContext, request: Request, deadline: float) -> Outcome | None:
+    """Run ``request`` and return its outcome.
 
+    None means the node plays dead (``ping`` while pings are stopped): the
+    caller sends no reply at all and holds the request until ``deadline``.
     Raises :class:`RequestFailed` for every structured error.
     """
     method = request.method
     args = request.args
-    if node.config.test_mode and method in CONTROL_METHODS:
+    if ctx.test_mode and method in CONTROL_METHODS:
         await trio.lowlevel.checkpoint()
-        return CONTROL_METHODS[method](node, conn, args)
+        return CONTROL_METHODS[method](ctx, args)
     handler = DATA_METHODS.get(method)
     if handler is None:
         logger.warning(
             "%s: unknown method %r (request %d from %s)",
-            node.node_id,
+            ctx.node_id,
             method,
             request.request_id,
-            conn.peer,
+            ctx.peer,
         )
         raise RequestFailed(
             ErrorCode.METHOD_NOT_FOUND, f"no method named {method!r}", details={"method": method}
@@ -344,12 +374,12 @@ async def run_method(
         args,
         deadline,
         idem_key=request.idempotency_key,
-        scope=conn.user or "",
-        counted=not conn.is_control_client,
+        scope=ctx.scope,
+        counted=not ctx.is_control_client,
     )
-    if conn.is_control_client:  # the control tool neither sees nor consumes faults
-        return await handler(node, call)
-    faults = node.faults
+    if ctx.is_control_client:  # the control tool neither sees nor consumes faults
+        return await handler(ctx, call)
+    faults = ctx.faults
     failure = faults.take_failure(method)
     delay = faults.latency_for(method)
     if delay:
@@ -364,9 +394,8 @@ async def run_method(
     if failure is not None:
         raise failure
     if method == "ping" and faults.pings_stopped:
-        await trio.sleep_until(deadline)  # a hung node: never answer
-        return None
-    outcome = await handler(node, call)
+        return None  # a hung node: never answer
+    outcome = await handler(ctx, call)
     if not outcome.replayed and faults.take_drop_after_commit(method):
         return attrs.evolve(outcome, drop_connection=True)
     return outcome

@@ -1,49 +1,56 @@
 """One client connection of a test node: handshake, reader, concurrent requests, closing.
 
 A :class:`ServerConnection` owns one ``trio.abc.Stream``. A single reader
-feeds the sans-IO :class:`~qdb_client.protocol.ProtocolConnection`; each
-REQUEST runs in its own task and its reply is written when it completes, so
-replies leave in completion order. Writes are serialised by a
-``trio.StrictFIFOLock``. Nothing a client sends raises out of
-:meth:`ServerConnection.run`: a bad frame is answered with PARSE_ERROR, a
-broken byte stream with PARSE_ERROR (or FRAME_TOO_LARGE) plus GOAWAY
-``protocol_error`` and a close.
+(:func:`~qdb_client.protocol.receive_event`) feeds the sans-IO
+:class:`~qdb_client.protocol.ProtocolConnection`; each REQUEST runs in its
+own task and its reply is written when it completes, so replies leave in
+completion order. Writes are serialised by a ``trio.StrictFIFOLock``.
+Nothing a client sends raises out of :meth:`ServerConnection.run`: a bad
+frame is answered with PARSE_ERROR, a broken byte stream with PARSE_ERROR
+(or FRAME_TOO_LARGE) plus GOAWAY ``protocol_error`` and a close.
+
+Every accepted request gets exactly one reply (docs/protocol.md 8.1, 8.3),
+except under the faults that lose it on purpose (``stop_pings``,
+``drop_after_commit``). A CANCEL stops a request that is still running and
+is answered CANCELLED; one that finished already has had its reply. The
+:class:`~.ledger.RequestLedger` frees a request's slot before its reply is
+written, and counts it unanswered until the reply was written.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import math
-import uuid
 from typing import TYPE_CHECKING
 
 import trio
 
-from ..errors import FrameError, FrameTooLarge, ProtocolViolation, ValueNotEncodable
 from ..protocol import (
-    PROTOCOL_VERSIONS,
     BadMessage,
     Cancel,
     Error,
     ErrorCode,
+    FrameError,
+    FrameTooLarge,
     GoAway,
     Hello,
     Message,
     Ping,
     Pong,
     ProtocolConnection,
+    ProtocolViolation,
     Request,
     Response,
     Role,
     State,
-    Welcome,
-    choose_version,
+    ValueNotEncodable,
     error_message,
+    receive_event,
 )
 from ._failure import RequestFailed
-from .methods import is_control_method, run_method
-from .stats import CONTROL_CLIENT_NAME
+from .handshake import answer_hello
+from .ledger import RequestLedger, Slot
+from .methods import MethodContext, Outcome, is_control_method, run_method
 
 if TYPE_CHECKING:
     from .server import QdbNode
@@ -60,6 +67,26 @@ LINGER_SECONDS = 1.0
 COURTESY_SECONDS = 2.0
 
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class _WatchedStream:
+    """The stream as :func:`receive_event` reads it, remembering end of input.
+
+    A frame cut short by the end of input is a broken stream, but there is
+    no one left to tell; a broken frame before it is answered.
+    """
+
+    __slots__ = ("at_eof", "stream")
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.at_eof = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.stream.receive_some(max_bytes)
+        if not data:
+            self.at_eof = True
+        return data
 
 
 async def close_stream(stream: trio.abc.Stream, *, linger: bool) -> None:
@@ -100,8 +127,8 @@ class ServerConnection:
         #: Set once the stream has been closed.
         self.closed = trio.Event()
         self._write_lock = trio.StrictFIFOLock()
-        self._in_flight: dict[int, trio.CancelScope] = {}
-        self._drained = trio.lowlevel.ParkingLot()
+        self._requests = RequestLedger(node.config.max_in_flight)
+        self._context: MethodContext | None = None
         self._scope = trio.CancelScope()
         self._idle_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -111,8 +138,8 @@ class ServerConnection:
 
     @property
     def in_flight(self) -> int:
-        """Requests received and not yet answered."""
-        return len(self._in_flight)
+        """Requests holding a slot: accepted, and their reply not decided yet."""
+        return self._requests.in_flight
 
     # ------------------------------------------------------------ lifecycle
 
@@ -148,6 +175,7 @@ class ServerConnection:
         """Send GOAWAY ``reason``, let in-flight requests finish until ``deadline``, close.
 
         Requests arriving after the GOAWAY get SHUTTING_DOWN without running.
+        Closes once every accepted request has been answered (reply written).
         """
         if not self._draining:
             self._draining = True
@@ -157,8 +185,7 @@ class ServerConnection:
                 elif self.proto.state is State.HANDSHAKE:
                     await self._send(error_message(0, ErrorCode.SHUTTING_DOWN, message))
             with trio.move_on_at(deadline):
-                while self._in_flight:
-                    await self._drained.park()
+                await self._requests.wait_answered()
             self._close_gracefully()
         await self.closed.wait()
 
@@ -181,8 +208,8 @@ class ServerConnection:
         self._close_gracefully()
 
     def _touch(self) -> None:
-        """A frame arrived: restart the idle countdown unless requests are in flight."""
-        if not self._in_flight:
+        """A frame arrived: restart the idle countdown unless requests are unanswered."""
+        if not self._requests.unanswered:
             self._idle_scope.deadline = trio.current_time() + self.config.client_idle_timeout
 
     # -------------------------------------------------------------- writing
@@ -249,38 +276,27 @@ class ServerConnection:
     # -------------------------------------------------------------- reading
 
     async def _read_loop(self) -> None:
+        source = _WatchedStream(self.stream)
         while True:
             try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                event = await receive_event(self.proto, source, read_size=RECEIVE_SIZE)
             except _TRANSPORT_ERRORS as exc:
                 logger.debug("%s: read from %s failed: %r", self.node.node_id, self.peer, exc)
                 return
-            if not data:
-                try:
-                    self.proto.receive_eof()
-                except FrameError as exc:
-                    logger.debug("%s: %s: %s", self.node.node_id, self.peer, exc)
-                return
-            self.proto.receive_data(data)
-            if not await self._process_events():
-                return
-
-    async def _process_events(self) -> bool:
-        """Handle every complete frame buffered; False when the connection must close."""
-        while True:
-            try:
-                event = self.proto.next_event()
             except FrameTooLarge as exc:
                 await self._fatal(ErrorCode.FRAME_TOO_LARGE, str(exc))
-                return False
+                return
             except (FrameError, ProtocolViolation) as exc:
-                await self._fatal(ErrorCode.PARSE_ERROR, str(exc))
-                return False
+                if source.at_eof:  # a frame cut short by the close: nobody left to tell
+                    logger.debug("%s: %s: %s", self.node.node_id, self.peer, exc)
+                else:
+                    await self._fatal(ErrorCode.PARSE_ERROR, str(exc))
+                return
             if event is None:
-                return True
+                return
             self._touch()
             if not await self._handle(event):
-                return False
+                return
 
     async def _handle(self, event: Message | BadMessage) -> bool:
         if isinstance(event, BadMessage):
@@ -299,9 +315,13 @@ class ServerConnection:
         if isinstance(event, Request):
             await self._on_request(event)
         elif isinstance(event, Cancel):
-            scope = self._in_flight.get(event.request_id)
-            if scope is not None:
-                scope.cancel()
+            if not self._requests.cancel(event.request_id):  # answered, or never accepted
+                logger.debug(
+                    "%s: ignoring CANCEL of %d from %s: not in flight",
+                    self.node.node_id,
+                    event.request_id,
+                    self.peer,
+                )
         elif isinstance(event, Ping):
             if self.is_control_client or not self.node.faults.pings_stopped:
                 if not self.is_control_client:
@@ -309,7 +329,7 @@ class ServerConnection:
                 await self._send(Pong(event.request_id))
         elif isinstance(event, GoAway):
             self._client_goaway = True
-            if not self._in_flight:
+            if not self._requests.unanswered:
                 self._linger = True
                 return False
         else:  # PONG, STREAM_CREDIT: nothing to do for this server
@@ -320,55 +340,19 @@ class ServerConnection:
 
     async def _handshake(self, hello: Hello) -> bool:
         node = self.node
-        version = choose_version(hello.versions)
-        if version is None:
-            supported = list(PROTOCOL_VERSIONS)
-            text = (
-                f"no common protocol version: client offers {list(hello.versions)},"
-                f" node speaks {supported}"
-            )
-            await self._send(
-                error_message(
-                    0, ErrorCode.VERSION_MISMATCH, text, details={"supported_versions": supported}
-                )
-            )
+        answer = answer_hello(hello, self.config, node_id=node.node_id, members=node.members)
+        if not answer.accepted:
+            await self._send(answer.reply)
             self._linger = True
             return False
-        if not self._authenticated(hello):
-            await self._send(
-                error_message(0, ErrorCode.UNAUTHENTICATED, "bad or missing credentials")
-            )
-            self._linger = True
-            return False
-        if self.config.credentials is not None and hello.credentials:
-            self.user = hello.credentials.get("user")
-        if hello.client_name == CONTROL_CLIENT_NAME:
+        self.user = answer.user
+        if answer.control_client:
             node.mark_control_client(self)
-        welcome = Welcome(
-            version=version,
-            node_id=node.node_id,
-            session_id=uuid.uuid4().hex,
-            max_frame_size=self.config.max_frame_size,
-            max_in_flight=self.config.max_in_flight,
-            idle_timeout_ms=round(self.config.client_idle_timeout * 1000),
-            members=node.members(),
-            server_name=self.config.server_name,
-        )
         try:
-            return await self._send(welcome)
+            return await self._send(answer.reply)
         except (FrameTooLarge, ValueNotEncodable) as exc:
             logger.warning("%s: cannot send WELCOME to %s: %s", node.node_id, self.peer, exc)
             return False
-
-    def _authenticated(self, hello: Hello) -> bool:
-        expected = self.config.credentials
-        if expected is None:
-            return True
-        auth = hello.credentials or {}
-        user, password = auth.get("user"), auth.get("password")
-        if user is None or password is None or user not in expected:
-            return False
-        return hmac.compare_digest(expected[user].encode(), password.encode())
 
     # ------------------------------------------------------------- requests
 
@@ -383,13 +367,8 @@ class ServerConnection:
             rejection = ErrorCode.INVALID_REQUEST, "request id 0 is reserved for the connection"
         elif self._draining:
             rejection = ErrorCode.SHUTTING_DOWN, "the connection is closing (GOAWAY sent)"
-        elif rid in self._in_flight:
-            rejection = ErrorCode.INVALID_REQUEST, f"request id {rid} is already in flight"
-        elif len(self._in_flight) >= self.config.max_in_flight:
-            rejection = (
-                ErrorCode.CAPACITY_EXCEEDED,
-                f"{len(self._in_flight)} requests in flight, the maximum per connection",
-            )
+        else:
+            rejection = self._requests.refusal(rid)
         if rejection is not None:
             await self._send(error_message(rid, *rejection), count=count)
             return
@@ -398,52 +377,95 @@ class ServerConnection:
         if request.deadline_ms is not None:
             budget = min(budget, request.deadline_ms / 1000)
         self.last_request_id = max(self.last_request_id, rid)
-        scope = trio.CancelScope()
-        self._in_flight[rid] = scope
+        slot = self._requests.accept(rid)
         self._idle_scope.deadline = math.inf
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_request, request, scope, now + budget, count)
+        self._nursery.start_soon(self._run_request, request, slot, now + budget, count)
+
+    def _method_context(self) -> MethodContext:
+        """What this connection's method handlers see (built once, after the handshake)."""
+        if self._context is None:
+            node = self.node
+            self._context = MethodContext(
+                node_id=node.node_id,
+                storage=node.storage,
+                faults=node.faults,
+                stats=node.stats,
+                test_mode=self.config.test_mode,
+                scope=self.user or "",
+                is_control_client=self.is_control_client,
+                peer=self.peer,
+                drop_other_connections=lambda: node.drop_connections(keep=self),
+                count_other_connections=lambda: node.count_connections(exclude=self),
+                start_shutdown=node.start_shutdown,
+                statistics=node.statistics,
+            )
+        return self._context
 
     async def _run_request(
-        self, request: Request, scope: trio.CancelScope, deadline: float, count: bool
+        self, request: Request, slot: Slot, deadline: float, count: bool
     ) -> None:
         rid = request.request_id
         try:
-            outcome = None
-            reply: Response | Error | None = None
-            with scope:
-                try:
-                    outcome = await run_method(self.node, self, request, deadline)
-                except RequestFailed as exc:
-                    reply = exc.to_message(rid)
-                except Exception as exc:
-                    logger.exception("%s: method %r failed", self.node.node_id, request.method)
-                    reply = error_message(
-                        rid, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-                    )
-            if scope.cancelled_caught:  # CANCEL from the client: send nothing
-                return
+            reply, outcome = await self._decide(request, slot, deadline)
+            self._requests.free(rid, slot)  # before the write (see .ledger)
             if reply is None:
-                if outcome is None:  # deliberately unanswered (pings stopped)
-                    return
-                if outcome.drop_connection:  # drop_after_commit: the reply is lost
-                    logger.info(
-                        "%s: dropping the connection from %s after %s (request %d) committed",
-                        self.node.node_id,
-                        self.peer,
-                        request.method,
-                        rid,
-                    )
-                    self.abort()
-                    return
-                reply = Response(rid, outcome.result)
+                return
+            if isinstance(reply, Error) and reply.name == ErrorCode.CANCELLED.value and count:
+                self.node.stats.requests_cancelled += 1
             sent = await self._send_reply(reply, count=count)
             if sent and outcome is not None and outcome.after_reply is not None:
                 outcome.after_reply()
         finally:
-            del self._in_flight[rid]
-            if not self._in_flight:
+            self._requests.free(rid, slot)
+            if self._requests.answered():
                 self._idle_scope.deadline = trio.current_time() + self.config.client_idle_timeout
-                self._drained.unpark_all()
                 if self._client_goaway:
                     self._close_gracefully()
+
+    async def _decide(
+        self, request: Request, slot: Slot, deadline: float
+    ) -> tuple[Response | Error | None, Outcome | None]:
+        """Run the request; its reply (None: send nothing) and its outcome if it succeeded.
+
+        A request that completed keeps its reply even if a CANCEL came too
+        late to stop it; one stopped by CANCEL (an interrupted statement
+        included) is CANCELLED: nothing of it was applied or stored.
+        """
+        rid = request.request_id
+        outcome: Outcome | None = None
+        reply: Error | None = None
+        hung = False
+        with slot.scope:
+            try:
+                outcome = await run_method(self._method_context(), request, deadline)
+                if outcome is None:  # pings stopped: hold the slot, never answer
+                    hung = True
+                    await trio.sleep_until(deadline)
+            except RequestFailed as exc:
+                reply = exc.to_message(rid)
+            except Exception as exc:
+                logger.exception("%s: method %r failed", self.node.node_id, request.method)
+                reply = error_message(
+                    rid, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+                )
+        if hung:
+            return None, None
+        if outcome is not None:
+            if outcome.drop_connection:  # drop_after_commit: the reply is lost
+                logger.info(
+                    "%s: dropping the connection from %s after %s (request %d) committed",
+                    self.node.node_id,
+                    self.peer,
+                    request.method,
+                    rid,
+                )
+                self.abort()
+                return None, None
+            return Response(rid, outcome.result), outcome
+        if slot.cancel_requested:
+            logger.debug("%s: request %d from %s cancelled", self.node.node_id, rid, self.peer)
+            text = f"request {rid} was cancelled by the client and stopped; nothing was applied"
+            return error_message(rid, ErrorCode.CANCELLED, text, details={"executed": False}), None
+        assert reply is not None
+        return reply, None

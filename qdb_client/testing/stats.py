@@ -25,6 +25,8 @@ class NodeStatistics:
     per method name; ``errors_sent``: ERROR messages sent per symbolic name;
     ``bad_frames``: frames that could not be used (bad checksum, CBOR, body,
     kind, header); ``pings_answered``: PING frames answered with PONG;
+    ``requests_cancelled``: requests stopped by the client's CANCEL and
+    answered CANCELLED (also counted in ``errors_sent``);
     ``idempotent_stored``: keyed writes executed with their result stored
     under the key; ``idempotent_hits``: keyed writes answered with a stored
     result instead of executing; ``idempotent_conflicts``: keyed writes
@@ -36,6 +38,7 @@ class NodeStatistics:
         self.connections_refused = 0
         self.bad_frames = 0
         self.pings_answered = 0
+        self.requests_cancelled = 0
         self.idempotent_stored = 0
         self.idempotent_hits = 0
         self.idempotent_conflicts = 0
@@ -56,6 +59,7 @@ class NodeStatistics:
             "errors_sent": dict(self.errors_sent),
             "bad_frames": self.bad_frames,
             "pings_answered": self.pings_answered,
+            "requests_cancelled": self.requests_cancelled,
             "idempotent_stored": self.idempotent_stored,
             "idempotent_hits": self.idempotent_hits,
             "idempotent_conflicts": self.idempotent_conflicts,

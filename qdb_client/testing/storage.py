@@ -12,17 +12,21 @@ SQLite progress handler aborts the statement once the budget is spent, and
 cancelling the waiting task (CANCEL, dropped connection, shutdown) calls
 ``connection.interrupt()``. Either way SQLite stops with SQLITE_INTERRUPT
 and rolls the statement (or batch transaction) back, reported as TIMEOUT
-with ``details={"executed": False}``.
+with ``details={"executed": False}`` (which the connection turns into
+CANCELLED when the client's CANCEL caused it).
 
-Idempotency keys (:mod:`.idempotency`): a keyed write runs in one
-transaction opened with ``BEGIN IMMEDIATE``, which takes SQLite's write
-lock up front and so serialises keyed writes across connections *and*
-processes sharing the file. Inside it the key is looked up; a live entry
-is replayed (or is a CONFLICT) without executing anything, otherwise the
-statements run and the result is stored under the key before COMMIT. Any
-failure, an interrupt at the deadline included, rolls the whole
-transaction back: nothing applied, nothing stored. Expired entries count
-as absent and are purged, a bounded number per stored key.
+Idempotency keys (:mod:`.idempotency`, :func:`.statements.run_keyed`): a
+keyed write runs in one transaction opened with ``BEGIN IMMEDIATE``, which
+takes SQLite's write lock up front and so serialises keyed writes across
+connections *and* processes sharing the file. Inside it the key is looked
+up; a live entry is replayed (or is a CONFLICT) without executing anything,
+otherwise the statements run and the result is stored under the key before
+COMMIT. Any failure, an interrupt at the deadline or by CANCEL included,
+rolls the whole transaction back: nothing applied, nothing stored. Expired
+entries count as absent and are purged, a bounded number per stored key.
+
+What runs on a connection (the SQL of each method, read-only queries,
+the keyed transaction) is in :mod:`.statements`.
 
 Under a ``trio.testing.MockClock`` statements run inline on the event loop
 instead of in a worker thread: a thread wait looks idle to the clock, so
@@ -35,21 +39,30 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import cbor2
 import trio
 import trio.testing
 
 from ..protocol import ErrorCode
 from ._failure import RequestFailed
-from .idempotency import DEFAULT_TTL, SCHEMA, IdempotencyKey, KeyedOutcome, KeyedResult
+from .idempotency import DEFAULT_TTL, SCHEMA, IdempotencyKey, KeyedResult
+from .statements import (
+    PURGE_LIMIT,
+    BatchFailure,
+    Params,
+    Statement,
+    execute_one,
+    query_one,
+    run_batch,
+    run_keyed,
+    run_statements,
+)
 
 __all__ = ["BUSY_TIMEOUT_MS", "PURGE_LIMIT", "Params", "Statement", "Storage", "run_keyed"]
 
@@ -59,15 +72,8 @@ logger = logging.getLogger("qdb_client.testing")
 BUSY_TIMEOUT_MS = 5000
 #: VM instructions between two deadline checks of the progress handler.
 _PROGRESS_STEPS = 1000
-#: Most expired idempotency entries deleted by one keyed write.
-PURGE_LIMIT = 100
 
-Params = Sequence[Any] | Mapping[str, Any]
-#: One statement of a batch: SQL text and its parameters.
-Statement = tuple[str, Params]
 T = TypeVar("T")
-
-_INSERT = re.compile(r"^\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*(?:INSERT|REPLACE)\b", re.I | re.S)
 
 
 class _Job:
@@ -94,7 +100,13 @@ class _Job:
         finally:
             conn.set_progress_handler(None, 0)
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.OperationalError:
+                    # A cancel's interrupt() raced with the end of the work and hit
+                    # the ROLLBACK; it never outlives that statement, so once more.
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
 
     def _progress(self) -> int:
         if self.cancelled:
@@ -106,106 +118,6 @@ class _Job:
 
     def past_deadline(self) -> bool:
         return self.timed_out or time.monotonic() >= self.real_deadline
-
-
-class _BatchFailure(Exception):
-    def __init__(self, index: int, error: BaseException) -> None:
-        super().__init__(str(error))
-        self.index = index
-        self.error = error
-
-
-# ------------------------------------------------------- thread-side functions
-
-
-def _execute_one(conn: sqlite3.Connection, sql: str, params: Params) -> dict[str, Any]:
-    cursor = conn.execute(sql, params)
-    try:
-        if cursor.description is not None:
-            cursor.fetchall()  # e.g. INSERT ... RETURNING: finish the statement
-        affected = max(cursor.rowcount, 0)
-        last_id = cursor.lastrowid if affected and _INSERT.match(sql) else None
-    finally:
-        cursor.close()
-    return {"rows_affected": affected, "last_insert_id": last_id}
-
-
-def _query_one(conn: sqlite3.Connection, sql: str, params: Params) -> dict[str, Any]:
-    cursor = conn.execute(sql, params)
-    try:
-        columns = [d[0] for d in cursor.description or ()]
-        rows = [list(row) for row in cursor.fetchall()]
-    finally:
-        cursor.close()
-    return {"columns": columns, "rows": rows}
-
-
-def _statements(conn: sqlite3.Connection, statements: Sequence[Statement]) -> dict[str, Any]:
-    results = []
-    for index, (sql, params) in enumerate(statements):
-        try:
-            results.append(_execute_one(conn, sql, params))
-        except Exception as exc:
-            raise _BatchFailure(index, exc) from exc
-    return {"results": results}
-
-
-def _commit(conn: sqlite3.Connection) -> None:
-    """COMMIT the open transaction, with the deadline check switched off.
-
-    Once every statement ran the write is finished: answering TIMEOUT now
-    could report as not executed a COMMIT that SQLite completed. A cancel
-    (``interrupt()``) still stops a COMMIT that has not started.
-    """
-    conn.set_progress_handler(None, 0)
-    conn.execute("COMMIT")
-
-
-def _batch(conn: sqlite3.Connection, statements: Sequence[Statement]) -> dict[str, Any]:
-    conn.execute("BEGIN IMMEDIATE")
-    result = _statements(conn, statements)
-    _commit(conn)
-    return result
-
-
-def run_keyed(
-    conn: sqlite3.Connection,
-    key: IdempotencyKey,
-    work: Callable[[sqlite3.Connection], Any],
-    *,
-    clock: Callable[[], float],
-    ttl: float,
-) -> KeyedResult:
-    """Run ``work`` at most once for ``key``, in one transaction (thread side).
-
-    ``conn`` must be in autocommit mode with no transaction open. Exceptions
-    from ``work`` propagate with the transaction still open; the caller
-    rolls it back (``_Job.run`` does), so a failure stores nothing.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    now = clock()  # read once the write lock is held: waiting for it takes time
-    row = conn.execute(
-        "SELECT request_hash, result, created_at FROM qdb_idempotency WHERE scope = ? AND key = ?",
-        (key.scope, key.key),
-    ).fetchone()
-    if row is not None and now < row[2] + ttl:
-        conn.execute("ROLLBACK")
-        if bytes(row[0]) != key.request_hash:
-            return KeyedResult(KeyedOutcome.CONFLICT)
-        return KeyedResult(KeyedOutcome.REPLAYED, cbor2.loads(row[1]))
-    conn.execute(
-        "DELETE FROM qdb_idempotency WHERE rowid IN"
-        " (SELECT rowid FROM qdb_idempotency WHERE created_at <= ? LIMIT ?)",
-        (now - ttl, PURGE_LIMIT),
-    )
-    result = work(conn)
-    conn.execute(
-        "INSERT OR REPLACE INTO qdb_idempotency"
-        " (scope, key, request_hash, result, created_at) VALUES (?, ?, ?, ?, ?)",
-        (key.scope, key.key, key.request_hash, cbor2.dumps(result), now),
-    )
-    _commit(conn)
-    return KeyedResult(KeyedOutcome.STORED, result)
 
 
 # ---------------------------------------------------------------- error mapping
@@ -356,31 +268,35 @@ class Storage:
     # --------------------------------------------------------------- requests
 
     async def execute(self, sql: str, params: Params, *, deadline: float) -> dict[str, Any]:
-        """Run one statement; ``{"rows_affected", "last_insert_id"}``."""
-        return await self._run(lambda conn: _execute_one(conn, sql, params), deadline)
+        """Run one statement; ``{"rows_affected", "last_insert_id"}`` (plus
+        ``"columns"`` and ``"rows"`` when it produces rows, e.g. RETURNING)."""
+        return await self._run(lambda conn: execute_one(conn, sql, params), deadline)
 
     async def query(self, sql: str, params: Params, *, deadline: float) -> dict[str, Any]:
-        """Run one statement and fetch its rows; ``{"columns", "rows"}``."""
-        return await self._run(lambda conn: _query_one(conn, sql, params), deadline)
+        """Run one read-only statement and fetch its rows; ``{"columns", "rows"}``.
+
+        A statement that writes is READ_ONLY, refused before it executes.
+        """
+        return await self._run(lambda conn: query_one(conn, sql, params), deadline)
 
     async def batch(self, statements: Sequence[Statement], *, deadline: float) -> dict[str, Any]:
         """Run statements in one transaction: all apply or none; ``{"results": [...]}``.
 
         A failure names the statement in ``details["statement_index"]``.
         """
-        return await self._run(lambda conn: _batch(conn, statements), deadline)
+        return await self._run(lambda conn: run_batch(conn, statements), deadline)
 
     async def execute_keyed(
         self, sql: str, params: Params, key: IdempotencyKey, *, deadline: float
     ) -> KeyedResult:
         """:meth:`execute` at most once for ``key`` (see :func:`run_keyed`)."""
-        return await self._run_keyed(key, lambda conn: _execute_one(conn, sql, params), deadline)
+        return await self._run_keyed(key, lambda conn: execute_one(conn, sql, params), deadline)
 
     async def batch_keyed(
         self, statements: Sequence[Statement], key: IdempotencyKey, *, deadline: float
     ) -> KeyedResult:
         """:meth:`batch` at most once for ``key`` (see :func:`run_keyed`)."""
-        return await self._run_keyed(key, lambda conn: _statements(conn, statements), deadline)
+        return await self._run_keyed(key, lambda conn: run_statements(conn, statements), deadline)
 
     async def _run_keyed(
         self, key: IdempotencyKey, work: Callable[[sqlite3.Connection], Any], deadline: float
@@ -453,7 +369,9 @@ class Storage:
     def _result(job: _Job, ok: bool, value: Any) -> Any:
         if ok:
             return value
-        if isinstance(value, _BatchFailure):
+        if isinstance(value, RequestFailed):  # decided by the statement code (READ_ONLY)
+            raise value
+        if isinstance(value, BatchFailure):
             failure = _translate(value.error, job, value.index)
             if failure is None:
                 raise value.error

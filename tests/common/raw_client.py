@@ -17,14 +17,17 @@ from qdb_client.protocol import (
     PROTOCOL_VERSIONS,
     BadMessage,
     Error,
+    FrameError,
     Hello,
     Message,
     ProtocolConnection,
     Request,
     Response,
     Role,
+    State,
     Welcome,
     encode_message,
+    receive_event,
 )
 from qdb_client.testing import parse_address
 
@@ -106,18 +109,18 @@ class RawClient:
     async def receive(self, *, within: float | None = None) -> Message | BadMessage:
         """The next message from the node (within ``within`` s); EOFError at end of stream."""
         with trio.fail_after(self.timeout if within is None else within):
-            while True:
-                event = self.proto.next_event()
-                if event is not None:
-                    return event
-                try:
-                    data = await self.stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self.reset = True
-                    raise EOFError("connection reset") from None
-                if not data:
-                    raise EOFError("connection closed")
-                self.proto.receive_data(data)
+            try:
+                event = await receive_event(self.proto, self.stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.reset = True
+                raise EOFError("connection reset") from None
+            except FrameError:
+                if self.proto.state is not State.CLOSED:  # not cut short by the close
+                    raise
+                raise EOFError("connection closed inside a frame") from None
+        if event is None:
+            raise EOFError("connection closed")
+        return event
 
     async def read_until_eof(self, *, within: float | None = None) -> list[Message | BadMessage]:
         """Every message until the node closes the connection."""

@@ -171,17 +171,24 @@ async def test_requests_beyond_max_in_flight_get_capacity_exceeded(tmp_path):
             assert sorted(r.request_id for r in rest if isinstance(r, Response)) == ids[:3]
 
 
-async def test_cancelled_request_gets_no_reply(node: QdbNode):
+async def test_cancelled_request_is_answered_cancelled_once(node: QdbNode):
     node.faults.add_latency("ping", 0.2)
     async with raw_client(node.address) as client:
         cancelled = await client.send_request("ping")
         await client.send(Cancel(cancelled))
         kept = await client.send_request("ping")
         await client.send(Cancel(12345))  # unknown ids are ignored
+        ack = await client.receive()
+        assert isinstance(ack, Error) and ack.request_id == cancelled
+        assert (ack.name, ack.code, ack.retryable) == ("CANCELLED", 499, False)
+        assert ack.details == {"executed": False}
         reply = await client.receive()
         assert isinstance(reply, Response) and reply.request_id == kept
+        await client.send(Cancel(kept))  # answered already: nothing more is sent
         assert await client.nothing_within(0.3)
-        assert node.statistics()["in_flight"] == 0
+        stats = node.statistics()
+        assert stats["in_flight"] == 0 and stats["requests_cancelled"] == 1
+        assert stats["errors_sent"] == {"CANCELLED": 1}
 
 
 async def test_ping_frames_are_answered_with_pong(node: QdbNode):

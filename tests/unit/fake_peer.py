@@ -14,6 +14,7 @@ import trio.testing
 from qdb_client.protocol import (
     PROTOCOL_VERSIONS,
     ErrorCode,
+    FrameError,
     Hello,
     Member,
     Message,
@@ -21,8 +22,10 @@ from qdb_client.protocol import (
     Request,
     Response,
     Role,
+    State,
     Welcome,
     error_message,
+    receive_event,
 )
 
 
@@ -68,17 +71,14 @@ class FakeNode:
 
     async def receive(self) -> Any:
         """Next message (or BadMessage) from the client; None at EOF."""
-        while True:
-            event = self.protocol.next_event()
-            if event is not None:
-                return event
-            try:
-                data = await self.stream.receive_some(65536)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                return None  # this end closed the connection itself
-            if not data:
-                return None
-            self.protocol.receive_data(data)
+        try:
+            return await receive_event(self.protocol, self.stream)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return None  # this end closed the connection itself
+        except FrameError:
+            if self.protocol.state is not State.CLOSED:  # not cut short by the close
+                raise
+            return None
 
     async def receive_request(self) -> Request:
         message = await self.receive()
