@@ -1,28 +1,68 @@
-"""Results of statements: rows of a query, counts of an execute."""
+"""Results of statements: rows of a query, counts (and returned rows) of an execute.
+
+Results are built from what a node sent, so every shape is checked: a
+malformed result is a :class:`~qdb_client.errors.ProtocolError`, whatever
+the node sent (and the message describing it is short, whatever its size).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
 import attrs
 
-from .errors import ProtocolError
+from .errors import InvalidArgument, ProtocolError
 
 __all__ = ["ExecuteResult", "QueryResult", "Row"]
+
+#: ``rows_affected`` is a u64 count (docs/protocol.md section 10).
+_MAX_COUNT = 2**64 - 1
+#: ``last_insert_id`` is an SQL integer: signed 64-bit.
+_MIN_ID, _MAX_ID = -(2**63), 2**63 - 1
+
+
+class _Columns:
+    """Column names of a result and the position of each name's first column.
+
+    Shared by every row of one result.
+    """
+
+    __slots__ = ("index", "names")
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names: tuple[str, ...] = tuple(names)
+        self.index: dict[str, int] = {}
+        for position, name in enumerate(self.names):
+            self.index.setdefault(name, position)  # a duplicated name: its first column
 
 
 class Row(Sequence[Any]):
     """One row: index by position (``row[0]``) or by column name (``row["name"]``).
 
     Compares equal to another Row or to a tuple/list with the same values.
+
+    A result may name two columns alike (``SELECT 1 AS a, 2 AS a``): every
+    column is still there by position, ``row["a"]`` is the first column
+    named ``a``, :meth:`keys` lists every name in order (duplicates
+    included), :meth:`as_dict` keeps the first value of a duplicated name,
+    and ``repr`` shows every column.
     """
 
-    __slots__ = ("_index", "_values")
+    __slots__ = ("_columns", "_values")
 
-    def __init__(self, values: tuple[Any, ...], index: dict[str, int]) -> None:
-        self._values = values
-        self._index = index
+    def __init__(
+        self, values: Iterable[Any], columns: Iterable[str] | Mapping[str, int] | _Columns
+    ) -> None:
+        self._values: tuple[Any, ...] = tuple(values)
+        if isinstance(columns, _Columns):
+            self._columns = columns
+        elif isinstance(columns, Mapping):
+            # The older form: a name -> position index.
+            ordered = sorted(columns.items(), key=lambda item: item[1])
+            self._columns = _Columns(name for name, _ in ordered)
+        else:
+            self._columns = _Columns(columns)
 
     @overload
     def __getitem__(self, key: int | str) -> Any: ...
@@ -33,9 +73,12 @@ class Row(Sequence[Any]):
     def __getitem__(self, key: int | str | slice) -> Any:
         if isinstance(key, str):
             try:
-                return self._values[self._index[key]]
-            except KeyError:
-                raise KeyError(f"no column {key!r}; columns are {list(self._index)}") from None
+                return self._values[self._columns.index[key]]
+            except (KeyError, IndexError):
+                raise KeyError(
+                    f"no column {_preview(key, 80)}; columns are"
+                    f" {_preview(list(self._columns.names))}"
+                ) from None
         return self._values[key]
 
     def __len__(self) -> int:
@@ -55,45 +98,69 @@ class Row(Sequence[Any]):
         return hash(self._values)
 
     def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{name}={value!r}" for name, value in zip(self._index, self._values, strict=True)
-        )
-        return f"Row({fields})"
+        names = self._columns.names
+        fields = [
+            f"{names[i][:80] if i < len(names) else i}={_preview(value)}"
+            for i, value in enumerate(self._values)
+        ]
+        return f"Row({', '.join(fields)})"
 
     def keys(self) -> list[str]:
-        """The column names, in order."""
-        return list(self._index)
+        """Every column name, in order (a duplicated name appears each time)."""
+        return list(self._columns.names)
 
     def as_dict(self) -> dict[str, Any]:
-        """The row as ``{column: value}``."""
-        return dict(zip(self._index, self._values, strict=True))
+        """The row as ``{column: value}``; a duplicated name keeps its first column's value."""
+        values = self._values
+        return {name: values[i] for name, i in self._columns.index.items() if i < len(values)}
+
+
+def _check_rows(result: Mapping[str, Any], what: str) -> tuple[list[str], list[list[Any]]]:
+    """``columns`` (a list of text) and ``rows`` (lists of that length) of a result."""
+    columns = result.get("columns")
+    rows = result.get("rows")
+    if not (isinstance(columns, list) and all(isinstance(name, str) for name in columns)):
+        raise ProtocolError(
+            f"malformed {what} result from node: 'columns' must be a list of text,"
+            f" got {_preview(columns)}"
+        )
+    if not isinstance(rows, list):
+        raise ProtocolError(
+            f"malformed {what} result from node: 'rows' must be a list, got {_preview(rows)}"
+        )
+    width = len(columns)
+    for number, row in enumerate(rows):
+        if not (isinstance(row, list) and len(row) == width):
+            raise ProtocolError(
+                f"malformed {what} result from node: row {number} must be a list of one"
+                f" value per column ({width}), got {_preview(row)}"
+            )
+    return columns, rows
 
 
 class QueryResult(Sequence[Row]):
-    """Rows returned by :meth:`Client.query`, with their ``columns``."""
+    """Rows returned by :meth:`Client.query`, with their ``columns``.
+
+    ``columns`` lists every column name in order, duplicates included (see
+    :class:`Row`).
+    """
 
     __slots__ = ("columns", "rows")
 
     def __init__(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        self.columns: tuple[str, ...] = tuple(columns)
-        index = {name: i for i, name in enumerate(self.columns)}
-        self.rows: list[Row] = [Row(tuple(values), index) for values in rows]
+        shared = _Columns(columns)
+        self.columns: tuple[str, ...] = shared.names
+        self.rows: list[Row] = [Row(values, shared) for values in rows]
 
     @classmethod
     def from_wire(cls, result: Any) -> QueryResult:
-        """Build from a ``query`` RESPONSE result, checking its shape."""
-        if not (
-            isinstance(result, dict)
-            and isinstance(result.get("columns"), list)
-            and all(isinstance(name, str) for name in result["columns"])
-            and isinstance(result.get("rows"), list)
-            and all(
-                isinstance(row, list) and len(row) == len(result["columns"])
-                for row in result["rows"]
+        """Build from a ``query`` RESPONSE result, checking its shape (else ProtocolError)."""
+        if not isinstance(result, dict):
+            raise ProtocolError(
+                f"malformed query result from node: expected a map, got {_preview(result)}"
             )
-        ):
-            raise ProtocolError(f"malformed query result from node: {_preview(result)}")
-        return cls(result["columns"], result["rows"])
+        columns, rows = _check_rows(result, "query")
+        return cls(columns, rows)
 
     @overload
     def __getitem__(self, index: int) -> Row: ...
@@ -111,35 +178,242 @@ class QueryResult(Sequence[Row]):
         return iter(self.rows)
 
     def __repr__(self) -> str:
-        return f"QueryResult(columns={list(self.columns)}, rows={len(self.rows)})"
+        return f"QueryResult(columns={_preview(list(self.columns))}, rows={len(self.rows)})"
 
     def scalar(self) -> Any:
         """The first column of the first row (None when there are no rows)."""
         return self.rows[0][0] if self.rows else None
 
 
-@attrs.frozen
+def _to_columns(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise InvalidArgument(f"columns must be a sequence of names, not {_preview(value)}")
+    names = tuple(value)
+    if not all(isinstance(name, str) for name in names):
+        raise InvalidArgument(f"columns must be names (text), not {_preview(names)}")
+    return names
+
+
+def _to_rows(value: Any) -> list[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise InvalidArgument(f"rows must be a sequence of rows, not {_preview(value)}")
+    return list(value)
+
+
+@attrs.frozen(repr=False)
 class ExecuteResult:
-    """Outcome of one statement run by :meth:`Client.execute` or in a batch."""
+    """Outcome of one statement run by :meth:`Client.execute` or in a batch.
+
+    ``rows_affected`` and ``last_insert_id`` are the statement's counts. A
+    statement with a ``RETURNING`` clause (``INSERT/UPDATE/DELETE ...
+    RETURNING``) also carries the rows it returned: ``columns`` (a tuple of
+    names) and ``rows`` (a list of :class:`Row`, as in
+    :class:`QueryResult`); both are empty otherwise. Iterating an
+    ExecuteResult, ``len()`` and indexing go over those rows. An
+    ExecuteResult is always true, even without rows (as it was before it
+    could carry any), so ``if result:`` keeps its meaning. Rows with
+    duplicate column names behave as described in :class:`Row`.
+    """
 
     rows_affected: int
     last_insert_id: int | None
+    columns: tuple[str, ...] = attrs.field(default=(), converter=_to_columns)
+    rows: list[Row] = attrs.field(factory=list, converter=_to_rows, hash=False)
+
+    def __attrs_post_init__(self) -> None:
+        width = len(self.columns)
+        if self.rows and not all(
+            isinstance(row, Row) and row._columns.names == self.columns and len(row) == width
+            for row in self.rows
+        ):
+            shared = _Columns(self.columns)
+            rows = []
+            for row in self.rows:
+                values = tuple(row) if isinstance(row, (Row, list, tuple)) else None
+                if values is None or len(values) != len(shared.names):
+                    raise InvalidArgument(
+                        f"each row must be a sequence of {len(shared.names)} values"
+                        f" (one per column), not {_preview(row)}"
+                    )
+                rows.append(Row(values, shared))
+            object.__setattr__(self, "rows", rows)
 
     @classmethod
     def from_wire(cls, result: Any) -> ExecuteResult:
-        """Build from an ``execute`` RESPONSE result, checking its shape."""
-        if not (
-            isinstance(result, dict)
-            and isinstance(result.get("rows_affected"), int)
-            and (
-                result.get("last_insert_id") is None
-                or isinstance(result.get("last_insert_id"), int)
+        """Build from an ``execute`` RESPONSE result, checking its shape (else ProtocolError).
+
+        ``rows_affected`` must be a count (0..2**64-1), ``last_insert_id``
+        null or a signed 64-bit integer; ``columns`` and ``rows`` come
+        together or not at all.
+        """
+        if not isinstance(result, dict):
+            raise ProtocolError(
+                f"malformed execute result from node: expected a map, got {_preview(result)}"
             )
-        ):
-            raise ProtocolError(f"malformed execute result from node: {_preview(result)}")
-        return cls(result["rows_affected"], result.get("last_insert_id"))
+        affected = result.get("rows_affected")
+        if not (_is_int(affected) and 0 <= affected <= _MAX_COUNT):
+            raise ProtocolError(
+                "malformed execute result from node: 'rows_affected' must be a count"
+                f" (0..2**64-1), got {_preview(affected)}"
+            )
+        last_id = result.get("last_insert_id")
+        if last_id is not None and not (_is_int(last_id) and _MIN_ID <= last_id <= _MAX_ID):
+            raise ProtocolError(
+                "malformed execute result from node: 'last_insert_id' must be null or a"
+                f" signed 64-bit integer, got {_preview(last_id)}"
+            )
+        if "columns" not in result and "rows" not in result:
+            return cls(affected, last_id)
+        columns, rows = _check_rows(result, "execute")
+        shared = _Columns(columns)
+        return cls(affected, last_id, shared.names, [Row(values, shared) for values in rows])
+
+    @classmethod
+    def batch_from_wire(cls, result: Any) -> list[ExecuteResult]:
+        """Build the results of a ``batch`` RESPONSE (``{"results": [...]}``), or ProtocolError."""
+        if not (isinstance(result, dict) and isinstance(result.get("results"), list)):
+            raise ProtocolError(f"malformed batch result from node: {_preview(result)}")
+        return [cls.from_wire(item) for item in result["results"]]
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __bool__(self) -> bool:
+        return True
+
+    @overload
+    def __getitem__(self, index: int) -> Row: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Row]: ...
+
+    def __getitem__(self, index: int | slice) -> Row | list[Row]:
+        return self.rows[index]
+
+    def __repr__(self) -> str:
+        text = f"ExecuteResult(rows_affected={_preview(self.rows_affected)}"
+        text += f", last_insert_id={_preview(self.last_insert_id)}"
+        if self.columns or self.rows:
+            text += f", columns={_preview(list(self.columns))}, rows={len(self.rows)}"
+        return text + ")"
 
 
-def _preview(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 200 else text[:200] + "..."
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------- previews
+
+#: Containers deeper than this are shown as ``[...]`` / ``{...}``.
+_PREVIEW_DEPTH = 6
+
+
+def _preview(value: Any, limit: int = 200) -> str:
+    """A short description of ``value`` for an error message; never raises.
+
+    At most ``limit`` characters (plus ``"..."``) whatever ``value`` is: an
+    integer too long to print (``str()`` refuses more than 4300 digits), a
+    huge or deeply nested container, a cycle, or an object whose ``repr``
+    raises. Walks containers with a budget instead of calling ``repr`` on
+    them, so the cost is bounded by ``limit`` too.
+    """
+    parts: list[str] = []
+    budget = [limit + 1]  # stop as soon as the text is known to be too long
+    try:
+        _render(value, parts, budget, 0, set())
+    except _Full:
+        pass
+    except Exception:  # a hostile __repr__/__len__ deep inside: say what we can
+        parts.append(f"<{_type_name(value)}>")
+    text = "".join(parts)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _Full(Exception):
+    """The preview reached its length limit."""
+
+
+def _emit(text: str, parts: list[str], budget: list[int]) -> None:
+    parts.append(text[: budget[0]])
+    budget[0] -= len(text)
+    if budget[0] <= 0:
+        raise _Full
+
+
+def _render(value: Any, parts: list[str], budget: list[int], depth: int, path: set[int]) -> None:
+    if value is None or isinstance(value, bool):
+        _emit(repr(value), parts, budget)
+    elif isinstance(value, int):
+        _emit(_int_preview(value), parts, budget)
+    elif isinstance(value, float):
+        _emit(float.__repr__(value), parts, budget)
+    elif isinstance(value, str):
+        room = budget[0]
+        text = str.__repr__(str.__getitem__(value, slice(None, room)))
+        _emit(text + "..." if str.__len__(value) > room else text, parts, budget)
+    elif isinstance(value, (bytes, bytearray)):
+        room = budget[0]
+        view = memoryview(value)
+        text = bytes.__repr__(bytes(view[:room]))
+        _emit(text + "..." if len(view) > room else text, parts, budget)
+    elif isinstance(value, (list, tuple, dict, set, frozenset)):
+        _render_container(value, parts, budget, depth, path)
+    else:
+        _emit(_object_preview(value, budget[0]), parts, budget)
+
+
+_BRACKETS = {list: "[]", tuple: "()", dict: "{}", set: "{}", frozenset: "{}"}
+
+
+def _render_container(
+    value: Any, parts: list[str], budget: list[int], depth: int, path: set[int]
+) -> None:
+    base = next(kind for kind in _BRACKETS if isinstance(value, kind))
+    opening, closing = _BRACKETS[base]
+    if id(value) in path or depth >= _PREVIEW_DEPTH:
+        _emit(f"{opening}...{closing}", parts, budget)
+        return
+    path.add(id(value))
+    _emit(opening, parts, budget)
+    items = dict.items(value) if base is dict else base.__iter__(value)
+    for number, item in enumerate(items):
+        if number:
+            _emit(", ", parts, budget)
+        if base is dict:
+            key, item = item
+            _render(key, parts, budget, depth + 1, path)
+            _emit(": ", parts, budget)
+        _render(item, parts, budget, depth + 1, path)
+    if base is tuple and tuple.__len__(value) == 1:
+        _emit(",", parts, budget)
+    _emit(closing, parts, budget)
+    path.discard(id(value))
+
+
+def _int_preview(value: int) -> str:
+    """Up to 40 digits in full (2**132 < 10**40); a longer integer by its size."""
+    if value.bit_length() <= 132:
+        return int.__repr__(value)
+    sign = "-" if value < 0 else ""
+    return f"<{sign}integer of {value.bit_length()} bits>"
+
+
+def _object_preview(value: Any, room: int) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{_type_name(value)} object (repr failed)>"
+    if not isinstance(text, str):
+        return f"<{_type_name(value)} object>"
+    return text[: max(room, 0)]
+
+
+def _type_name(value: Any) -> str:
+    try:
+        name = type(value).__name__
+    except Exception:
+        return "object"
+    return name if isinstance(name, str) else "object"

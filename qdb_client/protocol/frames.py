@@ -25,7 +25,8 @@ import zlib
 
 import attrs
 
-from .errors import FrameError, FrameTooLarge, MessageError
+from .._error_base import InvalidArgument
+from .errors import FrameError, FrameTooLarge, MessageError, ValueNotEncodable
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -41,6 +42,8 @@ MAGIC = b"QD"
 HEADER_SIZE = 20
 DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
 MAX_REQUEST_ID = 2**64 - 1
+#: The length field is a u32: no frame can be longer, whatever the peers announce.
+MAX_FRAME_LENGTH = 2**32 - 1
 #: Flag bits v1 understands. None yet: bit 0 is reserved for compression.
 KNOWN_FLAGS = 0x00
 
@@ -59,7 +62,23 @@ class Frame:
 
 
 def encode_frame(kind: int, request_id: int, body: bytes, flags: int = 0) -> bytes:
-    """Return the bytes of one frame carrying ``body``."""
+    """Return the bytes of one frame carrying ``body``.
+
+    Raises ValueNotEncodable for a kind or flags outside 0..255 or a request
+    id outside 0..2**64-1, and FrameTooLarge for a body the u32 length field
+    can't describe.
+    """
+    for name, value, high in (("kind", kind, 255), ("flags", flags, 255)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+            raise ValueNotEncodable(f"frame {name} must be an integer within 0..{high}")
+    if (
+        isinstance(request_id, bool)
+        or not isinstance(request_id, int)
+        or not 0 <= request_id <= MAX_REQUEST_ID
+    ):
+        raise ValueNotEncodable("frame request id must be an integer within 0..2**64-1")
+    if HEADER_SIZE + len(body) > MAX_FRAME_LENGTH:
+        raise FrameTooLarge(HEADER_SIZE + len(body), MAX_FRAME_LENGTH)
     head = _HEADER.pack(MAGIC, flags, kind, HEADER_SIZE + len(body), request_id)
     crc = zlib.crc32(body, zlib.crc32(head))
     return b"".join((head, _CRC.pack(crc), body))
@@ -76,8 +95,12 @@ class FrameDecoder:
     """
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
-        if max_frame_size < HEADER_SIZE:
-            raise ValueError(f"max_frame_size must be at least {HEADER_SIZE}")
+        if (
+            isinstance(max_frame_size, bool)
+            or not isinstance(max_frame_size, int)
+            or max_frame_size < HEADER_SIZE
+        ):
+            raise InvalidArgument(f"max_frame_size must be an integer of at least {HEADER_SIZE}")
         self.max_frame_size = max_frame_size
         self._buffer = bytearray()
         self._broken: FrameError | None = None

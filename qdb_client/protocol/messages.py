@@ -17,7 +17,7 @@ import attrs
 
 from .codec import decode_body, encode_body
 from .codes import ErrorCode
-from .errors import MessageError
+from .errors import MessageError, ValueNotEncodable
 from .frames import MAX_REQUEST_ID, Frame, encode_frame
 
 __all__ = [
@@ -45,6 +45,12 @@ __all__ = [
 
 #: Smallest max-frame size a peer may announce (room for any ERROR or GOAWAY).
 MIN_FRAME_LIMIT = 1024
+#: Largest value of a ``uint`` field (counts, ids, sizes, milliseconds): u64.
+MAX_UINT = 2**64 - 1
+#: ERROR ``code`` is a 3-digit numeric class, as in HTTP.
+MIN_ERROR_CODE, MAX_ERROR_CODE = 100, 999
+#: A protocol version is one byte's worth, 1..255 (HELLO ``versions``, WELCOME ``version``).
+MIN_VERSION, MAX_VERSION = 1, 255
 
 #: Protocol versions this package speaks, newest last.
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
@@ -100,17 +106,41 @@ class _Body:
         return value
 
     def frame_limit(self, key: str, default: Any = attrs.NOTHING) -> Any:
-        """A max-frame announcement: at least MIN_FRAME_LIMIT bytes."""
-        value = self.count(key, default)
-        if value is not None and value is not default and value < MIN_FRAME_LIMIT:
-            self.fail(f"{key!r} must be at least {MIN_FRAME_LIMIT} bytes")
-        return value
+        """A max-frame announcement: at least MIN_FRAME_LIMIT bytes, at most u64."""
+        return self.int_in(key, MIN_FRAME_LIMIT, MAX_UINT, default, unit=" bytes")
 
     def count(self, key: str, default: Any = attrs.NOTHING) -> Any:
+        """A ``uint`` field: an integer within 0..2**64-1."""
+        return self.int_in(key, 0, MAX_UINT, default)
+
+    def int_in(
+        self, key: str, low: int, high: int, default: Any = attrs.NOTHING, *, unit: str = ""
+    ) -> Any:
+        """An integer field within ``low..high`` (booleans refused); absent: ``default``."""
+        present = key in self._raw
         value = self.get(key, int, default)
-        if value is not None and value is not default and value < 0:
-            self.fail(f"{key!r} must not be negative")
+        if not present:
+            return value
+        if value < low:
+            if low == 0:
+                self.fail(f"{key!r} must not be negative, not {_int_text(value)}")
+            self.fail(f"{key!r} must be at least {low}{unit}, not {_int_text(value)}")
+        if value > high:
+            self.fail(f"{key!r} must be at most {_int_text(high)}{unit}, not {_int_text(value)}")
         return value
+
+
+def _int_text(value: int) -> str:
+    """An integer for an error message, short whatever its size.
+
+    ``str()`` of an integer above 4300 digits raises ValueError, and one of a
+    few hundred digits helps nobody: past 20 digits only the size is shown.
+    """
+    if value == MAX_UINT:
+        return "2**64-1"
+    if -(10**20) < value < 10**20:
+        return str(value)
+    return f"{'-' if value < 0 else ''}an integer of {value.bit_length()} bits"
 
 
 def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -137,6 +167,9 @@ class Message:
 
     kind: ClassVar[Kind]
     request_id: int
+    #: Integer fields and their bounds (low, high), checked before encoding so
+    #: that what this side sends is what a receiver accepts (None: absent).
+    _bounds: ClassVar[dict[str, tuple[int, int]]] = {}
 
     def body(self) -> dict[str, Any]:
         """The CBOR map this message travels as."""
@@ -163,6 +196,7 @@ class Hello(Message):
     """Client's opening message: versions spoken, identity, optional auth/session."""
 
     kind: ClassVar[Kind] = Kind.HELLO
+    _bounds: ClassVar[dict[str, tuple[int, int]]] = {"max_frame_size": (MIN_FRAME_LIMIT, MAX_UINT)}
     versions: tuple[int, ...]
     client_name: str = "qdb_client"
     client_version: str = ""
@@ -187,9 +221,12 @@ class Hello(Message):
     def from_body(cls, frame: Frame, body: _Body) -> Hello:
         versions = body.get("versions", list)
         if not versions or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 < v < 256 for v in versions
+            isinstance(v, int) and not isinstance(v, bool) and MIN_VERSION <= v <= MAX_VERSION
+            for v in versions
         ):
-            body.fail("'versions' must be a non-empty list of integers 1..255")
+            body.fail(
+                f"'versions' must be a non-empty list of integers {MIN_VERSION}..{MAX_VERSION}"
+            )
         auth = body.get("auth", dict, None)
         if auth is not None and not all(
             isinstance(k, str) and isinstance(v, str) for k, v in auth.items()
@@ -210,6 +247,12 @@ class Welcome(Message):
     """Server's acceptance of a HELLO: chosen version, identity and limits."""
 
     kind: ClassVar[Kind] = Kind.WELCOME
+    _bounds: ClassVar[dict[str, tuple[int, int]]] = {
+        "version": (MIN_VERSION, MAX_VERSION),
+        "max_frame_size": (MIN_FRAME_LIMIT, MAX_UINT),
+        "max_in_flight": (0, MAX_UINT),
+        "idle_timeout_ms": (0, MAX_UINT),
+    }
     version: int
     node_id: str
     session_id: str
@@ -244,7 +287,7 @@ class Welcome(Message):
                 body.fail("each member must be a map with text 'node_id' and 'address'")
             members.append(Member(item["node_id"], item["address"]))
         return cls(
-            version=body.count("version"),
+            version=body.int_in("version", MIN_VERSION, MAX_VERSION),
             node_id=body.get("node_id", str),
             session_id=body.get("session", str),
             max_frame_size=body.frame_limit("max_frame"),
@@ -263,6 +306,7 @@ class Request(Message):
     """Call ``method`` with ``args``; the reply echoes ``request_id``."""
 
     kind: ClassVar[Kind] = Kind.REQUEST
+    _bounds: ClassVar[dict[str, tuple[int, int]]] = {"deadline_ms": (0, MAX_UINT)}
     request_id: int
     method: str
     args: Mapping[str, Any] = attrs.field(factory=dict)
@@ -311,6 +355,10 @@ class Error(Message):
     """Structured failure of request ``request_id`` (0: of the connection)."""
 
     kind: ClassVar[Kind] = Kind.ERROR
+    _bounds: ClassVar[dict[str, tuple[int, int]]] = {
+        "code": (MIN_ERROR_CODE, MAX_ERROR_CODE),
+        "retry_after_ms": (0, MAX_UINT),
+    }
     request_id: int
     code: int
     name: str
@@ -335,7 +383,7 @@ class Error(Message):
     def from_body(cls, frame: Frame, body: _Body) -> Error:
         return cls(
             request_id=frame.request_id,
-            code=body.count("code"),
+            code=body.int_in("code", MIN_ERROR_CODE, MAX_ERROR_CODE),
             name=body.get("name", str),
             message=body.get("message", str),
             retryable=body.get("retryable", bool),
@@ -403,6 +451,7 @@ class GoAway(Message):
     """
 
     kind: ClassVar[Kind] = Kind.GOAWAY
+    _bounds: ClassVar[dict[str, tuple[int, int]]] = {"last_request_id": (0, MAX_UINT)}
     reason: str
     last_request_id: int
     message: str = ""
@@ -436,6 +485,7 @@ class StreamPage(Message):
     """
 
     kind: ClassVar[Kind] = Kind.STREAM_PAGE
+    _bounds: ClassVar[dict[str, tuple[int, int]]] = {"seq": (0, MAX_UINT)}
     request_id: int
     seq: int
     rows: tuple[Any, ...]
@@ -457,10 +507,13 @@ class StreamPage(Message):
         columns = body.get("columns", list, None)
         if columns is not None and not all(isinstance(c, str) for c in columns):
             body.fail("'columns' must be a list of text")
+        rows = body.get("rows", list)
+        if not all(isinstance(row, list) for row in rows):
+            body.fail("'rows' must be a list of arrays")
         return cls(
             request_id=frame.request_id,
             seq=body.count("seq"),
-            rows=tuple(body.get("rows", list)),
+            rows=tuple(rows),
             resume_token=body.get("token", bytes),
             columns=tuple(columns) if columns is not None else None,
         )
@@ -475,6 +528,10 @@ class StreamEnd(Message):
     """
 
     kind: ClassVar[Kind] = Kind.STREAM_END
+    _bounds: ClassVar[dict[str, tuple[int, int]]] = {
+        "seq": (0, MAX_UINT),
+        "row_count": (0, MAX_UINT),
+    }
     request_id: int
     seq: int
     row_count: int
@@ -498,6 +555,7 @@ class StreamCredit(Message):
     """The client grants stream ``request_id`` permission for ``pages`` more pages."""
 
     kind: ClassVar[Kind] = Kind.STREAM_CREDIT
+    _bounds: ClassVar[dict[str, tuple[int, int]]] = {"pages": (1, MAX_UINT)}
     request_id: int
     pages: int
 
@@ -554,10 +612,47 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
 
 
 def encode_message(message: Message) -> bytes:
-    """Return the frame bytes of ``message``."""
-    if not 0 <= message.request_id <= MAX_REQUEST_ID:
-        raise ValueError(f"request id {message.request_id} out of range")
+    """Return the frame bytes of ``message``.
+
+    Raises ValueNotEncodable (nothing to send) for a request id outside
+    0..2**64-1 or an integer field outside its bounds (docs/protocol.md
+    section 6): a peer would refuse the frame, so it is never built.
+    """
+    _check_int(message, "request_id", 0, MAX_REQUEST_ID)
+    for name, (low, high) in message._bounds.items():
+        _check_int(message, name, low, high)
+    if isinstance(message, Hello) and not (
+        message.versions
+        and all(
+            isinstance(v, int) and not isinstance(v, bool) and MIN_VERSION <= v <= MAX_VERSION
+            for v in message.versions
+        )
+    ):
+        raise ValueNotEncodable(
+            f"HELLO versions must be a non-empty list of integers {MIN_VERSION}..{MAX_VERSION}"
+        )
     return encode_frame(message.kind, message.request_id, encode_body(message.body()))
+
+
+#: Integer fields that may be None (then omitted from the body).
+_OPTIONAL_INTS = frozenset(
+    {(Kind.HELLO, "max_frame_size"), (Kind.REQUEST, "deadline_ms"), (Kind.ERROR, "retry_after_ms")}
+)
+
+
+def _check_int(message: Message, name: str, low: int, high: int) -> None:
+    value = getattr(message, name)
+    if value is None and (message.kind, name) in _OPTIONAL_INTS:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueNotEncodable(
+            f"{message.kind.name} {name} must be an integer, not {type(value).__name__}"
+        )
+    if not low <= value <= high:
+        raise ValueNotEncodable(
+            f"{message.kind.name} {name} must be within {_int_text(low)}..{_int_text(high)},"
+            f" not {_int_text(value)}"
+        )
 
 
 def decode_message(frame: Frame) -> Message:

@@ -464,6 +464,8 @@ def _body_event(role: Role, kind: int, body: Any, request_id: int = 11) -> Any:
     return raw_event(conn, encode_frame(kind, request_id, data))
 
 
+ERROR_BODY = {"code": 503, "name": "UNAVAILABLE", "message": "m", "retryable": True}
+
 BAD_BODIES = [
     # (receiver, kind, body, what is wrong)
     (Role.SERVER, Kind.REQUEST, {"args": {}}, "missing"),
@@ -489,6 +491,16 @@ BAD_BODIES = [
     (Role.CLIENT, Kind.STREAM_END, {"seq": 0, "row_count": -1, "digest": b""}, "negative"),
     (Role.CLIENT, Kind.EVENT, {"data": {}}, "missing"),
     (Role.CLIENT, Kind.EVENT, {"topic": "t", "data": []}, "must be dict"),
+    # Counts and ids are u64; ERROR code is a 3-digit class (docs/protocol.md 5.3).
+    (Role.SERVER, Kind.REQUEST, {"method": "q", "deadline_ms": 2**64}, "at most 2**64-1"),
+    (Role.SERVER, Kind.STREAM_CREDIT, {"pages": 10**5000}, "at most 2**64-1"),
+    (Role.SERVER, Kind.GOAWAY, {"reason": "x", "last_request_id": 2**70}, "at most"),
+    (Role.CLIENT, Kind.ERROR, {**ERROR_BODY, "code": 10**5000}, "at most 999"),
+    (Role.CLIENT, Kind.ERROR, {**ERROR_BODY, "code": 42}, "at least 100"),
+    (Role.CLIENT, Kind.ERROR, {**ERROR_BODY, "retry_after_ms": 2**1100}, "retry_after_ms"),
+    (Role.CLIENT, Kind.STREAM_PAGE, {"seq": 2**64, "rows": [], "token": b""}, "at most"),
+    (Role.CLIENT, Kind.STREAM_PAGE, {"seq": 0, "rows": [1], "token": b""}, "list of arrays"),
+    (Role.CLIENT, Kind.STREAM_END, {"seq": 0, "row_count": 2**64, "digest": b""}, "at most"),
 ]  # fmt: skip
 
 
@@ -539,6 +551,12 @@ WELCOME_BODY = welcome().body()
         {"members": ["n2"]},
         {"members": [{"node_id": "n2", "address": 7}]},
         {"session": b"s1"},
+        {"version": 0},
+        {"version": 256},
+        {"version": 10**5000},
+        {"max_frame": 2**64},
+        {"max_in_flight": 2**64},
+        {"idle_timeout_ms": 2**1100},
     ],
 )
 def test_bad_welcome_bodies(change: dict[str, Any]) -> None:
@@ -689,10 +707,16 @@ def test_unencodable_request_leaves_the_connection_usable() -> None:
 
 def test_request_id_range() -> None:
     encode_message(Ping(2**64 - 1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueNotEncodable, match="request_id"):
         encode_message(Ping(2**64))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueNotEncodable, match="request_id"):
         encode_message(Ping(-1))
+    with pytest.raises(ValueNotEncodable, match="request_id"):
+        encode_message(Ping(10**5000))  # no ValueError from str() of a huge int
+    with pytest.raises(ValueNotEncodable):
+        encode_frame(Kind.PING, 2**64, b"\xa0")
+    with pytest.raises(ValueNotEncodable):
+        encode_frame(256, 1, b"\xa0")
 
 
 def test_errors_are_protocol_errors() -> None:

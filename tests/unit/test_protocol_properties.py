@@ -131,7 +131,7 @@ MESSAGES: dict[Kind, st.SearchStrategy[Message]] = {
     Kind.ERROR: st.builds(
         Error,
         request_id=u64,
-        code=u64,
+        code=st.integers(100, 999),
         name=text,
         message=text,
         retryable=st.booleans(),
@@ -511,3 +511,197 @@ def test_random_body_is_a_message_or_a_message_error(
         assert exc.request_id == request_id and exc.kind == kind
     else:
         assert message.kind == kind
+
+
+# ------------------------------------------------------------ hostile values
+#
+# What a hostile or broken peer can put in a well-formed frame: integers
+# beyond 64 bits (bignums) and beyond the 4300 digits ``str()`` accepts,
+# negative and out-of-range counts and ids, and a value of the wrong type in
+# any field of any kind. Decoding must give a valid message or a
+# MessageError, nothing else; what it gives must be within the schema's
+# bounds (so it can be sent back out unchanged).
+
+huge_integers = st.one_of(
+    st.integers(2**64, 2**200),
+    st.integers(-(2**200), -(2**64) - 1),
+    st.sampled_from([2**64, 2**1100, -(2**1100)]),
+    # Beyond str()'s 4300 digits (built by map: a strategy's repr shows its bounds).
+    st.integers(1, 3).map(lambda k: 10**5000 + k),
+    st.integers(1, 3).map(lambda k: -(10**5000) - k),
+)
+out_of_range_integers = st.one_of(
+    huge_integers,
+    st.integers(max_value=-1),
+    st.sampled_from([-1, 0, 1, 99, 100, 255, 256, 999, 1000, 1023, 1024, U64, 2**64]),
+)
+wrong_values = st.one_of(
+    out_of_range_integers,
+    st.none(),
+    st.booleans(),
+    st.floats(),
+    text,
+    st.binary(max_size=8),
+    st.lists(values, max_size=3),
+    st.dictionaries(text, values, max_size=3),
+    st.lists(out_of_range_integers, max_size=3),
+    st.dictionaries(text, out_of_range_integers, max_size=3),
+)
+SERVER_KINDS = [
+    Kind.WELCOME,
+    Kind.RESPONSE,
+    Kind.ERROR,
+    Kind.PING,
+    Kind.PONG,
+    Kind.GOAWAY,
+    Kind.STREAM_PAGE,
+    Kind.STREAM_END,
+    Kind.EVENT,
+]
+HOSTILE = settings(CI, max_examples=40)
+PER_KIND_HOSTILE = settings(CI, max_examples=20)
+
+
+@st.composite
+def mutated_bodies(draw: st.DrawFn, kind: Kind) -> dict[str, Any]:
+    """A valid body of ``kind`` with some fields replaced, removed or added."""
+    body: dict[str, Any] = dict(draw(MESSAGES[kind]).body())
+    extra = draw(st.lists(st.sampled_from(SCHEMA_KEYS), min_size=1, max_size=3))
+    keys = sorted(set(body) | set(extra))
+    for key in draw(st.lists(st.sampled_from(keys), min_size=1, max_size=3, unique=True)):
+        action = draw(st.sampled_from(["replace", "replace", "replace", "delete"]))
+        if action == "delete":
+            body.pop(key, None)
+        else:
+            body[key] = draw(wrong_values)
+    return body
+
+
+def _frame_of(kind: int, request_id: int, body: Any) -> bytes:
+    return encode_frame(kind, request_id, encode_body(body))
+
+
+def _check_decoded(message: Message, kind: int, request_id: int) -> None:
+    """A decoded message is of its frame's kind and within every schema bound."""
+    assert message.kind == kind
+    assert message.request_id == request_id or kind in (Kind.HELLO, Kind.WELCOME, Kind.GOAWAY)
+    for name, (low, high) in message._bounds.items():
+        value = getattr(message, name)
+        assert value is None or (
+            isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        ), (name, value)
+    # What came in can go out: the bounds are the same on both sides.
+    encode_message(message)
+
+
+@pytest.mark.parametrize("kind", list(Kind), ids=[k.name for k in Kind])
+@PER_KIND_HOSTILE
+@given(data=st.data(), request_id=u64)
+def test_mutated_body_is_a_message_or_a_message_error(
+    kind: Kind, data: st.DataObject, request_id: int
+) -> None:
+    body = data.draw(mutated_bodies(kind))
+    decoder = FrameDecoder()
+    decoder.feed(_frame_of(kind, request_id, body))
+    frame = decoder.next_frame()
+    assert frame is not None
+    try:
+        message = decode_message(frame)
+    except MessageError as exc:
+        assert exc.request_id == request_id and exc.kind == kind
+        assert len(str(exc)) < 1000  # a hostile value is never printed whole
+        return
+    _check_decoded(message, kind, request_id)
+
+
+U64_FIELDS = [
+    (Kind.WELCOME, "max_frame"),
+    (Kind.WELCOME, "max_in_flight"),
+    (Kind.WELCOME, "idle_timeout_ms"),
+    (Kind.WELCOME, "version"),
+    (Kind.HELLO, "max_frame"),
+    (Kind.REQUEST, "deadline_ms"),
+    (Kind.ERROR, "code"),
+    (Kind.ERROR, "retry_after_ms"),
+    (Kind.GOAWAY, "last_request_id"),
+    (Kind.STREAM_PAGE, "seq"),
+    (Kind.STREAM_END, "seq"),
+    (Kind.STREAM_END, "row_count"),
+    (Kind.STREAM_CREDIT, "pages"),
+]
+
+
+@pytest.mark.parametrize(("kind", "key"), U64_FIELDS, ids=[f"{k.name}-{f}" for k, f in U64_FIELDS])
+@settings(CI, max_examples=8)
+@given(data=st.data(), value=st.one_of(huge_integers, st.integers(max_value=-1)))
+def test_any_uint_beyond_u64_or_negative_is_a_message_error(
+    kind: Kind, key: str, data: st.DataObject, value: int
+) -> None:
+    body = {**data.draw(MESSAGES[kind]).body(), key: value}
+    decoder = FrameDecoder()
+    decoder.feed(_frame_of(kind, 5, body))
+    frame = decoder.next_frame()
+    assert frame is not None
+    with pytest.raises(MessageError, match=key):
+        decode_message(frame)
+
+
+hostile_frames = st.one_of(
+    st.builds(
+        lambda kind, rid, body: _frame_of(kind, rid, body),
+        st.sampled_from(SERVER_KINDS),
+        u64,
+        st.sampled_from(SERVER_KINDS).flatmap(mutated_bodies),
+    ),
+    st.builds(
+        lambda kind, rid, body: _frame_of(kind, rid, body),
+        st.sampled_from(list(Kind)) | st.integers(0, 255),
+        u64,
+        st.dictionaries(st.sampled_from(SCHEMA_KEYS), wrong_values, max_size=5),
+    ),
+    any_message.map(encode_message),
+)
+
+
+@HOSTILE
+@given(frames=st.lists(hostile_frames, min_size=1, max_size=4))
+def test_open_client_fed_hostile_frames_yields_messages_or_bad_messages(
+    frames: list[bytes],
+) -> None:
+    client = ProtocolConnection(Role.CLIENT)
+    client.send(Hello(versions=(1,)))
+    client.receive_data(encode_message(Welcome(1, "n", "s", 1 << 20, 8, 1000)))
+    assert isinstance(client.next_event(), Welcome)
+    for data in frames:
+        client.receive_data(data)
+        event = client.next_event()  # never raises: every frame here is whole and in sync
+        assert event is not None
+        if isinstance(event, BadMessage):
+            assert isinstance(event.error, MessageError)
+        else:
+            assert isinstance(event, Message)
+            assert event.kind in SERVER_KINDS and event.kind is not Kind.WELCOME
+            _check_decoded(event, data[3], int.from_bytes(data[8:16], "big"))
+        assert client.next_event() is None
+    client.receive_data(encode_message(Ping(77)))
+    assert client.next_event() == Ping(77)  # still in sync, still open
+
+
+@HOSTILE
+@given(body=mutated_bodies(Kind.WELCOME) | mutated_bodies(Kind.ERROR), as_error=st.booleans())
+def test_handshake_reply_is_a_message_a_bad_message_or_a_violation(
+    body: dict[str, Any], as_error: bool
+) -> None:
+    client = ProtocolConnection(Role.CLIENT)
+    client.send(Hello(versions=(1,)))
+    client.receive_data(_frame_of(Kind.ERROR if as_error else Kind.WELCOME, 0, body))
+    try:
+        event = client.next_event()
+    except ProtocolViolation:
+        return  # e.g. a WELCOME choosing a version never offered: connection-level
+    assert event is not None
+    if isinstance(event, BadMessage):
+        assert isinstance(event.error, MessageError)
+    else:
+        assert isinstance(event, (Welcome, Error))
+        _check_decoded(event, event.kind, 0)
