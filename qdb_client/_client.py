@@ -40,12 +40,12 @@ from .errors import (
     BulkheadFull,
     ClientClosed,
     InvalidArgument,
-    ProtocolError,
     QdbError,
     RequestTimeout,
 )
 from .protocol import PROTOCOL_VERSIONS, Hello
 from .results import ExecuteResult, QueryResult
+from .validation import seconds_or_error
 
 __all__ = ["Client", "Params", "Statement", "open_client"]
 
@@ -94,9 +94,6 @@ def _checkpointed(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]
 
     return checkpointed
 
-
-#: Largest per-call ``timeout=`` in seconds (about 11.5 days).
-MAX_TIMEOUT = 1e6
 
 #: Idempotency keys: 1..128 characters of this set (docs/protocol.md).
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9_\-:.]{1,128}")
@@ -183,9 +180,7 @@ class Client:
             )
         args = {"statements": [_batch_entry(item) for item in statements]}
         result = await self._call("batch", args, timeout, idempotency_key=idempotency_key)
-        if not isinstance(result, dict) or not isinstance(result.get("results"), list):
-            raise ProtocolError(f"malformed batch result from node: {result!r:.200}")
-        return [ExecuteResult.from_wire(item) for item in result["results"]]
+        return ExecuteResult.batch_from_wire(result)
 
     @_checkpointed
     async def ping(self, *, timeout: float | None = None) -> float:
@@ -338,15 +333,7 @@ class Client:
     def _budget(self, timeout: float | None) -> float:
         if timeout is None:
             return self.config.request_timeout
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not (0 < timeout <= MAX_TIMEOUT)
-        ):
-            raise InvalidArgument(
-                f"timeout must be a number of seconds in (0, {MAX_TIMEOUT:g}], not {timeout!r}"
-            )
-        return float(timeout)
+        return seconds_or_error(timeout, name="timeout", error=InvalidArgument, minimum=0.0)
 
     async def _call(
         self,

@@ -40,6 +40,7 @@ from ..errors import (
     NoAvailableNode,
     PoolError,
     ProtocolError,
+    RequestCancelled,
     ServerError,
     ServerTimeout,
     TransportError,
@@ -172,7 +173,8 @@ TABLE: tuple[Outcome, ...] = (
     ),
     _row(
         _K.NODE_UNAVAILABLE,
-        "the node answered a retryable error (overloaded, unavailable, at capacity, internal)",
+        "the node answered a retryable error (overloaded, unavailable, at capacity, internal),"
+        " or stopped a request nobody cancelled",
         breaker=_B.FAILURE,
         cause="overload",
         retry=_R.ALWAYS,
@@ -317,6 +319,10 @@ def _kind_of(error: BaseException, sent: bool) -> OutcomeKind:
             return _K.CONNECT_FAILED if error.retryable else _K.HANDSHAKE_REFUSED
         if isinstance(error, ServerTimeout):
             return _K.NODE_TIMEOUT_EXECUTED if error.executed else _K.NODE_TIMEOUT
+        if isinstance(error, RequestCancelled) and error.executed is False:
+            # The node stopped a request nobody cancelled (it only answers our
+            # CANCELs so): it did not serve it, and says nothing ran.
+            return _K.NODE_UNAVAILABLE
         return _K.NODE_UNAVAILABLE if error.retryable else _K.REJECTED
     if isinstance(error, ConnectionDraining):
         return _K.DRAINING

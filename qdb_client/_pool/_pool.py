@@ -117,6 +117,9 @@ class NodePool:
         self.last_open_error: QdbError | None = None
         self._disabled: str | None = None
         self._closed = False
+        #: Exceptions the listener raised (recorded, not propagated), and the last one.
+        self.listener_errors = 0
+        self.last_listener_error: Exception | None = None
 
     # ---------------------------------------------------------------- public
 
@@ -444,7 +447,7 @@ class NodePool:
             # those arriving meanwhile): wake them when it ends.
             self._reopen_at = now + OPEN_RETRY_DELAY
             self._wake_maintenance()
-            self._listener.open_failed(self, exc)
+            self._tell(self._listener.open_failed, exc)
             self._wake_waiters()
             return
         except BaseException:
@@ -464,7 +467,7 @@ class NodePool:
         self.last_open_error = None
         self._reopen_at = math.inf
         self._warm_after_failure = True
-        self._listener.opened(self, connection)
+        self._tell(self._listener.opened, connection)
         if not connection.usable:
             self.connection_unusable(connection)
         self._wake_waiters()
@@ -492,7 +495,7 @@ class NodePool:
                 # Don't re-warm on our own: the health monitor probes first
                 # and calls warm() once the node answers.
                 self._warm_after_failure = False
-                self._listener.connection_failed(self, connection)
+                self._tell(self._listener.connection_failed, connection)
             self._wake_waiters()
             self._wake_maintenance()
         else:
@@ -503,6 +506,15 @@ class NodePool:
 
     def _wake_maintenance(self) -> None:
         self._maintenance.set()
+
+    def _tell(self, event: Callable[[NodePool, Any], None], subject: Any) -> None:
+        """Deliver one event to the listener; a failure in it is recorded, never
+        raised into the background task (which would end the client)."""
+        try:
+            event(self, subject)
+        except Exception as exc:
+            self.listener_errors += 1
+            self.last_listener_error = exc
 
 
 #: Ids of failed opens: the ``failure_id`` shared by every waiter that sees one.

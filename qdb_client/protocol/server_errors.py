@@ -156,8 +156,10 @@ class ServerTimeout(ServerError):
 class RequestCancelled(ServerError):
     """The node stopped the request because the client sent CANCEL.
 
-    The driver sees it only as the acknowledgement that frees a cancelled
-    request's slot; it never reaches a caller.
+    The driver normally sees it only as the acknowledgement that frees a
+    cancelled request's slot. A node that stops a request nobody cancelled
+    (with ``details.executed = false``) is treated as unavailable for it: the
+    request is retried elsewhere, and this error is only seen if retrying stops.
     """
 
     wire_name = "CANCELLED"

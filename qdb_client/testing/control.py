@@ -60,6 +60,13 @@ __all__ = ["NodeControl", "open_node_control", "wait_for_nodes"]
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
+def _versions(value: Any) -> list[int]:
+    """The protocol versions a VERSION_MISMATCH lists (anything else: none)."""
+    if not isinstance(value, list):
+        return []
+    return [v for v in value if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 256]
+
+
 def _to_error(error: Error, node: str) -> ServerError:
     return error_from_message(error, node=node)
 
@@ -164,7 +171,7 @@ class NodeControl:
             if reply.name == ErrorCode.VERSION_MISMATCH.value:
                 raise VersionMismatch(
                     reply.message,
-                    supported_versions=list(reply.details.get("supported_versions", [])),
+                    supported_versions=_versions(reply.details.get("supported_versions")),
                     node=self.address,
                 )
             raise _to_error(reply, self.address)

@@ -94,6 +94,17 @@ ROWS = [
         False,
     ),
     (
+        dict(error=wire(ErrorCode.CANCELLED, executed=False), sent=True),
+        K.NODE_UNAVAILABLE,
+        F,
+        "overload",
+        NONE,
+        ALWAYS,
+        True,
+        False,
+        False,
+    ),
+    (
         dict(error=wire(ErrorCode.CAPACITY_EXCEEDED), sent=True),
         K.NODE_UNAVAILABLE,
         F,

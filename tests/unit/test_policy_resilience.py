@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 
 from qdb_client._policies import (
     Backoff,
-    classify,
     BreakerSettings,
     BreakerState,
     CircuitBreaker,
     RetryBudget,
     RetryBudgetSettings,
     RetryPolicy,
+    classify,
 )
 from qdb_client.errors import (
     ConnectError,

@@ -191,10 +191,10 @@ async def test_sequential_reserves_reuse_one_connection(nursery, autojump_clock)
     pool = make_pool(nursery, server)
     used = []
     for n in range(5):
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
+        async with pool.reserve() as slot:
+            connection = slot.connection
             used.append(connection)
-            result = await connection_slot.request("query", {"n": n, "delay": 1.0})
+            result = await slot.request("query", {"n": n, "delay": 1.0})
             assert result == {"node": "node-1", "n": n, "delay": 1.0}
     assert all(c is used[0] for c in used)
     assert server.connect_times == [0.0]
@@ -225,10 +225,10 @@ async def test_second_connection_opens_only_at_capacity_and_never_beyond_max(
     finished: dict[int, float] = {}
 
     async def call(n: int) -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
+        async with pool.reserve() as slot:
+            connection = slot.connection
             used[n] = connection
-            await connection_slot.request("query", {"n": n, "delay": 10.0})
+            await slot.request("query", {"n": n, "delay": 10.0})
             finished[n] = trio.current_time()
 
     nursery.start_soon(call, 1)
@@ -269,10 +269,9 @@ async def test_at_most_max_connecting_opens_at_once(nursery, autojump_clock):
     got: list[float] = []
 
     async def call(n: int) -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
+        async with pool.reserve() as slot:
             got.append(trio.current_time())
-            await connection_slot.request("query", {"n": n, "delay": 100.0})
+            await slot.request("query", {"n": n, "delay": 100.0})
 
     for n in range(10):
         nursery.start_soon(call, n)
@@ -294,9 +293,8 @@ async def test_pool_timeout_is_exact_and_says_what_is_in_use(nursery, autojump_c
     pool = make_pool(nursery, server, max_connections=1, acquire_timeout=2.5)
 
     async def hold() -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
-            await connection_slot.request("query", {"delay": 100.0})
+        async with pool.reserve() as slot:
+            await slot.request("query", {"delay": 100.0})
 
     nursery.start_soon(hold)
     await trio.sleep(1.0)
@@ -330,9 +328,8 @@ async def test_queue_full_when_max_waiters_already_wait(nursery, autojump_clock)
     served: list[tuple[int, float]] = []
 
     async def call(n: int, delay: float) -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
-            await connection_slot.request("query", {"n": n, "delay": delay})
+        async with pool.reserve() as slot:
+            await slot.request("query", {"n": n, "delay": delay})
             served.append((n, trio.current_time()))
 
     nursery.start_soon(call, 0, 5.0)
@@ -419,9 +416,8 @@ async def test_idle_connection_is_closed_exactly_at_idle_timeout(nursery, autoju
     pool = make_pool(nursery, server, min_connections=1, idle_timeout=10.0)
 
     async def call(n: int) -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
-            await connection_slot.request("query", {"n": n, "delay": 5.0})
+        async with pool.reserve() as slot:
+            await slot.request("query", {"n": n, "delay": 5.0})
 
     async with trio.open_nursery() as callers:
         callers.start_soon(call, 1)
@@ -454,9 +450,8 @@ async def test_connection_idle_after_a_long_request_closes_at_idle_timeout(nurse
     server = FakeServer(nursery)
     pool = make_pool(nursery, server, min_connections=0, idle_timeout=10.0, max_lifetime=1000.0)
     await nursery.start(pool.maintain)
-    async with pool.reserve() as connection_slot:
-        connection = connection_slot.connection
-        await connection_slot.request("query", {"delay": 20.0})
+    async with pool.reserve() as slot:
+        await slot.request("query", {"delay": 20.0})
     assert trio.current_time() == 20.0
     assert pool.state.next_expiry(20.0) == 30.0
     await sleep_until(29.5)
@@ -498,9 +493,9 @@ async def test_max_lifetime_rotation_never_fails_an_in_flight_request(nursery, a
     results: dict[str, tuple[float, Any, Connection]] = {}
 
     async def call(name: str, delay: float) -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
-            result = await connection_slot.request("query", {"delay": delay})
+        async with pool.reserve() as slot:
+            connection = slot.connection
+            result = await slot.request("query", {"delay": delay})
             results[name] = (trio.current_time(), result, connection)
 
     await trio.sleep(8.0)
@@ -598,9 +593,8 @@ async def test_goaway_retires_the_connection_and_another_opens_on_demand(nursery
     results: dict[str, tuple[float, Any]] = {}
 
     async def call(name: str, delay: float) -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
-            result = await connection_slot.request("q", {"d": delay})
+        async with pool.reserve() as slot:
+            result = await slot.request("q", {"d": delay})
             results[name] = (trio.current_time(), result)
 
     async with pool.reserve() as first_slot:
@@ -609,10 +603,10 @@ async def test_goaway_retires_the_connection_and_another_opens_on_demand(nursery
     await trio.sleep(1.0)
 
     async def slow() -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
+        async with pool.reserve() as slot:
+            connection = slot.connection
             assert connection is first
-            result = await connection_slot.request("query", {"delay": 4.0})
+            result = await slot.request("query", {"delay": 4.0})
             results["in flight"] = (trio.current_time(), result)
 
     nursery.start_soon(slow)
@@ -668,9 +662,8 @@ async def test_disable_fails_waiters_and_drains_connections(nursery, autojump_cl
 
     async def call(name: str, delay: float) -> None:
         try:
-            async with pool.reserve() as connection_slot:
-                connection = connection_slot.connection
-                result = await connection_slot.request("query", {"delay": delay})
+            async with pool.reserve() as slot:
+                result = await slot.request("query", {"delay": delay})
                 outcomes[name] = (trio.current_time(), result)
         except QdbError as exc:
             outcomes[name] = (trio.current_time(), exc)
@@ -699,9 +692,8 @@ async def test_disable_fails_waiters_and_drains_connections(nursery, autojump_cl
     assert len(server.connect_times) == 1
 
     pool.enable()
-    async with pool.reserve() as connection_slot:
-        connection = connection_slot.connection
-        assert await connection_slot.request("query", {}) == {"node": "node-2"}
+    async with pool.reserve() as slot:
+        assert await slot.request("query", {}) == {"node": "node-2"}
 
 
 async def test_aclose_closes_everything_and_fails_waiters(nursery, autojump_clock):
@@ -711,9 +703,8 @@ async def test_aclose_closes_everything_and_fails_waiters(nursery, autojump_cloc
 
     async def call(name: str) -> None:
         try:
-            async with pool.reserve() as connection_slot:
-                connection = connection_slot.connection
-                outcomes[name] = await connection_slot.request("query", {"delay": None})
+            async with pool.reserve() as slot:
+                outcomes[name] = await slot.request("query", {"delay": None})
         except QdbError as exc:
             outcomes[name] = exc
 
@@ -780,10 +771,9 @@ async def test_callers_are_served_first_come_first_served(nursery, autojump_cloc
     order: list[int] = []
 
     async def call(n: int) -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
+        async with pool.reserve() as slot:
             order.append(n)
-            await connection_slot.request("query", {"delay": 0.1})
+            await slot.request("query", {"delay": 0.1})
 
     async with trio.open_nursery() as callers:
         for n in range(20):
@@ -799,9 +789,8 @@ async def test_shared_callers_behind_a_departed_lease_waiter_are_served(nursery,
     got: list[float] = []
 
     async def long_request() -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
-            await connection_slot.request("query", {"delay": 10.0})
+        async with pool.reserve() as slot:
+            await slot.request("query", {"delay": 10.0})
 
     async def impatient_lease() -> None:
         with trio.move_on_after(1.0):
@@ -809,10 +798,9 @@ async def test_shared_callers_behind_a_departed_lease_waiter_are_served(nursery,
                 pytest.fail("the only connection is busy")
 
     async def shared() -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
+        async with pool.reserve() as slot:
             got.append(trio.current_time())
-            await connection_slot.request("query", {})
+            await slot.request("query", {})
 
     async with trio.open_nursery() as callers:
         callers.start_soon(long_request)
@@ -829,15 +817,13 @@ async def test_a_drained_connection_is_replaced_for_queued_callers(nursery, auto
     got: list[float] = []
 
     async def first() -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
-            await connection_slot.request("query", {"delay": 1.0})
+        async with pool.reserve() as slot:
+            await slot.request("query", {"delay": 1.0})
 
     async def second() -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
+        async with pool.reserve() as slot:
             got.append(trio.current_time())
-            await connection_slot.request("query", {})
+            await slot.request("query", {})
 
     async with trio.open_nursery() as callers:
         callers.start_soon(first)
@@ -854,15 +840,13 @@ async def test_a_refused_extra_connection_is_retried_at_most_once_a_second(nurse
     got: list[float] = []
 
     async def long_request() -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
-            await connection_slot.request("query", {"delay": 3.0})
+        async with pool.reserve() as slot:
+            await slot.request("query", {"delay": 3.0})
 
     async def waiter() -> None:
-        async with pool.reserve() as connection_slot:
-            connection = connection_slot.connection
+        async with pool.reserve() as slot:
             got.append(trio.current_time())
-            await connection_slot.request("query", {})
+            await slot.request("query", {})
 
     async with trio.open_nursery() as callers:
         callers.start_soon(long_request)
