@@ -26,31 +26,37 @@ pytestmark = pytest.mark.slow
 async def test_1_a_write_sent_through_query_is_refused_and_never_applied(tmp_path: Path):
     """``query("INSERT ... RETURNING id")`` whose reply would be lost after
     commit: refused as read-only, nothing inserted, so nothing can apply twice."""
-    async with open_node(node_config(tmp_path)) as node, open_node_control(node.address) as ctl:
-        async with qdb_client.open_client(node.address, discover_members=False) as client:
-            await client.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
-            await ctl.drop_after_commit(1, methods=["query"])
-            with pytest.raises(ReadOnlyViolation) as info:
-                await client.query("INSERT INTO t (v) VALUES ('x') RETURNING id")
-            assert not info.value.maybe_applied and not info.value.retryable
-            assert len(info.value.attempts) == 1
-            assert (await client.query("SELECT count(*) FROM t")).scalar() == 0
+    async with (
+        open_node(node_config(tmp_path)) as node,
+        open_node_control(node.address) as ctl,
+        qdb_client.open_client(node.address, discover_members=False) as client,
+    ):
+        await client.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        await ctl.drop_after_commit(1, methods=["query"])
+        with pytest.raises(ReadOnlyViolation) as info:
+            await client.query("INSERT INTO t (v) VALUES ('x') RETURNING id")
+        assert not info.value.maybe_applied and not info.value.retryable
+        assert len(info.value.attempts) == 1
+        assert (await client.query("SELECT count(*) FROM t")).scalar() == 0
 
 
 async def test_1_writes_that_return_rows_go_through_execute_and_apply_once(tmp_path: Path):
     """The same write through ``execute()``, reply lost after commit: retried with
     its key, answered from the stored outcome, its RETURNING rows intact."""
-    async with open_node(node_config(tmp_path)) as node, open_node_control(node.address) as ctl:
-        async with qdb_client.open_client(node.address, discover_members=False) as client:
-            await client.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
-            await ctl.drop_after_commit(1)
-            result = await client.execute(
-                "INSERT INTO t (v) VALUES (?) RETURNING id, v", ["only"], timeout=10.0
-            )
-            assert result.columns == ("id", "v")
-            assert [tuple(r) for r in result.rows] == [(1, "only")]
-            assert (await client.query("SELECT count(*) FROM t")).scalar() == 1
-            assert (await ctl.stats())["idempotent_hits"] == 1
+    async with (
+        open_node(node_config(tmp_path)) as node,
+        open_node_control(node.address) as ctl,
+        qdb_client.open_client(node.address, discover_members=False) as client,
+    ):
+        await client.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        await ctl.drop_after_commit(1)
+        result = await client.execute(
+            "INSERT INTO t (v) VALUES (?) RETURNING id, v", ["only"], timeout=10.0
+        )
+        assert result.columns == ("id", "v")
+        assert [tuple(r) for r in result.rows] == [(1, "only")]
+        assert (await client.query("SELECT count(*) FROM t")).scalar() == 1
+        assert (await ctl.stats())["idempotent_hits"] == 1
 
 
 async def test_4_eight_keyed_writes_whose_first_reply_is_lost_after_commit_all_succeed_once(
@@ -58,28 +64,28 @@ async def test_4_eight_keyed_writes_whose_first_reply_is_lost_after_commit_all_s
 ):
     """8 writes in flight on a 3-node cluster; the node drops the connection
     right after committing the first: all 8 succeed, 8 rows, each stored once."""
-    async with TestCluster.start_in_process(3, directory=tmp_path / "cluster") as cluster:
-        async with qdb_client.open_client(cluster.addresses) as client:
-            await client.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INT UNIQUE)")
-            for index in range(3):
-                async with cluster.control(index) as ctl:
-                    await ctl.drop_after_commit(1)
-            results: list[object] = []
+    async with (
+        TestCluster.start_in_process(3, directory=tmp_path / "cluster") as cluster,
+        qdb_client.open_client(cluster.addresses) as client,
+    ):
+        await client.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INT UNIQUE)")
+        for index in range(3):
+            async with cluster.control(index) as ctl:
+                await ctl.drop_after_commit(1)
+        results: list[object] = []
 
-            async def write(n: int) -> None:
-                results.append(
-                    await client.execute("INSERT INTO t (n) VALUES (?)", [n], timeout=10.0)
-                )
+        async def write(n: int) -> None:
+            results.append(await client.execute("INSERT INTO t (n) VALUES (?)", [n], timeout=10.0))
 
-            async with trio.open_nursery() as nursery:
-                for n in range(8):
-                    nursery.start_soon(write, n)
-            assert len(results) == 8
-            rows = await client.query("SELECT n FROM t ORDER BY n")
-            assert [r[0] for r in rows] == list(range(8))
-            stats = client.statistics()
-            assert stats["failures"] == 0
-            assert all(n["breaker"]["current_state"] == "CLOSED" for n in stats["nodes"])
+        async with trio.open_nursery() as nursery:
+            for n in range(8):
+                nursery.start_soon(write, n)
+        assert len(results) == 8
+        rows = await client.query("SELECT n FROM t ORDER BY n")
+        assert [r[0] for r in rows] == list(range(8))
+        stats = client.statistics()
+        assert stats["failures"] == 0
+        assert all(n["breaker"]["current_state"] == "CLOSED" for n in stats["nodes"])
 
 
 async def test_5_a_cancellation_storm_never_overruns_the_node(tmp_path: Path):
