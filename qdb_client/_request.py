@@ -39,7 +39,6 @@ from ._policies import (
     RetryRule,
     classify,
 )
-from ._policies.outcome import SUCCESS
 from .errors import (
     Attempt,
     CircuitOpen,
@@ -205,7 +204,7 @@ class RequestPipeline:
             try:
                 node = await self.cluster.select(exclude=call.tried)
                 breaker = node.breaker
-                if not breaker.allow(trio.current_time()):
+                if not breaker.allow(started):
                     raise CircuitOpen(
                         f"circuit breaker of {node.address} is open",
                         reopens_in={node.address: _reopens_in(node)},
@@ -232,25 +231,29 @@ class RequestPipeline:
                 if node is not None and generation != _NOT_ADMITTED:
                     sent = pending is not None and pending.sent
                     outcome = classify(None, sent=sent, cancelled=True)
-                    self._feed(node, generation, outcome, None, trio.current_time() - sent_at)
+                    now = trio.current_time()
+                    self._feed(node, generation, outcome, None, now, now - sent_at)
                 raise
+        now = trio.current_time()
+        if error is None and not scope.cancelled_caught:
+            # The hot path: a reply. (node is set: nothing raised.)
+            assert node is not None
+            node.breaker.record_success(now, generation)
+            node.latency.record_reply(now - sent_at)
+            return result, None
         sent = pending is not None and pending.sent
         if scope.cancelled_caught:
-            deadline_passed = trio.current_time() >= call.deadline
+            deadline_passed = now >= call.deadline
             outcome = classify(
                 None,
                 sent=sent,
                 attempt_timed_out=not deadline_passed,
                 deadline_passed=deadline_passed,
             )
-        elif error is None:
-            outcome = SUCCESS
         else:
             outcome = classify(error, sent=sent)
         if node is not None and generation != _NOT_ADMITTED:
-            self._feed(node, generation, outcome, error, trio.current_time() - sent_at)
-        if outcome is SUCCESS:
-            return result, None
+            self._feed(node, generation, outcome, error, now, now - sent_at)
         return None, _Try(outcome, error, node, sent, started)
 
     def _attempt_timeout(self, node: Node, call: _Call) -> float:
@@ -260,10 +263,10 @@ class RequestPipeline:
             return math.inf
         if not self.cluster.has_alternative(node, call.tried):
             return math.inf  # the last node left gets the whole deadline
-        fallback = None
-        if node.latency.reply_quantile is None:
-            fallback = _typical_quantile(self.cluster.nodes)
-        return timeouts.for_node(node.latency, fallback)
+        quantile = node.latency.reply_quantile
+        if quantile is not None:
+            return max(timeouts.minimum, timeouts.factor * quantile)
+        return timeouts.for_node(node.latency, _typical_quantile(self.cluster.nodes))
 
     def _feed(
         self,
@@ -271,10 +274,14 @@ class RequestPipeline:
         generation: int,
         outcome: Outcome,
         error: QdbError | None,
+        now: float,
         elapsed: float,
     ) -> None:
-        """Give the attempt's one outcome to the node's breaker, latency and health."""
-        now = trio.current_time()
+        """Give the attempt's one outcome to the node's breaker, latency and health.
+
+        (A success takes the same path inline in ``_attempt``: the table's
+        SUCCESS row, a breaker success and a reply-time sample.)
+        """
         breaker = node.breaker
         verdict = outcome.breaker
         if verdict is BreakerVerdict.SUCCESS:

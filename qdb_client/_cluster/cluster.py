@@ -299,9 +299,13 @@ class Cluster:
         """Whether a candidate other than ``node`` and those in ``tried`` exists
         whose breaker would admit a request."""
         now = trio.current_time()
+        candidates = self.candidates(tried)
+        if not tried and len(candidates) == 2:
+            # The common case (cached candidates): a glance at the other node.
+            other = candidates[1] if candidates[0] is node else candidates[0]
+            return other is not node and other.breaker.would_allow(now)
         return any(
-            n is not node and n not in tried and n.breaker.would_allow(now)
-            for n in self.candidates(tried)
+            n is not node and n not in tried and n.breaker.would_allow(now) for n in candidates
         )
 
     def _changed(self) -> None:

@@ -477,10 +477,12 @@ class NodePool:
 
     def slot_freed(self, connection: Connection) -> None:
         """A request slot on ``connection`` became free (its ledger says so)."""
-        connection_id = connection.tag
-        if isinstance(connection_id, int) and connection_id in self._connections:
-            self.state.touch(connection_id, trio.current_time())
-            self._after_release(connection_id)
+        record = self.state.connections.get(connection.tag)  # type: ignore[arg-type]
+        if record is None:
+            return  # not (or no longer) one of ours
+        record.last_used = trio.current_time()
+        if record.retiring or self._queue or record.idle:
+            self._after_release(record.id)  # the rare cases: drain, waiters, expiry
 
     def connection_unusable(self, connection: Connection) -> None:
         """``connection`` stopped taking new requests (GOAWAY, failure, close)."""

@@ -39,7 +39,7 @@ from .messages import (
     encode_message,
     error_message,
 )
-from .reader import READ_SIZE, receive_event
+from .reader import READ_SIZE, receive_event, receive_events
 from .server_errors import ServerError, error_from_message, server_error_from_wire
 
 __all__ = [
@@ -88,5 +88,6 @@ __all__ = [
     "error_from_message",
     "error_message",
     "receive_event",
+    "receive_events",
     "server_error_from_wire",
 ]

@@ -18,7 +18,7 @@ import cbor2
 
 from .errors import MessageError, ValueNotEncodable
 
-__all__ = ["MAX_DEPTH", "decode_body", "encode_body"]
+__all__ = ["MAX_DEPTH", "decode_body", "encode_body", "encode_flat_body"]
 
 #: Deepest container nesting accepted in a body.
 MAX_DEPTH = 32
@@ -82,6 +82,39 @@ def encode_body(value: Any) -> bytes:
         return cbor2.dumps(value)
     except (cbor2.CBOREncodeError, TypeError, ValueError, OverflowError) as exc:
         raise ValueNotEncodable(f"cannot encode {type(value).__name__} as CBOR: {exc}") from exc
+
+
+#: Exact types whose values nest nothing, and containers whose elements are checked.
+_FLAT = frozenset({int, float, str, bytes, bool, type(None)})
+_SEQUENCES = (list, tuple)
+
+
+def _shallow(value: Any) -> bool:
+    """True when ``value`` is a scalar, or a list/tuple/dict of scalars (exact types)."""
+    kind = type(value)
+    if kind in _FLAT:
+        return True
+    if kind is list or kind is tuple:
+        return all(type(item) in _FLAT for item in value)
+    if kind is dict:
+        return all(type(item) in _FLAT for item in value.values())
+    return False
+
+
+def encode_flat_body(body: dict[str, Any], nested: dict[str, Any]) -> bytes:
+    """Encode a protocol body whose own fields are flat, with ``nested`` (the
+    application's part, e.g. a REQUEST's ``args``) under ``body["args"]``.
+
+    The same bytes as :func:`encode_body`; the depth walk runs only when an
+    argument holds containers within containers (a driver's own bodies and
+    flat parameters can't nest deeper than 3 levels).
+    """
+    if not all(_shallow(value) for value in nested.values()):
+        _check_depth(body)
+    try:
+        return cbor2.dumps(body)
+    except (cbor2.CBOREncodeError, TypeError, ValueError, OverflowError) as exc:
+        raise ValueNotEncodable(f"cannot encode the request as CBOR: {exc}") from exc
 
 
 def decode_body(data: bytes, *, request_id: int = 0, kind: int | None = None) -> Any:

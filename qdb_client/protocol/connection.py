@@ -18,9 +18,11 @@ answered with ERROR (request id 0), then GOAWAY ``protocol_error``.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import attrs
 
+from .codec import decode_body
 from .errors import FrameTooLarge, MessageError, ProtocolViolation
 from .frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
 from .messages import (
@@ -31,9 +33,11 @@ from .messages import (
     Kind,
     Message,
     Request,
+    Response,
     Welcome,
     decode_message,
     encode_message,
+    encode_request,
 )
 
 __all__ = ["BadMessage", "ProtocolConnection", "Role", "State", "choose_version"]
@@ -155,6 +159,25 @@ class ProtocolConnection:
         self._after_send(message)
         return data
 
+    def send_request(
+        self,
+        request_id: int,
+        method: str,
+        args: dict[str, Any],
+        deadline_ms: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> bytes:
+        """``send(Request(...))`` without building the message: the same checks,
+        the same bytes (the request path is hot)."""
+        if self.role is not Role.CLIENT or self.state is not State.OPEN:
+            raise ProtocolViolation(f"cannot send REQUEST as a {self.role.value} in {self.state}")
+        if self.received_goaway is not None:
+            raise ProtocolViolation("peer sent GOAWAY; no new requests on this connection")
+        data = encode_request(request_id, method, args, deadline_ms, idempotency_key)
+        if len(data) > self.peer_max_frame_size:
+            raise FrameTooLarge(len(data), self.peer_max_frame_size)
+        return data
+
     def _after_send(self, message: Message) -> None:
         if isinstance(message, Welcome):
             self.state = State.OPEN
@@ -181,6 +204,15 @@ class ProtocolConnection:
             frame = self._decoder.next_frame()
             if frame is None:
                 return None
+            if (
+                frame.kind == Kind.RESPONSE
+                and self.role is Role.CLIENT
+                and self.state is State.OPEN
+            ):
+                # The reply fast path: a RESPONSE is a map with a "result".
+                raw = decode_body(frame.body, request_id=frame.request_id, kind=frame.kind)
+                if type(raw) is dict and "result" in raw:
+                    return Response(frame.request_id, raw["result"])
             message = decode_message(frame)
         except MessageError as exc:
             return BadMessage(exc)

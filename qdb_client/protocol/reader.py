@@ -17,7 +17,7 @@ from typing import Protocol
 from .connection import BadMessage, ProtocolConnection
 from .messages import Message
 
-__all__ = ["READ_SIZE", "ByteSource", "receive_event"]
+__all__ = ["READ_SIZE", "ByteSource", "receive_event", "receive_events"]
 
 #: Bytes asked of the stream per read.
 READ_SIZE = 65536
@@ -45,6 +45,27 @@ async def receive_event(
         event = protocol.next_event()
         if event is not None:
             return event
+        data = await stream.receive_some(read_size)
+        if not data:
+            protocol.receive_eof()
+            return None
+        protocol.receive_data(data)
+
+
+async def receive_events(
+    protocol: ProtocolConnection, stream: ByteSource, *, read_size: int = READ_SIZE
+) -> list[Message | BadMessage] | None:
+    """Every event the next read completes (at least one); None at end of input.
+
+    The batch form of :func:`receive_event`, for a reader that dispatches
+    many replies at once and wants to know how many came together.
+    """
+    events: list[Message | BadMessage] = []
+    while True:
+        while (event := protocol.next_event()) is not None:
+            events.append(event)
+        if events:
+            return events
         data = await stream.receive_some(read_size)
         if not data:
             protocol.receive_eof()
