@@ -143,8 +143,9 @@ class Client:
         most once.
         """
         args = _statement_args(sql, params)
-        result = await self._call("execute", args, timeout, idempotency_key=idempotency_key)
-        return ExecuteResult.from_wire(result)
+        return await self._call(
+            "execute", args, timeout, idempotency_key=idempotency_key, parse=ExecuteResult.from_wire
+        )
 
     @_checkpointed
     async def query(
@@ -157,8 +158,13 @@ class Client:
         :meth:`execute`, which returns the rows of ``... RETURNING``). So
         queries are retried freely on failure, on another node when possible.
         """
-        result = await self._call("query", _statement_args(sql, params), timeout, read_only=True)
-        return QueryResult.from_wire(result)
+        return await self._call(
+            "query",
+            _statement_args(sql, params),
+            timeout,
+            read_only=True,
+            parse=QueryResult.from_wire,
+        )
 
     @_checkpointed
     async def batch(
@@ -179,8 +185,13 @@ class Client:
                 f" {{'sql': ..., 'params': ...}}), not {type(statements).__name__}"
             )
         args = {"statements": [_batch_entry(item) for item in statements]}
-        result = await self._call("batch", args, timeout, idempotency_key=idempotency_key)
-        return ExecuteResult.batch_from_wire(result)
+        return await self._call(
+            "batch",
+            args,
+            timeout,
+            idempotency_key=idempotency_key,
+            parse=ExecuteResult.batch_from_wire,
+        )
 
     @_checkpointed
     async def ping(self, *, timeout: float | None = None) -> float:
@@ -189,8 +200,8 @@ class Client:
         try:
             with trio.fail_after(budget):
                 node = await self._require_cluster().select()
-                async with node.pool.reserve() as slot:
-                    return await slot.connection.ping()
+                connection = await node.pool.connection_for_ping()
+                return await connection.ping()
         except trio.TooSlowError as exc:
             raise RequestTimeout(
                 f"ping did not complete within {budget:g} s", timeout=budget
@@ -343,6 +354,7 @@ class Client:
         *,
         read_only: bool = False,
         idempotency_key: str | bool = False,
+        parse: Callable[[Any], Any] | None = None,
     ) -> Any:
         budget = self._budget(timeout)
         self._require_cluster()
@@ -358,7 +370,12 @@ class Client:
         self._active += 1
         try:
             return await self._pipeline.call(
-                method, args, budget_seconds=budget, read_only=read_only, idempotency_key=key
+                method,
+                args,
+                budget_seconds=budget,
+                read_only=read_only,
+                idempotency_key=key,
+                parse=parse,
             )
         finally:
             self._active -= 1

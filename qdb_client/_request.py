@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -76,19 +77,31 @@ class _Call:
         "deadline",
         "key",
         "method",
+        "parse",
         "previous_delay",
         "read_only",
         "requeues",
         "retries",
         "start",
+        "suspects",
         "timeout",
         "tried",
     )
 
     def __init__(
-        self, method: str, start: float, timeout: float, read_only: bool, key: str | None
+        self,
+        method: str,
+        start: float,
+        timeout: float,
+        read_only: bool,
+        key: str | None,
+        parse: Callable[[Any], Any] | None,
     ) -> None:
         self.method = method
+        self.parse = parse
+        #: Attempt timeouts to judge when the call ends: (node, generation,
+        #: timeout, waited). See BreakerVerdict.JUDGED.
+        self.suspects: list[tuple[Node, int, float, float]] | None = None
         self.start = start
         self.timeout = timeout
         self.deadline = start + timeout
@@ -154,6 +167,8 @@ class RequestPipeline:
         self.rng = rng
         self.attempt_timeouts = attempt_timeouts or AttemptTimeouts()
         self.counters = PipelineCounters()
+        #: Reply time of the last successful attempt (read right after it).
+        self._last_reply_time = 0.0
 
     async def call(
         self,
@@ -163,31 +178,66 @@ class RequestPipeline:
         budget_seconds: float,
         read_only: bool,
         idempotency_key: str | None = None,
+        parse: Callable[[Any], Any] | None = None,
     ) -> Any:
-        """Run ``method``: attempt, and on failure retry or raise as its outcome says."""
+        """Run ``method``: attempt, and on failure retry or raise as its outcome says.
+
+        ``parse`` turns the node's result into the caller's (it raises
+        ProtocolError for a malformed one): run inside the attempt, so a
+        malformed reply is classified like a corrupted one.
+        """
         now = trio.current_time()
-        call = _Call(method, now, budget_seconds, read_only, idempotency_key)
+        call = _Call(method, now, budget_seconds, read_only, idempotency_key, parse)
         self.counters.calls += 1
         self.budget.record_request(now)
-        while True:
-            result, attempt = await self._attempt(call, args)
-            if attempt is None:
-                return result  # attempts are only reported with errors
-            decision = self._decide(call, attempt)
-            self._record_attempt(call, attempt, decision)
-            if not decision.retry:
-                raise self._final(call, attempt, decision)
-            if decision.requeue:
-                call.requeues += 1
-                self.counters.requeues += 1
+        try:
+            while True:
+                result, attempt = await self._attempt(call, args)
+                if attempt is None:
+                    if call.suspects:
+                        self._judge(call, answered_in=self._last_reply_time)
+                    return result  # attempts are only reported with errors
+                decision = self._decide(call, attempt)
+                self._record_attempt(call, attempt, decision)
+                if not decision.retry:
+                    if call.suspects:
+                        self._judge(call, answered_in=None)
+                    raise self._final(call, attempt, decision)
+                await self._next(call, attempt, decision)
+        except BaseException:
+            if call.suspects:
+                self._judge(call, answered_in=None, blame=False)  # cancelled: release probes
+            raise
+
+    async def _next(self, call: _Call, attempt: _Try, decision: RetryDecision) -> None:
+        """Count the retry (or re-queue) and wait out its backoff."""
+        if decision.requeue:
+            call.requeues += 1
+            self.counters.requeues += 1
+        else:
+            call.retries += 1
+            self.counters.retries += 1
+            call.previous_delay = decision.delay
+            if attempt.node is not None:
+                call.tried.append(attempt.node)
+        if decision.delay > 0:
+            await trio.sleep(decision.delay)
+
+    def _judge(self, call: _Call, *, answered_in: float | None, blame: bool = True) -> None:
+        """Decide the attempt timeouts of a call now that it ended.
+
+        A node that timed out is to blame, unless another node's reply took as
+        long (then the request is slow everywhere) or the caller cancelled.
+        """
+        assert call.suspects is not None
+        now = trio.current_time()
+        for node, generation, timeout, waited in call.suspects:
+            if blame and (answered_in is None or answered_in < timeout):
+                node.breaker.record_failure(now, generation, cause="slow")
+                node.latency.record_penalty(waited)
             else:
-                call.retries += 1
-                self.counters.retries += 1
-                call.previous_delay = decision.delay
-                if attempt.node is not None:
-                    call.tried.append(attempt.node)
-            if decision.delay > 0:
-                await trio.sleep(decision.delay)
+                node.breaker.record_ignored(generation)
+        call.suspects = None
 
     # ------------------------------------------------------------ attempts
 
@@ -198,6 +248,7 @@ class RequestPipeline:
         pending = None
         generation = _NOT_ADMITTED
         sent_at = started
+        timeout = math.inf
         error: QdbError | None = None
         result: Any = None
         with trio.CancelScope(deadline=call.deadline) as scope:
@@ -224,36 +275,45 @@ class RequestPipeline:
                 if timeout < call.deadline - sent_at:
                     scope.deadline = sent_at + timeout
                 result = await pending.wait()
+                if call.parse is not None:
+                    result = call.parse(result)  # a malformed reply is a corrupted one
             except QdbError as exc:
                 error = exc
             except BaseException:
-                # The caller's own cancellation: it says nothing about the node.
-                if node is not None and generation != _NOT_ADMITTED:
+                # The caller's own cancellation (our own deadlines are handled
+                # below, once): it says nothing about the node.
+                if node is not None and generation != _NOT_ADMITTED and not scope.cancel_called:
                     sent = pending is not None and pending.sent
                     outcome = classify(None, sent=sent, cancelled=True)
                     now = trio.current_time()
-                    self._feed(node, generation, outcome, None, now, now - sent_at)
+                    self._feed(call, node, generation, outcome, None, now, now - sent_at, timeout)
                 raise
         now = trio.current_time()
         if error is None and not scope.cancelled_caught:
             # The hot path: a reply. (node is set: nothing raised.)
             assert node is not None
             node.breaker.record_success(now, generation)
-            node.latency.record_reply(now - sent_at)
+            self._last_reply_time = reply_time = now - sent_at
+            node.latency.record_reply(reply_time)
             return result, None
         sent = pending is not None and pending.sent
         if scope.cancelled_caught:
-            deadline_passed = now >= call.deadline
-            outcome = classify(
-                None,
-                sent=sent,
-                attempt_timed_out=not deadline_passed,
-                deadline_passed=deadline_passed,
-            )
+            # Which deadline fired: the attempt's own (lowered after the send)
+            # or the call's.
+            ours = scope.deadline < call.deadline
+            outcome = classify(None, sent=sent, attempt_timed_out=ours, deadline_passed=not ours)
+            if ours:
+                assert node is not None
+                error = RequestTimeout(
+                    f"no reply from {node.address} within the {timeout:.3g} s attempt timeout"
+                    + ("" if sent else " (the request was still waiting to be written)"),
+                    timeout=timeout,
+                    request_sent=sent,
+                )
         else:
             outcome = classify(error, sent=sent)
         if node is not None and generation != _NOT_ADMITTED:
-            self._feed(node, generation, outcome, error, now, now - sent_at)
+            self._feed(call, node, generation, outcome, error, now, now - sent_at, timeout)
         return None, _Try(outcome, error, node, sent, started)
 
     def _attempt_timeout(self, node: Node, call: _Call) -> float:
@@ -270,12 +330,14 @@ class RequestPipeline:
 
     def _feed(
         self,
+        call: _Call,
         node: Node,
         generation: int,
         outcome: Outcome,
         error: QdbError | None,
         now: float,
         elapsed: float,
+        timeout: float,
     ) -> None:
         """Give the attempt's one outcome to the node's breaker, latency and health.
 
@@ -284,22 +346,33 @@ class RequestPipeline:
         """
         breaker = node.breaker
         verdict = outcome.breaker
-        if verdict is BreakerVerdict.SUCCESS:
-            breaker.record_success(now, generation)
-        elif verdict is BreakerVerdict.FAILURE:
-            breaker.record_failure(
-                now,
-                generation,
-                cause=outcome.cause,
-                correlation=getattr(error, "failure_id", None),
-            )
+        if verdict is BreakerVerdict.JUDGED:
+            # Decided when the call ends (see _judge), penalty included.
+            if call.suspects is None:
+                call.suspects = []
+            call.suspects.append((node, generation, timeout, elapsed))
         else:
-            breaker.record_ignored(generation)
-        latency = outcome.latency
-        if latency is LatencyVerdict.SAMPLE:
-            node.latency.record_reply(elapsed)
-        elif latency is LatencyVerdict.PENALTY:
-            node.latency.record_penalty(elapsed)
+            if verdict is BreakerVerdict.IF_SLOW:
+                slow = self.attempt_timeouts.slow_threshold(
+                    node.latency, _typical_quantile(self.cluster.nodes)
+                )
+                verdict = BreakerVerdict.FAILURE if elapsed >= slow else BreakerVerdict.IGNORE
+            if verdict is BreakerVerdict.SUCCESS:
+                breaker.record_success(now, generation)
+            elif verdict is BreakerVerdict.FAILURE:
+                breaker.record_failure(
+                    now,
+                    generation,
+                    cause=outcome.cause,
+                    correlation=getattr(error, "failure_id", None),
+                )
+            else:
+                breaker.record_ignored(generation)
+            latency = outcome.latency
+            if latency is LatencyVerdict.SAMPLE:
+                node.latency.record_reply(elapsed)
+            elif latency is LatencyVerdict.PENALTY:
+                node.latency.record_penalty(elapsed)
         if outcome.probe:
             self.counters.attempt_timeouts += 1
             self.cluster.report_silence(node)

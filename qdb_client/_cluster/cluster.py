@@ -286,7 +286,7 @@ class Cluster:
         self.nodes.remove(node)
         self._monitors.pop(node.address, None)
         self._by_address.pop(node.address, None)
-        self._nursery.start_soon(node.pool.aclose)
+        self._nursery.start_soon(node.pool.abandon, "no longer announced and DOWN")
         self._changed()
 
     def report_silence(self, node: Node) -> None:
@@ -381,9 +381,15 @@ class Cluster:
         now = trio.current_time()
         admitted = [n for n in candidates if n.breaker.would_allow(now)]
         if not admitted:
-            # Nodes this call already failed on are still better than none.
-            live = self.candidates()
-            admitted = [n for n in live if n.breaker.would_allow(now)]
+            # Nodes this call already failed on are still better than none, and
+            # a SUSPECT node whose breaker admits beats failing fast.
+            admitted = [
+                n
+                for n in self.nodes
+                if n.state is not NodeState.DOWN and n.breaker.would_allow(now)
+            ]
+            up = [n for n in admitted if n.state is NodeState.UP]
+            admitted = up or admitted
         if admitted:
             return self.balancer.pick(admitted, now)
         for node in candidates:

@@ -37,11 +37,14 @@ import trio
 
 from .._policies import Backoff
 from .._transport import Connection
-from ..errors import QdbError
+from ..errors import ClientClosed, ConnectionDraining, QdbError
 from .health_state import Action, HealthEvent, NodeState
 from .node import Node
 
-__all__ = ["HealthMonitor", "HealthSettings"]
+__all__ = ["NO_VERDICT", "HealthMonitor", "HealthSettings"]
+
+#: A ping's result that says nothing of the node (our own close, a drain).
+NO_VERDICT = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -176,33 +179,39 @@ class HealthMonitor:
             targets = [c for c in connections if c.usable][:1]
         if not targets:
             return
-        failures: list[str] = []
+        results: list[str | None] = []
         async with trio.open_nursery() as nursery:
             for connection in targets:
-                nursery.start_soon(self._ping_connection, connection, failures)
+                nursery.start_soon(self._ping_connection, connection, results)
+        failures = [r for r in results if r]
         if failures:
             self.report(HealthEvent.HEARTBEAT_FAILED, failures[0])
-        else:
+        elif None in results:
             self.report(HealthEvent.HEARTBEAT_OK)
 
-    async def _ping_connection(self, connection: Connection, failures: list[str]) -> None:
+    async def _ping_connection(self, connection: Connection, results: list[str | None]) -> None:
         reason = await self._ping(connection)
-        if reason is not None:
-            failures.append(reason)
+        results.append(reason)
+        if reason:
             self.node.pool.retire(connection)
 
     async def _ping(self, connection: Connection) -> str | None:
-        """Ping once; None on success, else why it failed."""
+        """Ping once; None on success, else why it failed ("" for no verdict: the
+        connection was closed by us or is draining, which says nothing of the node)."""
         with trio.move_on_after(self.settings.ping_timeout):
             try:
                 self.node.last_ping_rtt = await connection.ping()
                 return None
+            except (ClientClosed, ConnectionDraining):
+                return NO_VERDICT
             except QdbError as exc:
                 return f"ping failed: {exc}"
         return f"no PONG within {self.settings.ping_timeout:g} s"
 
     async def _suspect_probe(self) -> None:
         reason, connected = await self._probe()
+        if reason == NO_VERDICT:
+            return  # the probed connection went away under us: probe again
         if reason is None:
             self.report(HealthEvent.PROBE_OK)
         elif not connected:
@@ -240,6 +249,8 @@ class HealthMonitor:
         self._probe_now = False
         node.next_reconnect_at = None
         reason, _ = await self._probe()
+        if reason == NO_VERDICT:
+            return
         if reason is None:
             self.report(HealthEvent.RECONNECTED)
         else:

@@ -61,8 +61,14 @@ class LatencyTracker:
         self._fold(seconds)
 
     def record_penalty(self, seconds: float) -> None:
-        """The node did not answer within ``seconds`` (it is at least that slow)."""
-        self._fold(max(0.0, seconds))
+        """The node did not answer within ``seconds`` (it is at least that slow).
+
+        A penalty only ever raises the load: one below it says nothing new
+        (a caller that gave up early proves no node fast).
+        """
+        load = self.load
+        if load is None or seconds > load:
+            self._fold(seconds)
 
     def _fold(self, seconds: float) -> None:
         load = self.load
@@ -98,9 +104,17 @@ class AttemptTimeouts:
         """The attempt timeout for a node with these estimates (inf when disabled)."""
         if not self.enabled:
             return math.inf
+        return self._scaled(tracker, fallback, self.factor)
+
+    def slow_threshold(self, tracker: LatencyTracker, fallback: float | None = None) -> float:
+        """How long a wait makes a node *slower than usual*: its attempt timeout,
+        also when attempt timeouts are off (then with the default factor, 3)."""
+        return self._scaled(tracker, fallback, self.factor if self.enabled else 3.0)
+
+    def _scaled(self, tracker: LatencyTracker, fallback: float | None, factor: float) -> float:
         quantile = tracker.reply_quantile
         if quantile is None:
             quantile = fallback
         if quantile is None:
             return self.minimum
-        return max(self.minimum, self.factor * quantile)
+        return max(self.minimum, factor * quantile)

@@ -64,6 +64,7 @@ class OutcomeKind(enum.Enum):
     SUCCESS = "success"
     REJECTED = "rejected by the node"
     NODE_UNAVAILABLE = "node unavailable"
+    NODE_FAILED = "node failed"
     NODE_TIMEOUT = "node timed out"
     NODE_TIMEOUT_EXECUTED = "node timed out after executing"
     DRAINING = "draining (GOAWAY)"
@@ -71,6 +72,7 @@ class OutcomeKind(enum.Enum):
     LOST_AFTER_SEND = "connection lost after the write"
     CORRUPT_REPLY = "corrupted reply"
     ATTEMPT_TIMEOUT = "attempt timeout"
+    ATTEMPT_TIMEOUT_BEFORE_SEND = "attempt timeout before the write"
     DEADLINE_BEFORE_SEND = "deadline passed before the write"
     DEADLINE_AFTER_SEND = "deadline passed after the write"
     CANCELLED_BEFORE_SEND = "caller cancelled before the write"
@@ -92,6 +94,14 @@ class BreakerVerdict(enum.Enum):
     SUCCESS = "success"
     FAILURE = "failure"
     IGNORE = "nothing"
+    #: A failure, unless the call's reply from another node took as long:
+    #: then the request is slow everywhere and the node is not to blame.
+    #: (Judged, with the latency penalty, when the call ends.)
+    JUDGED = "failure unless as slow elsewhere"
+    #: A failure if the attempt waited longer than the node's attempt timeout
+    #: (the node is slower than it usually is), else nothing (the caller's
+    #: deadline was just short).
+    IF_SLOW = "failure if slower than usual"
 
 
 class LatencyVerdict(enum.Enum):
@@ -173,12 +183,21 @@ TABLE: tuple[Outcome, ...] = (
     ),
     _row(
         _K.NODE_UNAVAILABLE,
-        "the node answered a retryable error (overloaded, unavailable, at capacity, internal),"
-        " or stopped a request nobody cancelled",
+        "the node answered that it did not process the request (overloaded, unavailable,"
+        " at capacity, shutting down, or a retryable error with details.executed = false)",
         breaker=_B.FAILURE,
         cause="overload",
         retry=_R.ALWAYS,
         backoff=True,
+    ),
+    _row(
+        _K.NODE_FAILED,
+        "the node answered a retryable error that does not say nothing ran (internal error)",
+        breaker=_B.FAILURE,
+        cause="overload",
+        retry=_R.IF_SAFE,
+        backoff=True,
+        maybe_applied=True,
     ),
     _row(
         _K.NODE_TIMEOUT,
@@ -233,18 +252,28 @@ TABLE: tuple[Outcome, ...] = (
     _row(
         _K.ATTEMPT_TIMEOUT,
         "no reply within the attempt timeout (the node is silent)",
-        breaker=_B.FAILURE,
+        breaker=_B.JUDGED,
         cause="slow",
         latency=_L.PENALTY,
         retry=_R.IF_SAFE,
         maybe_applied=True,
         probe=True,
     ),
+    _row(
+        _K.ATTEMPT_TIMEOUT_BEFORE_SEND,
+        "the attempt timeout passed while the frame still waited to be written (the node"
+        " stopped reading)",
+        breaker=_B.FAILURE,
+        cause="slow",
+        latency=_L.PENALTY,
+        retry=_R.ALWAYS,
+        probe=True,
+    ),
     _row(_K.DEADLINE_BEFORE_SEND, "the call's deadline passed before the write"),
     _row(
         _K.DEADLINE_AFTER_SEND,
         "the call's deadline passed while waiting for the reply",
-        breaker=_B.FAILURE,
+        breaker=_B.IF_SLOW,
         cause="slow",
         latency=_L.PENALTY,
         maybe_applied=True,
@@ -278,6 +307,9 @@ TABLE: tuple[Outcome, ...] = (
 )
 
 _BY_KIND: dict[OutcomeKind, Outcome] = {row.kind: row for row in TABLE}
+#: Retryable error names that mean the node did not process the request
+#: (docs/protocol.md section 9); any other retryable error may have run.
+_NOT_PROCESSED = frozenset({"OVERLOADED", "UNAVAILABLE", "SHUTTING_DOWN", "CAPACITY_EXCEEDED"})
 #: The outcome of a reply, looked up once (the hot path).
 SUCCESS = _BY_KIND[OutcomeKind.SUCCESS]
 
@@ -296,14 +328,14 @@ def classify(
     whether the request's bytes were written. ``attempt_timed_out``,
     ``deadline_passed`` and ``cancelled`` say that the attempt was interrupted
     by our attempt timeout, by the call's deadline, or by the caller (then
-    ``error`` is ignored).
+    ``error`` only words the error; the interruption is what happened).
     """
     if cancelled:
         kind = _K.CANCELLED_AFTER_SEND if sent else _K.CANCELLED_BEFORE_SEND
     elif deadline_passed:
         kind = _K.DEADLINE_AFTER_SEND if sent else _K.DEADLINE_BEFORE_SEND
     elif attempt_timed_out:
-        kind = _K.ATTEMPT_TIMEOUT if sent else _K.DEADLINE_BEFORE_SEND
+        kind = _K.ATTEMPT_TIMEOUT if sent else _K.ATTEMPT_TIMEOUT_BEFORE_SEND
     elif error is None:
         return SUCCESS
     else:
@@ -319,11 +351,15 @@ def _kind_of(error: BaseException, sent: bool) -> OutcomeKind:
             return _K.CONNECT_FAILED if error.retryable else _K.HANDSHAKE_REFUSED
         if isinstance(error, ServerTimeout):
             return _K.NODE_TIMEOUT_EXECUTED if error.executed else _K.NODE_TIMEOUT
-        if isinstance(error, RequestCancelled) and error.executed is False:
-            # The node stopped a request nobody cancelled (it only answers our
-            # CANCELs so): it did not serve it, and says nothing ran.
+        if error.executed is False and (error.retryable or isinstance(error, RequestCancelled)):
+            # The node says nothing ran (a CANCELLED nobody asked for included:
+            # the node stopped the request by itself).
             return _K.NODE_UNAVAILABLE
-        return _K.NODE_UNAVAILABLE if error.retryable else _K.REJECTED
+        if not error.retryable:
+            return _K.REJECTED
+        if error.name in _NOT_PROCESSED:
+            return _K.NODE_UNAVAILABLE
+        return _K.NODE_FAILED
     if isinstance(error, ConnectionDraining):
         return _K.DRAINING
     if isinstance(error, HandshakeError):

@@ -62,8 +62,8 @@ class Reservation:
         """Send one request on the slot and wait for its result."""
         if self.used:
             raise RuntimeError("a reserved slot carries one request")
-        self.used = True
         await trio.lowlevel.checkpoint_if_cancelled()
+        self.used = True  # after the checkpoint: cancelled there, the slot is still ours
         return await self.connection.send_reserved(method, args, **options).wait()
 
 
@@ -116,6 +116,7 @@ class NodePool:
         #: The last error from opening a connection, if the last open failed.
         self.last_open_error: QdbError | None = None
         self._disabled: str | None = None
+        self._disabled_id = 0
         self._closed = False
         #: Exceptions the listener raised (recorded, not propagated), and the last one.
         self.listener_errors = 0
@@ -164,12 +165,33 @@ class NodePool:
             self.state.return_lease(connection_id, trio.current_time(), reusable=reusable)
             self._after_release(connection_id)
 
+    async def connection_for_ping(self) -> Connection:
+        """A usable connection for a PING (which takes no request slot), opening
+        one if none is open."""
+        connection = self.any_connection()
+        if connection is not None:
+            await trio.lowlevel.checkpoint()
+            return connection
+        connection = await self.acquire_slot()
+        connection.unreserve()
+        return connection
+
+    async def abandon(self, reason: str) -> None:
+        """Stop for good (the node is forgotten): requests still on its
+        connections fail with ConnectionLost (retryable elsewhere), then close."""
+        self.disable(reason)
+        for connection in list(self._connections.values()):
+            connection.abort(f"{self.address} was dropped from the cluster: {reason}")
+        await self.aclose()
+
     def set_listener(self, listener: PoolListener) -> None:
         """Send this pool's events to ``listener`` from now on."""
         self._listener = listener
 
     def disable(self, reason: str) -> None:
         """Stop serving (node DOWN): waiters fail, connections close as they drain."""
+        if self._disabled is None:
+            self._disabled_id = next(_OPEN_FAILURES)
         self._disabled = reason
         for connection_id in list(self._connections):
             self.state.retire(connection_id)
@@ -245,8 +267,13 @@ class NodePool:
                 self._reopen_at = math.inf
                 if self._queue:
                     self._wake_waiters()  # the delay after a failed open is over: try again
+            orphans_due = math.inf
+            for connection in list(self._connections.values()):
+                orphans_due = min(orphans_due, connection.expire_orphans(now))
             wake_at = self.state.next_expiry(now)
-            self._maintenance_at = min(math.inf if wake_at is None else wake_at, self._reopen_at)
+            self._maintenance_at = min(
+                math.inf if wake_at is None else wake_at, self._reopen_at, orphans_due
+            )
             with trio.move_on_at(self._maintenance_at):
                 await self._maintenance.wait()
             self._maintenance = trio.Event()
@@ -278,8 +305,14 @@ class NodePool:
         if self._closed:
             raise ClientClosed("the client is closed")
         if self._disabled is not None:
+            # One event (the refused open, or the health verdict, that disabled
+            # the pool) however many callers meet it: one failure id.
+            last = self.last_open_error
+            failure_id = getattr(last, "failure_id", None) or self._disabled_id
             raise ConnectError(
-                f"{self.address} is not in service: {self._disabled}", node=self.address
+                f"{self.address} is not in service: {self._disabled}",
+                node=self.address,
+                failure_id=failure_id,
             )
 
     async def _acquire(self, *, exclusive: bool) -> tuple[int, Connection]:
@@ -483,6 +516,12 @@ class NodePool:
         record.last_used = trio.current_time()
         if record.retiring or self._queue or record.idle:
             self._after_release(record.id)  # the rare cases: drain, waiters, expiry
+
+    def orphaned(self, connection: Connection, forget_at: float) -> None:
+        """An orphan on ``connection`` must be forgotten at ``forget_at`` if the node
+        never confirms it: maintenance looks then (and serves the waiters)."""
+        if forget_at < self._maintenance_at:
+            self._wake_maintenance()
 
     def connection_unusable(self, connection: Connection) -> None:
         """``connection`` stopped taking new requests (GOAWAY, failure, close)."""

@@ -28,6 +28,7 @@ from here and hears when a slot frees.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from typing import Any, Protocol
 
@@ -87,6 +88,10 @@ class ConnectionListener(Protocol):
 
     def slot_freed(self, connection: Connection) -> None:
         """A request slot became free (a reply, a confirmed orphan, a withdrawal)."""
+
+    def orphaned(self, connection: Connection, forget_at: float) -> None:
+        """A request became an orphan, forgotten at ``forget_at`` if never confirmed
+        (the owner calls :meth:`Connection.expire_orphans` by then)."""
 
 
 class PendingRequest:
@@ -274,7 +279,7 @@ class Connection:
     def has_room(self) -> bool:
         """Whether one more request may be reserved now."""
         if self._in_flight >= self._limit and self._orphans:
-            self._expire_orphans(trio.current_time())
+            self.expire_orphans(trio.current_time())
         return self._in_flight < self._limit and self._queued_bytes < _MAX_QUEUED_BYTES
 
     def oldest_started(self) -> float | None:
@@ -435,12 +440,27 @@ class Connection:
         # confirms (its reply or CANCELLED), so we never overrun its limit.
         self._orphans[pending.request_id] = pending
         self._queue_bytes(self._protocol.send(Cancel(pending.request_id)))
+        if self._listener is not None:
+            self._listener.orphaned(self, pending.expires + ORPHAN_GRACE)
 
-    def _expire_orphans(self, now: float) -> None:
-        expired = [rid for rid, p in self._orphans.items() if now >= p.expires + ORPHAN_GRACE]
-        for request_id in expired:
-            self.orphans_expired += 1
-            self._release_slot(self._orphans.pop(request_id))
+    def expire_orphans(self, now: float) -> float:
+        """Forget the orphans the node never confirmed within their deadline and
+        grace; return when the next one is due (inf: none left)."""
+        due = math.inf
+        for request_id, orphan in list(self._orphans.items()):
+            forget_at = orphan.expires + ORPHAN_GRACE
+            if now >= forget_at:
+                self.orphans_expired += 1
+                del self._orphans[request_id]
+                self._release_slot(orphan)
+            else:
+                due = min(due, forget_at)
+        return due
+
+    def abort(self, message: str) -> None:
+        """Stop the connection now; waiters get ConnectionLost (their requests may be
+        retried elsewhere), unlike :meth:`close`, which is the client's own end."""
+        self._fail(ConnectionLost(message, node=self.address, failure_id=self.serial))
 
     def _release_slot(self, pending: PendingRequest) -> None:
         if pending.holds_slot:  # at most once per request
@@ -687,7 +707,12 @@ class Connection:
         self.draining_reason = goaway.reason
         if first:
             self._notify_unusable()
-        for request_id in [rid for rid in self._waiting if rid > goaway.last_request_id]:
+        doomed = [
+            rid
+            for rid, pending in self._waiting.items()
+            if rid > goaway.last_request_id and pending.holds_slot
+        ]  # pings hold no slot and are still answered (protocol section 11)
+        for request_id in doomed:
             pending = self._waiting.pop(request_id)
             pending.withdrawn = True
             self._release_slot(pending)

@@ -249,7 +249,7 @@ class Faults:
                 return RequestFailed(
                     rule.code,
                     rule.message,
-                    details={"injected": True},
+                    details={"injected": True, "executed": False},
                     retry_after_ms=rule.retry_after_ms,
                 )
         return None

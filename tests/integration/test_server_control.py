@@ -20,7 +20,8 @@ async def test_fail_next_by_name(node: QdbNode, control: NodeControl):
             reply = await client.request("ping")
             assert isinstance(reply, Error)
             assert (reply.name, reply.code, reply.retryable) == ("INTERNAL", 500, True)
-            assert reply.message == "boom" and reply.details == {"injected": True}
+            assert reply.message == "boom"
+            assert reply.details == {"injected": True, "executed": False}
         assert (await client.call("ping"))["node_id"] == node.node_id
     assert (await control.stats())["errors_sent"] == {"INTERNAL": 2}
 

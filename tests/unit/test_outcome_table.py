@@ -41,6 +41,7 @@ from qdb_client.errors import (
 from qdb_client.protocol import ErrorCode
 
 S, F, IGN = BreakerVerdict.SUCCESS, BreakerVerdict.FAILURE, BreakerVerdict.IGNORE
+JUDGED, IF_SLOW = BreakerVerdict.JUDGED, BreakerVerdict.IF_SLOW
 SAMPLE, PENALTY, NONE = LatencyVerdict.SAMPLE, LatencyVerdict.PENALTY, LatencyVerdict.NONE
 NEVER, ALWAYS, IF_SAFE, REQUEUE = (
     RetryRule.NEVER,
@@ -95,6 +96,28 @@ ROWS = [
     ),
     (
         dict(error=wire(ErrorCode.CANCELLED, executed=False), sent=True),
+        K.NODE_UNAVAILABLE,
+        F,
+        "overload",
+        NONE,
+        ALWAYS,
+        True,
+        False,
+        False,
+    ),
+    (
+        dict(error=wire(ErrorCode.INTERNAL), sent=True),
+        K.NODE_FAILED,
+        F,
+        "overload",
+        NONE,
+        IF_SAFE,
+        True,
+        True,
+        False,
+    ),
+    (
+        dict(error=wire(ErrorCode.INTERNAL, executed=False), sent=True),
         K.NODE_UNAVAILABLE,
         F,
         "overload",
@@ -184,7 +207,7 @@ ROWS = [
     (
         dict(error=None, sent=True, attempt_timed_out=True),
         K.ATTEMPT_TIMEOUT,
-        F,
+        JUDGED,
         "slow",
         PENALTY,
         IF_SAFE,
@@ -204,9 +227,20 @@ ROWS = [
         False,
     ),
     (
+        dict(error=None, sent=False, attempt_timed_out=True),
+        K.ATTEMPT_TIMEOUT_BEFORE_SEND,
+        F,
+        "slow",
+        PENALTY,
+        ALWAYS,
+        False,
+        False,
+        True,
+    ),
+    (
         dict(error=None, sent=True, deadline_passed=True),
         K.DEADLINE_AFTER_SEND,
-        F,
+        IF_SLOW,
         "slow",
         PENALTY,
         NEVER,
@@ -431,9 +465,10 @@ def test_what_interrupted_the_attempt_wins_over_its_error():
     lost = ConnectionLost("reset", request_sent=True)
     assert classify(lost, sent=True, cancelled=True).kind is K.CANCELLED_AFTER_SEND
     assert classify(lost, sent=True, deadline_passed=True).kind is K.DEADLINE_AFTER_SEND
-    # An attempt timeout before the write can't happen (the timeout starts at
-    # the write), so it is reported as what it must be: the deadline.
-    assert classify(None, sent=False, attempt_timed_out=True).kind is K.DEADLINE_BEFORE_SEND
+    # An attempt timeout before the write: the frame waited behind a node that
+    # stopped reading; nothing was sent, so any request may go elsewhere.
+    outcome = classify(None, sent=False, attempt_timed_out=True)
+    assert outcome.kind is K.ATTEMPT_TIMEOUT_BEFORE_SEND and not outcome.maybe_applied
 
 
 def test_docs_print_the_same_table():

@@ -37,6 +37,19 @@ def test_penalties_raise_the_load_but_not_the_reply_time():
     assert tracker.load == pytest.approx(0.001 + 0.2 * (0.25 - 0.001))
 
 
+def test_a_penalty_never_makes_a_node_look_faster():
+    """latency.py: a penalty says "at least this slow". A node answering in 1 s
+    whose callers give up after 50 ms (DEADLINE_AFTER_SEND feeds a penalty of
+    the time waited) must not end up looking like a 50 ms node to the
+    latency-aware balancer."""
+    tracker = LatencyTracker()
+    for _ in range(5):
+        tracker.record_reply(1.0)
+    for _ in range(10):
+        tracker.record_penalty(0.05)
+    assert tracker.load is not None and tracker.load >= 1.0, tracker.load
+
+
 def test_attempt_timeout_is_a_multiple_of_the_quantile_with_a_floor():
     timeouts = AttemptTimeouts(factor=3.0, minimum=0.25)
     tracker = LatencyTracker()

@@ -53,11 +53,13 @@ def server_error(code: ErrorCode, **extra) -> ServerError:
     [ErrorCode.TIMEOUT, ErrorCode.OVERLOADED, ErrorCode.INTERNAL, ErrorCode.UNAVAILABLE],
 )
 def test_retryable_error_codes(code):
-    """seed 003 test_retryable_error_codes: 408/429/500/503 classes are retried."""
-    decision = decide(
-        RetryPolicy(), 0, server_error(code), idempotent=False, remaining=5.0, rng=RNG
-    )
+    """seed 003 test_retryable_error_codes: 408/429/500/503 classes are retried
+    (a write without a key only when the error says nothing ran: not INTERNAL)."""
+    error = server_error(code)
+    decision = decide(RetryPolicy(), 0, error, idempotent=True, remaining=5.0, rng=RNG)
     assert decision.retry, decision.reason
+    unkeyed = decide(RetryPolicy(), 0, error, idempotent=False, remaining=5.0, rng=RNG)
+    assert unkeyed.retry is (code is not ErrorCode.INTERNAL), unkeyed.reason
 
 
 @pytest.mark.parametrize(
