@@ -43,6 +43,7 @@ from .errors import (
     QdbError,
     RequestTimeout,
 )
+from .events import EventBus
 from .protocol import PROTOCOL_VERSIONS, Hello
 from .results import ExecuteResult, QueryResult
 from .validation import seconds_or_error
@@ -118,6 +119,9 @@ class Client:
         self._closed = False
         self._active = 0
         self._bulkhead_rejections = 0
+        #: Where the driver's events go: ``config.listeners`` and the
+        #: ``qdb_client`` loggers (see :mod:`qdb_client.events`).
+        self.events = EventBus(config.listeners)
 
     # ------------------------------------------------------------ public API
 
@@ -230,6 +234,8 @@ class Client:
         ``consecutive_failures``, ``last_ping_rtt``, ``latency_ewma``,
         ``reply_time``, ``reply_time_quantile``, ``next_reconnect_in`` and
         ``breaker`` (seed 003's metrics plus ``transitions`` and ``opened_by``).
+        ``latency``: reply-time histograms ``{method: {node: {buckets, count,
+        sum, p50, p99}}}`` of successful attempts.
         """
         counters = self._pipeline.counters if self._pipeline else PipelineCounters()
         members = {} if self._cluster is None else self._cluster.statistics_totals()
@@ -241,6 +247,7 @@ class Client:
             "bulkhead_rejections": self._bulkhead_rejections,
             "load_balancing": self.config.load_balancing,
             "nodes": [] if self._cluster is None else self._cluster.statistics(),
+            "latency": {} if self._pipeline is None else self._pipeline.latencies.snapshot(),
         }
 
     async def aclose(self) -> None:
@@ -295,7 +302,12 @@ class Client:
         )
         balancer = make_balancer(config.load_balancing, self._rng, slow_start=config.slow_start)
         self._cluster = Cluster(
-            settings, connect=self._connect, nursery=nursery, balancer=balancer, rng=self._rng
+            settings,
+            connect=self._connect,
+            nursery=nursery,
+            balancer=balancer,
+            rng=self._rng,
+            events=self.events,
         )
         self._pipeline = RequestPipeline(
             self._cluster,
@@ -321,6 +333,7 @@ class Client:
             attempt_timeouts=AttemptTimeouts(
                 factor=config.attempt_timeout_factor, minimum=config.attempt_timeout_min
             ),
+            events=self.events,
         )
         await self._cluster.start(config.hosts)
 

@@ -28,6 +28,7 @@ import attrs
 import trio
 
 from ._cluster import Cluster, Node
+from ._metrics import LatencyHistograms
 from ._policies import (
     AttemptTimeouts,
     BreakerVerdict,
@@ -48,6 +49,7 @@ from .errors import (
     RequestTimeout,
     RetryExhausted,
 )
+from .events import EventBus, RequestFailed, RequestStarted, RequestSucceeded, RetryScheduled
 
 __all__ = ["PipelineCounters", "RequestPipeline"]
 
@@ -77,6 +79,7 @@ class _Call:
         "deadline",
         "key",
         "method",
+        "observe",
         "parse",
         "previous_delay",
         "read_only",
@@ -99,6 +102,8 @@ class _Call:
     ) -> None:
         self.method = method
         self.parse = parse
+        #: Whether request events reach anyone (decided once per call).
+        self.observe = False
         #: Attempt timeouts to judge when the call ends: (node, generation,
         #: timeout, waited). See BreakerVerdict.JUDGED.
         self.suspects: list[tuple[Node, int, float, float]] | None = None
@@ -132,7 +137,7 @@ class _Call:
 class _Try:
     """What one attempt left behind, for the call to decide on."""
 
-    __slots__ = ("error", "node", "outcome", "sent", "started")
+    __slots__ = ("error", "node", "outcome", "request_id", "sent", "started")
 
     def __init__(
         self,
@@ -141,12 +146,14 @@ class _Try:
         node: Node | None,
         sent: bool,
         started: float,
+        request_id: int = 0,
     ) -> None:
         self.outcome = outcome
         self.error = error
         self.node = node
         self.sent = sent
         self.started = started
+        self.request_id = request_id
 
 
 class RequestPipeline:
@@ -160,8 +167,12 @@ class RequestPipeline:
         budget: RetryBudget,
         rng: random.Random,
         attempt_timeouts: AttemptTimeouts | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.cluster = cluster
+        self.events = events or EventBus()
+        #: Reply times per method and node (always on: a bisect per reply).
+        self.latencies = LatencyHistograms()
         self.policy = policy
         self.budget = budget
         self.rng = rng
@@ -188,6 +199,7 @@ class RequestPipeline:
         """
         now = trio.current_time()
         call = _Call(method, now, budget_seconds, read_only, idempotency_key, parse)
+        call.observe = self.events.wants(RequestStarted)
         self.counters.calls += 1
         self.budget.record_request(now)
         try:
@@ -211,6 +223,16 @@ class RequestPipeline:
 
     async def _next(self, call: _Call, attempt: _Try, decision: RetryDecision) -> None:
         """Count the retry (or re-queue) and wait out its backoff."""
+        if call.observe:
+            self.events.emit(
+                RetryScheduled(
+                    trio.current_time(),
+                    call.method,
+                    len(call.attempts) + 1,
+                    decision.delay,
+                    decision.reason,
+                )
+            )
         if decision.requeue:
             call.requeues += 1
             self.counters.requeues += 1
@@ -274,6 +296,17 @@ class RequestPipeline:
                 timeout = self._attempt_timeout(node, call)
                 if timeout < call.deadline - sent_at:
                     scope.deadline = sent_at + timeout
+                if call.observe:
+                    self.events.emit(
+                        RequestStarted(
+                            sent_at,
+                            call.method,
+                            node.address,
+                            len(call.attempts) + 1,
+                            pending.request_id,
+                            connection.serial,
+                        )
+                    )
                 result = await pending.wait()
                 if call.parse is not None:
                     result = call.parse(result)  # a malformed reply is a corrupted one
@@ -295,6 +328,19 @@ class RequestPipeline:
             node.breaker.record_success(now, generation)
             self._last_reply_time = reply_time = now - sent_at
             node.latency.record_reply(reply_time)
+            self.latencies.observe(call.method, node.address, reply_time)
+            if call.observe:
+                assert pending is not None
+                self.events.emit(
+                    RequestSucceeded(
+                        now,
+                        call.method,
+                        node.address,
+                        len(call.attempts) + 1,
+                        pending.request_id,
+                        reply_time,
+                    )
+                )
             return result, None
         sent = pending is not None and pending.sent
         if scope.cancelled_caught:
@@ -314,7 +360,8 @@ class RequestPipeline:
             outcome = classify(error, sent=sent)
         if node is not None and generation != _NOT_ADMITTED:
             self._feed(call, node, generation, outcome, error, now, now - sent_at, timeout)
-        return None, _Try(outcome, error, node, sent, started)
+        request_id = pending.request_id if pending is not None else 0
+        return None, _Try(outcome, error, node, sent, started, request_id)
 
     def _attempt_timeout(self, node: Node, call: _Call) -> float:
         """Seconds the attempt waits for its reply before another node is tried."""
@@ -416,6 +463,20 @@ class RequestPipeline:
                 maybe_applied=outcome.maybe_applied and not call.read_only,
             )
         )
+        if self.events.wants(RequestFailed):
+            self.events.emit(
+                RequestFailed(
+                    now,
+                    call.method,
+                    attempt.node.address if attempt.node is not None else "",
+                    len(call.attempts),
+                    attempt.request_id,
+                    now - attempt.started,
+                    outcome.kind.value,
+                    text,
+                    decision.retry,
+                )
+            )
 
     def _final(self, call: _Call, attempt: _Try, decision: RetryDecision) -> QdbError:
         """The one error the call raises, with its facts."""

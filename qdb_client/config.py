@@ -88,6 +88,20 @@ class Credentials:
     password: str = attrs.field(repr=False, validator=attrs.validators.instance_of(str))
 
 
+def _listeners(value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if callable(value) or isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigError("listeners must be a list of callables (each taking one event)")
+    listeners = tuple(value)
+    for listener in listeners:
+        if not callable(listener):
+            raise ConfigError(
+                f"listeners must be callables taking one event, not {_show(listener)}"
+            )
+    return listeners
+
+
 def _credentials(value: Any) -> Credentials | None:
     if value is None or isinstance(value, Credentials):
         return value
@@ -171,6 +185,8 @@ class ClientConfig:
         default=0.25, validator=_seconds("attempt_timeout_min")
     )
     max_members: int = attrs.field(default=64, validator=int_in(1, 10_000))
+    # Observability
+    listeners: tuple[Any, ...] = attrs.field(default=(), converter=_listeners, eq=False, repr=False)
     forget_members_after: float = attrs.field(
         default=60.0, validator=_seconds("forget_members_after")
     )

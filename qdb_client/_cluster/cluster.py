@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import trio
 
-from .._policies import BreakerSettings
+from .._policies import BreakerSettings, BreakerState
 from .._pool import NodePool, PoolLimits, PoolListener
 from .._transport import Connection, ConnectionListener
 from ..config import parse_address
@@ -35,6 +35,7 @@ from ..errors import (
     NoAvailableNode,
     QdbError,
 )
+from ..events import BreakerStateChanged, EventBus, MemberAdded, MemberForgotten
 from .balancer import Balancer
 from .health import HealthMonitor, HealthSettings
 from .health_state import HealthEvent
@@ -107,8 +108,11 @@ class Cluster:
         nursery: trio.Nursery,
         balancer: Balancer,
         rng: random.Random,
+        events: EventBus | None = None,
     ) -> None:
         self.settings = settings
+        #: Where the cluster's events go (listeners and the qdb_client loggers).
+        self.events = events or EventBus()
         self.balancer = balancer
         self.nodes: list[Node] = []
         self._connect = connect
@@ -149,6 +153,7 @@ class Cluster:
             acquire_timeout=self.settings.acquire_timeout,
             max_waiters=self.settings.max_waiters,
             listener=listener,
+            events=self.events,
         )
         now = trio.current_time()
         node = listener.node = Node(
@@ -169,7 +174,9 @@ class Cluster:
             connect=functools.partial(self._connect, address, None),
             rng=self._rng,
             on_change=self._on_health_change,
+            events=self.events,
         )
+        node.breaker.on_transition = functools.partial(self._breaker_moved, node)
         self.nodes.append(node)
         self._by_address[address] = node
         self._monitors[address] = monitor
@@ -261,6 +268,20 @@ class Cluster:
             except ConfigError:
                 continue  # a node announced something that isn't host:port
             by_id[member.node_id] = self.add_node(member.address, member.node_id)
+            self.events.emit(MemberAdded(now, member.address, member.node_id))
+
+    def _breaker_moved(
+        self, node: Node, previous: BreakerState, state: BreakerState, now: float
+    ) -> None:
+        self.events.emit(
+            BreakerStateChanged(
+                now,
+                node.address,
+                previous.value,
+                state.value,
+                tuple(sorted(node.breaker.opened_by)) if state is BreakerState.OPEN else (),
+            )
+        )
 
     def _on_health_change(self, node: Node) -> None:
         self._changed()
@@ -279,6 +300,7 @@ class Cluster:
     def _forget(self, node: Node) -> None:
         """Stop tracking a discovered member that is gone (DOWN and unannounced)."""
         self.members_forgotten += 1
+        self.events.emit(MemberForgotten(trio.current_time(), node.address))
         node.pool.set_listener(PoolListener())
         node.pool.disable("forgotten: no longer announced by the cluster")
         if node.tasks is not None:

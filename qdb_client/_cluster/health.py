@@ -38,6 +38,7 @@ import trio
 from .._policies import Backoff
 from .._transport import Connection
 from ..errors import ClientClosed, ConnectionDraining, QdbError
+from ..events import EventBus, HeartbeatFailed, HeartbeatSucceeded, NodeStateChanged
 from .health_state import Action, HealthEvent, NodeState
 from .node import Node
 
@@ -76,8 +77,10 @@ class HealthMonitor:
         connect: Callable[[], Awaitable[Connection]],
         rng: random.Random,
         on_change: Callable[[Node], None],
+        events: EventBus | None = None,
     ) -> None:
         self.node = node
+        self._events = events or EventBus()
         self.settings = settings
         self._connect = connect
         self._rng = rng
@@ -92,9 +95,14 @@ class HealthMonitor:
         """Feed one event to the node's health machine and carry out its actions."""
         node = self.node
         now = trio.current_time()
+        previous = node.state
         actions = node.health.handle(event, now, reason)
         if not actions:
             return
+        if Action.CHANGED in actions:
+            self._events.emit(
+                NodeStateChanged(now, node.address, previous.value, node.state.value, node.reason)
+            )
         pool = node.pool
         if Action.DISABLE_POOL in actions:
             pool.disable(node.reason or "DOWN")
@@ -184,9 +192,12 @@ class HealthMonitor:
             for connection in targets:
                 nursery.start_soon(self._ping_connection, connection, results)
         failures = [r for r in results if r]
+        now = trio.current_time()
         if failures:
+            self._events.emit(HeartbeatFailed(now, self.node.address, failures[0]))
             self.report(HealthEvent.HEARTBEAT_FAILED, failures[0])
         elif None in results:
+            self._events.emit(HeartbeatSucceeded(now, self.node.address, self.node.last_ping_rtt))
             self.report(HealthEvent.HEARTBEAT_OK)
 
     async def _ping_connection(self, connection: Connection, results: list[str | None]) -> None:
@@ -212,6 +223,8 @@ class HealthMonitor:
         reason, connected = await self._probe()
         if reason == NO_VERDICT:
             return  # the probed connection went away under us: probe again
+        if reason is not None:
+            self._events.emit(HeartbeatFailed(trio.current_time(), self.node.address, reason))
         if reason is None:
             self.report(HealthEvent.PROBE_OK)
         elif not connected:

@@ -33,6 +33,7 @@ before half-open.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -85,6 +86,9 @@ class CircuitBreaker:
         self.circuit_open_requests = 0
         #: (time, new state) of every transition, oldest first (last 100 kept).
         self.transitions: list[tuple[float, BreakerState]] = []
+        #: Called as ``on_transition(previous, new, now)`` after every state change
+        #: (the owner reports it; the breaker stays free of I/O).
+        self.on_transition: Callable[[BreakerState, BreakerState, float], None] | None = None
 
     def state(self, now: float) -> BreakerState:
         """The state at ``now`` (OPEN turns HALF_OPEN once its timeout passed)."""
@@ -212,6 +216,7 @@ class CircuitBreaker:
         self._move(BreakerState.OPEN, now)
 
     def _move(self, state: BreakerState, now: float) -> None:
+        previous = self._state
         self.generation += 1
         self._state = state
         self._consecutive_failures = 0
@@ -221,6 +226,8 @@ class CircuitBreaker:
         self._causes.clear()
         self.transitions.append((now, state))
         del self.transitions[:-100]
+        if self.on_transition is not None:
+            self.on_transition(previous, state, now)
 
     def metrics(self, now: float) -> dict[str, Any]:
         """Counters named as in the reliability catalogue (seed 003)."""

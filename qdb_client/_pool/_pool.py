@@ -28,6 +28,14 @@ import trio
 
 from .._transport import Connection, ConnectionListener
 from ..errors import ClientClosed, ConnectError, PoolQueueFull, PoolTimeout, QdbError
+from ..events import (
+    ConnectionClosed,
+    ConnectionCreated,
+    ConnectionOpenFailed,
+    ConnectionReady,
+    EventBus,
+    PoolCleared,
+)
 from ._state import PoolLimits, PoolState
 
 __all__ = ["NodePool", "PoolListener", "Reservation"]
@@ -93,8 +101,10 @@ class NodePool:
         acquire_timeout: float,
         max_waiters: int,
         listener: PoolListener | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.address = address
+        self._events = events or EventBus()
         self.state = PoolState(limits)
         self._connect = connect
         self._nursery = nursery
@@ -192,6 +202,7 @@ class NodePool:
         """Stop serving (node DOWN): waiters fail, connections close as they drain."""
         if self._disabled is None:
             self._disabled_id = next(_OPEN_FAILURES)
+            self._events.emit(PoolCleared(trio.current_time(), self.address, reason))
         self._disabled = reason
         for connection_id in list(self._connections):
             self.state.retire(connection_id)
@@ -258,7 +269,7 @@ class NodePool:
         while not self._closed:
             now = trio.current_time()
             for connection_id in self.state.expired(now):
-                self._close(connection_id)
+                self._close(connection_id, "expired")
             if self._disabled is None and self._warm_after_failure:
                 for _ in range(self.state.deficit()):
                     if self.state.can_open():
@@ -449,18 +460,24 @@ class NodePool:
         if record is not None and record.retiring and record.idle:
             self._close(connection_id)
 
-    def _close(self, connection_id: int) -> None:
+    def _close(self, connection_id: int, reason: str = "drained") -> None:
         connection = self._connections.pop(connection_id, None)
         self.state.closed(connection_id)
-        if connection is not None and not self._closed:
-            self._nursery.start_soon(connection.aclose)
+        if connection is not None:
+            self._events.emit(
+                ConnectionClosed(trio.current_time(), self.address, connection.serial, reason)
+            )
+            if not self._closed:
+                self._nursery.start_soon(connection.aclose)
         self._wake_maintenance()
 
     def _start_open(self) -> None:
         self.state.open_started()
+        self._events.emit(ConnectionCreated(trio.current_time(), self.address))
         self._nursery.start_soon(self._open_one)
 
     async def _open_one(self) -> None:
+        started = trio.current_time()
         try:
             connection = await self._connect(self)
         except Exception as exc:
@@ -480,6 +497,7 @@ class NodePool:
             # those arriving meanwhile): wake them when it ends.
             self._reopen_at = now + OPEN_RETRY_DELAY
             self._wake_maintenance()
+            self._events.emit(ConnectionOpenFailed(now, self.address, _describe_error(exc)))
             self._tell(self._listener.open_failed, exc)
             self._wake_waiters()
             return
@@ -500,6 +518,12 @@ class NodePool:
         self.last_open_error = None
         self._reopen_at = math.inf
         self._warm_after_failure = True
+        now = trio.current_time()
+        self._events.emit(
+            ConnectionReady(
+                now, self.address, connection.serial, connection.node_id or "", now - started
+            )
+        )
         self._tell(self._listener.opened, connection)
         if not connection.usable:
             self.connection_unusable(connection)
@@ -532,6 +556,15 @@ class NodePool:
             # Dead: forget it now; its requests already got their errors.
             self._connections.pop(connection_id, None)
             self.state.closed(connection_id)
+            why = "client" if isinstance(connection.error, ClientClosed) else "lost"
+            self._events.emit(
+                ConnectionClosed(
+                    trio.current_time(),
+                    self.address,
+                    connection.serial,
+                    f"{why}: {_describe_error(connection.error)}",
+                )
+            )
             if not isinstance(connection.error, ClientClosed):
                 # Don't re-warm on our own: the health monitor probes first
                 # and calls warm() once the node answers.
@@ -556,6 +589,11 @@ class NodePool:
         except Exception as exc:
             self.listener_errors += 1
             self.last_listener_error = exc
+
+
+def _describe_error(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}"[:300]
 
 
 #: Ids of failed opens: the ``failure_id`` shared by every waiter that sees one.

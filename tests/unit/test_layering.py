@@ -132,11 +132,11 @@ def test_importing_pure_packages_loads_no_io() -> None:
 #: The driver's layers, bottom first. A module may import modules of lower
 #: layers and of its own package, never a layer above it (docs: architecture).
 LAYERS: list[set[str]] = [
-    {"_error_base", "_version", "_nursery"},
+    {"_error_base", "_version", "_nursery", "_metrics"},
     {"protocol"},
     {"errors"},
     {"validation"},
-    {"config", "results"},
+    {"config", "results", "events"},
     {"_policies"},
     {"_transport"},
     {"_pool"},
