@@ -17,12 +17,14 @@ from .config import ClientConfig, Credentials
 from .errors import *  # noqa: F403
 from .errors import __all__ as _error_names
 from .results import ExecuteResult, QueryResult, Row
+from .values import Json
 
 __all__ = [
     "Client",
     "ClientConfig",
     "Credentials",
     "ExecuteResult",
+    "Json",
     "Params",
     "QueryResult",
     "Row",

@@ -47,6 +47,7 @@ from .events import EventBus
 from .protocol import PROTOCOL_VERSIONS, Hello
 from .results import ExecuteResult, QueryResult
 from .validation import seconds_or_error
+from .values import prepare_params
 
 __all__ = ["Client", "Params", "Statement", "open_client"]
 
@@ -416,16 +417,7 @@ def _statement_args(sql: str, params: Params) -> dict[str, Any]:
         raise InvalidArgument(f"sql must be a string, not {type(sql).__name__}")
     args: dict[str, Any] = {"sql": sql}
     if params is not None:
-        if isinstance(params, Mapping):
-            if not all(isinstance(name, str) for name in params):
-                raise InvalidArgument("named parameters must have str names")
-            args["params"] = dict(params)
-        elif isinstance(params, Sequence) and not isinstance(params, (str, bytes, bytearray)):
-            args["params"] = list(params)
-        else:
-            raise InvalidArgument(
-                f"params must be a sequence or a mapping, not {type(params).__name__}"
-            )
+        args["params"] = prepare_params(params)
     return args
 
 

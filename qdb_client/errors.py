@@ -34,6 +34,7 @@ and re-exported here; this module holds no wire mapping.
     ├── OutcomeUnknown               a write without idempotency key may or may not have run
     ├── CircuitOpen                  every usable node's circuit breaker is open
     ├── BulkheadFull                 the client's concurrent-request cap is reached
+    ├── UnexpectedRowCount           QueryResult.one() found no row or several
     ├── ServerError                  the node answered with a structured error
     │   ├── ParseError, InvalidRequest, MethodNotFound, Unauthenticated,
     │   │   PermissionDenied, ReadOnlyViolation, NotFound, Conflict,
@@ -129,6 +130,7 @@ __all__ = [
     "TransportError",
     "Unauthenticated",
     "Unavailable",
+    "UnexpectedRowCount",
     "ValueNotEncodable",
     "VersionMismatch",
     "server_error_from_wire",
@@ -319,6 +321,17 @@ class BulkheadFull(QdbError):
     """The client already runs ``max_concurrent_requests`` calls; this one was refused."""
 
     retryable = True
+
+
+class UnexpectedRowCount(QdbError, LookupError):
+    """A result did not have the number of rows asked for (``QueryResult.one()``).
+
+    ``count`` is how many it had.
+    """
+
+    def __init__(self, message: str, *, count: int) -> None:
+        super().__init__(message)
+        self.count = count
 
 
 class ClientClosed(QdbError):

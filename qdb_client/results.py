@@ -12,7 +12,7 @@ from typing import Any, overload
 
 import attrs
 
-from .errors import InvalidArgument, ProtocolError
+from .errors import InvalidArgument, ProtocolError, UnexpectedRowCount
 
 __all__ = ["ExecuteResult", "QueryResult", "Row"]
 
@@ -142,15 +142,25 @@ class QueryResult(Sequence[Row]):
     """Rows returned by :meth:`Client.query`, with their ``columns``.
 
     ``columns`` lists every column name in order, duplicates included (see
-    :class:`Row`).
+    :class:`Row`); ``types`` the declared type of each column (its first word
+    in upper case, e.g. ``"TIMESTAMP"``), or None where the node can't say
+    (an expression, or a node that does not report types).
     """
 
-    __slots__ = ("columns", "rows")
+    __slots__ = ("columns", "rows", "types")
 
-    def __init__(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    def __init__(
+        self,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        types: Sequence[str | None] | None = None,
+    ) -> None:
         shared = _Columns(columns)
         self.columns: tuple[str, ...] = shared.names
         self.rows: list[Row] = [Row(values, shared) for values in rows]
+        self.types: tuple[str | None, ...] = (
+            tuple(types) if types is not None else (None,) * len(self.columns)
+        )
 
     @classmethod
     def from_wire(cls, result: Any) -> QueryResult:
@@ -160,7 +170,14 @@ class QueryResult(Sequence[Row]):
                 f"malformed query result from node: expected a map, got {_preview(result)}"
             )
         columns, rows = _check_rows(result, "query")
-        return cls(columns, rows)
+        types = result.get("types")
+        if types is not None and not (
+            isinstance(types, list)
+            and len(types) == len(columns)
+            and all(t is None or (isinstance(t, str) and len(t) <= 64) for t in types)
+        ):
+            raise ProtocolError(f"malformed query result from node: bad types {_preview(types)}")
+        return cls(columns, rows, types)
 
     @overload
     def __getitem__(self, index: int) -> Row: ...
@@ -183,6 +200,23 @@ class QueryResult(Sequence[Row]):
     def scalar(self) -> Any:
         """The first column of the first row (None when there are no rows)."""
         return self.rows[0][0] if self.rows else None
+
+    def first(self) -> Row | None:
+        """The first row, or None when there are no rows."""
+        return self.rows[0] if self.rows else None
+
+    def one(self) -> Row:
+        """The only row; :class:`~qdb_client.errors.UnexpectedRowCount` unless
+        there is exactly one."""
+        if len(self.rows) != 1:
+            raise UnexpectedRowCount(
+                f"expected exactly one row, got {len(self.rows)}", count=len(self.rows)
+            )
+        return self.rows[0]
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        """Every row as ``{column: value}`` (a duplicated name keeps its first value)."""
+        return [row.as_dict() for row in self.rows]
 
 
 def _to_columns(value: Any) -> tuple[str, ...]:

@@ -10,7 +10,9 @@ raised by its tag decoders) becomes a :class:`MessageError`.
 
 from __future__ import annotations
 
+import datetime
 import io
+import json
 from itertools import chain
 from typing import Any
 
@@ -18,7 +20,7 @@ import cbor2
 
 from .errors import MessageError, ValueNotEncodable
 
-__all__ = ["MAX_DEPTH", "decode_body", "encode_body", "encode_flat_body"]
+__all__ = ["JSON_TAG", "MAX_DEPTH", "TIME_TAG", "decode_body", "encode_body", "encode_flat_body"]
 
 #: Deepest container nesting accepted in a body.
 MAX_DEPTH = 32
@@ -30,7 +32,33 @@ def _refuse_shared_value(*_args: Any) -> Any:
     raise cbor2.CBORDecodeError("shared-value tags (28/29) are not allowed")
 
 
-_SEMANTIC_DECODERS = dict.fromkeys(_SHARED_VALUE_TAGS, _refuse_shared_value)
+#: CBOR tag of a time of day, ``HH:MM:SS[.ffffff]`` text (this protocol's own:
+#: RFC 8943 defines dates only). docs/protocol.md section 10.1.
+TIME_TAG = 1008
+#: CBOR tag of embedded JSON: UTF-8 JSON text in a byte string (IANA tag 262).
+JSON_TAG = 262
+
+
+def _decode_time(value: Any, immutable: bool = False) -> datetime.time:
+    if type(value) is not str or len(value) > 32:
+        raise cbor2.CBORDecodeError("a time of day (tag 1008) must be short text")
+    result = datetime.time.fromisoformat(value)
+    if result.tzinfo is not None:
+        raise cbor2.CBORDecodeError("a time of day (tag 1008) has no time zone")
+    return result
+
+
+def _decode_json(value: Any, immutable: bool = False) -> Any:
+    if type(value) is not bytes:
+        raise cbor2.CBORDecodeError("embedded JSON (tag 262) must be a byte string")
+    return json.loads(value.decode("utf-8"))
+
+
+_SEMANTIC_DECODERS: dict[int, Any] = {
+    **dict.fromkeys(_SHARED_VALUE_TAGS, _refuse_shared_value),
+    TIME_TAG: _decode_time,
+    JSON_TAG: _decode_json,
+}
 
 
 def _check_depth(value: Any) -> None:

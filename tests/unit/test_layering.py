@@ -135,7 +135,7 @@ LAYERS: list[set[str]] = [
     {"_error_base", "_version", "_nursery", "_metrics"},
     {"protocol"},
     {"errors"},
-    {"validation"},
+    {"validation", "values"},
     {"config", "results", "events"},
     {"_policies"},
     {"_transport"},
