@@ -65,6 +65,11 @@ class PipelineCounters:
     retries: int = 0
     requeues: int = 0
     attempt_timeouts: int = 0
+    #: Calls that ended because their deadline passed (RequestTimeout, or
+    #: OutcomeUnknown for an unkeyed write that was sent).
+    call_timeouts: int = 0
+    #: Keyed writes a node answered from its stored outcome (IdempotentReplay).
+    idempotent_replays: int = 0
     failures: int = 0
     outcome_unknown: int = 0
     retry_budget_exhausted: int = 0
@@ -276,6 +281,12 @@ class RequestPipeline:
         with trio.CancelScope(deadline=call.deadline) as scope:
             try:
                 node = await self.cluster.select(exclude=call.tried)
+                timeout = self._attempt_timeout(node, call)
+                if timeout < call.deadline - started:
+                    # Waiting for a connection (a node that accepts but never
+                    # answers the handshake) counts too: nothing is sent yet,
+                    # so any request may then go elsewhere.
+                    scope.deadline = started + timeout
                 breaker = node.breaker
                 if not breaker.allow(started):
                     raise CircuitOpen(
@@ -293,9 +304,10 @@ class RequestPipeline:
                     deadline_ms=max(1, math.ceil((call.deadline - sent_at) * 1000)),
                     idempotency_key=call.key,
                 )
-                timeout = self._attempt_timeout(node, call)
-                if timeout < call.deadline - sent_at:
+                if call.safe and timeout < call.deadline - sent_at:
                     scope.deadline = sent_at + timeout
+                else:
+                    scope.deadline = call.deadline  # a write without a key waits for its reply
                 if call.observe:
                     self.events.emit(
                         RequestStarted(
@@ -364,16 +376,26 @@ class RequestPipeline:
         return None, _Try(outcome, error, node, sent, started, request_id)
 
     def _attempt_timeout(self, node: Node, call: _Call) -> float:
-        """Seconds the attempt waits for its reply before another node is tried."""
+        """Seconds the attempt may take before another node is tried (inf: the
+        whole deadline), from its start until the request is written, and again
+        from the write (then only for requests safe to repeat)."""
         timeouts = self.attempt_timeouts
-        if not timeouts.enabled or not call.safe:
+        if not timeouts.enabled:
             return math.inf
         if not self.cluster.has_alternative(node, call.tried):
             return math.inf  # the last node left gets the whole deadline
         quantile = node.latency.reply_quantile
-        if quantile is not None:
-            return max(timeouts.minimum, timeouts.factor * quantile)
-        return timeouts.for_node(node.latency, _typical_quantile(self.cluster.nodes))
+        if quantile is None or len(self.cluster.nodes) > 1:
+            # A node is judged beside the others: one that slows down by
+            # degrees must not raise its own timeout to the whole deadline.
+            others = _typical_quantile([n for n in self.cluster.nodes if n is not node])
+            if quantile is None:
+                quantile = others
+            elif others is not None:
+                quantile = min(quantile, 2 * others)
+        if quantile is None:
+            return timeouts.minimum
+        return max(timeouts.minimum, timeouts.factor * quantile)
 
     def _feed(
         self,
@@ -488,6 +510,7 @@ class RequestPipeline:
         unkeyed_write = not call.read_only and call.key is None
         final: QdbError
         if kind in (OutcomeKind.DEADLINE_BEFORE_SEND, OutcomeKind.DEADLINE_AFTER_SEND):
+            self.counters.call_timeouts += 1
             sent = call.sent
             timed_out = RequestTimeout(
                 f"{call.method} did not complete within {call.timeout:g} s"

@@ -43,6 +43,9 @@ from .node import Node, NodeState
 
 __all__ = ["Cluster", "ClusterSettings"]
 
+#: Seconds between looks at a HALF_OPEN breaker whose probes are all out.
+_PROBE_POLL = 0.05
+
 #: Opens a connection to an address; the listener hears what happens to it.
 Connect = Callable[[str, ConnectionListener | None], Awaitable[Connection]]
 
@@ -273,6 +276,7 @@ class Cluster:
     def _breaker_moved(
         self, node: Node, previous: BreakerState, state: BreakerState, now: float
     ) -> None:
+        self._lot.unpark_all()  # callers waiting for an admitting breaker look again
         self.events.emit(
             BreakerStateChanged(
                 now,
@@ -383,23 +387,41 @@ class Cluster:
         return []
 
     async def select(self, exclude: Sequence[Node] = ()) -> Node:
-        """A node for the next attempt, waiting for one to come UP if needed."""
+        """A node for the next attempt, waiting for one to come UP if needed.
+
+        Fails fast with CircuitOpen when every usable node's breaker is OPEN;
+        when one is HALF_OPEN with its probes in flight, waits (at most
+        ``node_selection_timeout``) for a probe to finish instead.
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
         candidates = self.candidates(exclude)
         if candidates and not self._closed:
-            return self._admit(candidates, exclude)  # fast path, no timer
+            node = self._admit(candidates, exclude)  # fast path, no timer
+            if node is not None:
+                return node
+        busy_probes = False
         with trio.move_on_after(self.settings.selection_timeout):
             while True:
                 if self._closed:
                     raise ClientClosed("the client is closed")
                 candidates = self.candidates(exclude)
                 if candidates:
-                    return self._admit(candidates, exclude)
-                await self._lot.park()
+                    node = self._admit(candidates, exclude)
+                    if node is not None:
+                        return node
+                    busy_probes = True
+                    # A probe's end frees its slot without a state change: look again soon.
+                    with trio.move_on_after(_PROBE_POLL):
+                        await self._lot.park()
+                else:
+                    await self._lot.park()
+        if busy_probes:
+            raise self._circuit_open(self.candidates(exclude), trio.current_time())
         raise self._no_node()
 
-    def _admit(self, candidates: list[Node], exclude: Sequence[Node]) -> Node:
-        """Pick among candidates whose breaker admits; fail fast if none does."""
+    def _admit(self, candidates: list[Node], exclude: Sequence[Node]) -> Node | None:
+        """Pick among candidates whose breaker admits; fail fast if every breaker is
+        OPEN; None when the only hope is a HALF_OPEN breaker whose probes are busy."""
         now = trio.current_time()
         admitted = [n for n in candidates if n.breaker.would_allow(now)]
         if not admitted:
@@ -414,11 +436,20 @@ class Cluster:
             admitted = up or admitted
         if admitted:
             return self.balancer.pick(admitted, now)
+        if any(
+            n.breaker.state(now) is BreakerState.HALF_OPEN
+            for n in self.nodes
+            if n.state is not NodeState.DOWN
+        ):
+            return None
+        raise self._circuit_open(candidates, now)
+
+    def _circuit_open(self, candidates: list[Node], now: float) -> CircuitOpen:
         for node in candidates:
             node.breaker.record_rejection()
         reopens = {n.address: max(0.0, (n.breaker.reopens_at() or now) - now) for n in candidates}
         listing = ", ".join(f"{a} reopens in {t:.2f} s" for a, t in reopens.items())
-        raise CircuitOpen(
+        return CircuitOpen(
             f"circuit breakers open for every usable node ({listing})", reopens_in=reopens
         )
 

@@ -474,3 +474,88 @@ async def test_6_connection_losses_carry_their_connection_as_failure_id(
                 await pending.wait()
             ids.add(info.value.failure_id)
         assert ids == {connection.serial}
+
+
+# ------------------------------------------- findings of the soak (seeds 3, 11, 551045)
+
+
+async def test_a_node_that_never_completes_a_connection_costs_one_attempt_timeout(
+    network: FakeNetwork, autojump_clock
+):
+    """A node accepts connections but never answers the handshake (a black hole):
+    an attempt waiting for its connection is cut at the attempt timeout and the
+    request, never sent, goes to the other node (an unkeyed write too)."""
+    network.handlers["good:1"] = answer
+    network.handlers["hole:2"] = answer
+    async with qdb_client.open_client(["good:1", "hole:2"], min_connections=0, **EXACT) as client:
+        network.handlers["hole:2"] = "hang"
+        hole = client._cluster.find("hole:2")
+        for connection in hole.pool.connections():
+            hole.pool.retire(connection)
+        for _ in range(6):
+            started = trio.current_time()
+            await client.execute("insert into t values (1)", idempotency_key=False, timeout=2.0)
+            assert trio.current_time() - started <= 0.25 + 1e-9
+
+
+async def test_a_node_that_slows_by_degrees_is_judged_beside_the_others(
+    network: FakeNetwork, autojump_clock
+):
+    """Node b's replies slow from 10 ms to 1.5 s while a stays at 10 ms: b's attempt
+    timeout is capped by a's reply time (3 x 2 x a's quantile, floor 0.25 s), so reads
+    that land on b move to a after 0.25 s instead of waiting b's own growing timeout."""
+    delays = {"a:1": 0.01, "b:2": 0.01}
+
+    async def serve(node: FakeNode, request: Request) -> None:
+        await trio.sleep(delays[node.node_id.removeprefix("fake-")])
+        await echo(node, request)
+
+    network.handlers["a:1"] = serve
+    network.handlers["b:2"] = serve
+    async with qdb_client.open_client(["a:1", "b:2"], **EXACT) as client:
+        for delay in (0.05, 0.1, 0.2, 0.4, 0.8, 1.5):
+            delays["b:2"] = delay
+            for _ in range(4):
+                await client._call("query", {}, 5.0, read_only=True)
+        b = client._cluster.find("b:2")
+        assert b.latency.reply_quantile is not None and b.latency.reply_quantile < 1.0
+        slowest = 0.0
+        for _ in range(10):
+            started = trio.current_time()
+            await client._call("query", {}, 5.0, read_only=True)
+            slowest = max(slowest, trio.current_time() - started)
+        assert slowest <= 0.25 + 0.01 + 1e-9  # at worst one cut attempt on b, then a
+
+
+async def test_a_half_open_breaker_with_its_probe_out_makes_callers_wait_not_fail(
+    network: FakeNetwork, autojump_clock
+):
+    """The only node is HALF_OPEN and its one probe is in flight: other calls wait
+    for the probe (within node_selection_timeout) instead of failing at once with
+    CircuitOpen ("reopens in 0.00 s")."""
+    release = trio.Event()
+
+    async def slow_first(node: FakeNode, request: Request) -> None:
+        await release.wait()
+        await echo(node, request)
+
+    network.handlers["a:1"] = slow_first
+    options = dict(EXACT, breaker_failure_threshold=1, breaker_success_threshold=1)
+    async with qdb_client.open_client("a:1", **options) as client:
+        breaker = client._cluster.find("a:1").breaker
+        now = trio.current_time()
+        breaker.record_failure(now, cause="overload")
+        breaker.probe_now(now)
+        results: list[object] = []
+
+        async def read() -> None:
+            results.append(await client._call("query", {}, 5.0, read_only=True))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)  # the probe
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(read)  # waits for the probe's outcome
+            await trio.sleep(0.5)
+            release.set()
+        assert len(results) == 2
+        assert breaker.state(trio.current_time()).value == "CLOSED"
