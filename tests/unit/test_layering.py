@@ -132,26 +132,37 @@ def test_importing_pure_packages_loads_no_io() -> None:
 #: The driver's layers, bottom first. A module may import modules of lower
 #: layers and of its own package, never a layer above it (docs: architecture).
 LAYERS: list[set[str]] = [
-    {"_error_base", "_version", "_nursery", "_metrics"},
+    {"_error_base", "_version", "_nursery", "_metrics", "metrics"},
     {"protocol"},
     {"errors"},
     {"validation", "values"},
+    {"uri"},
     {"config", "results", "events"},
+    {"_arguments"},
     {"_policies"},
     {"_transport"},
     {"_pool"},
     {"_cluster"},
     {"_request"},
+    {"_transaction"},
     {"_client"},
     {"__init__"},
+    # Applications of the public API shipped with it (the qdb command, the saga
+    # helper, the exporters): they use qdb_client as any application would.
+    {"cli", "saga", "prometheus", "otel"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 
 def _top(module: str) -> str:
-    """``qdb_client.x.y`` -> ``x`` (``__init__`` for the package itself)."""
+    """``qdb_client.x.y`` -> ``x``; ``__init__`` for the package itself and for a
+    name imported from it (``from qdb_client import open_client``)."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 else "__init__"
+    if len(parts) < 2:
+        return "__init__"
+    name = parts[1]
+    is_module = (PACKAGE / name).is_dir() or (PACKAGE / f"{name}.py").exists()
+    return name if is_module else "__init__"
 
 
 def _driver_sources() -> list[Path]:
