@@ -12,6 +12,8 @@ Every error raised is a :class:`QdbError` (see :mod:`qdb_client.errors`).
 """
 
 from ._client import Client, Params, Statement, open_client
+from ._prepared import PreparedStatement
+from ._transaction import Transaction
 from ._version import __version__
 from .config import ClientConfig, Credentials
 from .errors import *  # noqa: F403
@@ -26,9 +28,11 @@ __all__ = [
     "ExecuteResult",
     "Json",
     "Params",
+    "PreparedStatement",
     "QueryResult",
     "Row",
     "Statement",
+    "Transaction",
     "__version__",
     "open_client",
     *_error_names,

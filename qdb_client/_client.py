@@ -13,13 +13,24 @@ import functools
 import random
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
 import attrs
 import trio
 
+from ._arguments import (
+    Params,
+    Statement,
+    batch_args,
+    chunks,
+    executemany_args,
+    statement_args,
+)
+from ._arguments import (
+    expect_rows as check_expect_rows,
+)
 from ._cluster import Cluster, ClusterSettings, HealthSettings, make_balancer
 from ._nursery import owned_nursery
 from ._policies import (
@@ -31,7 +42,9 @@ from ._policies import (
     RetryPolicy,
 )
 from ._pool import PoolLimits
+from ._prepared import PreparedStatement, from_prepare_reply
 from ._request import PipelineCounters, RequestPipeline
+from ._transaction import Transaction, run_in_transaction, transaction
 from ._transport import Connection, ConnectionListener
 from ._transport.establish import establish
 from ._version import __version__
@@ -44,21 +57,14 @@ from .errors import (
     RequestTimeout,
 )
 from .events import EventBus
-from .protocol import PROTOCOL_VERSIONS, Hello
+from .protocol import PROTOCOL_VERSIONS, Hello, encode_body
 from .results import ExecuteResult, QueryResult
 from .validation import seconds_or_error
-from .values import prepare_params
 
 __all__ = ["Client", "Params", "Statement", "open_client"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-#: Statement parameters: positional (sequence) or named (mapping), or None.
-Params = Sequence[Any] | Mapping[str, Any] | None
-#: A batch entry: SQL text, ``(sql, params)`` or ``{"sql": ..., "params": ...}``.
-Statement = str | tuple[str, Params] | Mapping[str, Any]
-
 
 @asynccontextmanager
 async def open_client(hosts: str | Iterable[str], **options: Any) -> AsyncIterator[Client]:
@@ -134,6 +140,7 @@ class Client:
         *,
         timeout: float | None = None,
         idempotency_key: str | bool = True,
+        expect_rows: int | None = None,
     ) -> ExecuteResult:
         """Run one statement that may write; return its counts (and the rows of
         ``INSERT/UPDATE/DELETE ... RETURNING`` in ``result.rows``).
@@ -146,8 +153,17 @@ class Client:
         (``error.maybe_applied``) and carries the key used
         (``error.idempotency_key``): calling again with that key applies it at
         most once.
+
+        ``expect_rows``: the number of rows the statement must affect; any
+        other count rolls it back on the node and raises
+        :class:`~qdb_client.errors.Conflict` (not retried), whose ``details``
+        hold ``expected`` and ``rows_affected``. With a version column this is
+        compare-and-set: ``UPDATE t SET v = ?, version = version + 1 WHERE id = ?
+        AND version = ?`` with ``expect_rows=1``.
         """
-        args = _statement_args(sql, params)
+        args = statement_args(sql, params)
+        if expect_rows is not None:
+            args["expect_rows"] = check_expect_rows(expect_rows)
         return await self._call(
             "execute", args, timeout, idempotency_key=idempotency_key, parse=ExecuteResult.from_wire
         )
@@ -165,7 +181,7 @@ class Client:
         """
         return await self._call(
             "query",
-            _statement_args(sql, params),
+            statement_args(sql, params),
             timeout,
             read_only=True,
             parse=QueryResult.from_wire,
@@ -183,19 +199,91 @@ class Client:
 
         ``idempotency_key`` as for :meth:`execute`.
         """
-        if isinstance(statements, (str, bytes)) or not isinstance(statements, Iterable):
-            await trio.lowlevel.checkpoint()
-            raise InvalidArgument(
-                "batch takes a list of statements (SQL text, (sql, params) or"
-                f" {{'sql': ..., 'params': ...}}), not {type(statements).__name__}"
-            )
-        args = {"statements": [_batch_entry(item) for item in statements]}
+        args = batch_args(statements)
         return await self._call(
             "batch",
             args,
             timeout,
             idempotency_key=idempotency_key,
             parse=ExecuteResult.batch_from_wire,
+        )
+
+    @_checkpointed
+    async def executemany(
+        self,
+        sql: str,
+        rows: Iterable[Params],
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | bool = True,
+    ) -> int:
+        """Run one statement once per parameter row, all applied or none; return
+        the total of rows affected.
+
+        The rows travel in one request (keyed like :meth:`execute`, so a lost
+        reply is retried and applied once). Rows too many for one frame go in
+        several requests inside one transaction, committed once.
+        """
+        args = executemany_args(sql, rows)
+        if self._fits(args):
+            result = await self._call("executemany", args, timeout, idempotency_key=idempotency_key)
+            return ExecuteResult.from_wire(result).rows_affected
+
+        async def in_chunks(tx: Transaction) -> int:
+            total = 0
+            for chunk in chunks(args, self._fits):
+                total += await tx.executemany(sql, chunk, timeout=timeout)
+            return total
+
+        return await run_in_transaction(self, in_chunks, retries=0, timeout=timeout)
+
+    @_checkpointed
+    async def prepare(self, sql: str, *, timeout: float | None = None) -> PreparedStatement:
+        """Prepare ``sql`` on the cluster; run it with ``stmt.query(params)`` /
+        ``stmt.execute(params)``.
+
+        The node parses it once per session and the driver sends its id
+        afterwards, preparing again by itself on another node or connection
+        (see :mod:`qdb_client._prepared`). Wrong parameters fail before sending.
+        """
+        args = statement_args(sql, None)
+        reply = await self._call("prepare", args, timeout, read_only=True)
+        return from_prepare_reply(self, sql, reply)
+
+    def transaction(
+        self, *, read_only: bool = False, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[Transaction]:
+        """``async with client.transaction() as tx:`` a transaction on one node.
+
+        ``tx.execute/query/batch/executemany`` run in it. Leaving the block
+        commits (with an idempotency key: a lost commit reply is asked again,
+        on any node, and answered from its stored outcome); an exception or a
+        cancellation rolls back. A lost connection, an idle timeout on the node
+        or a write conflict raise :class:`~qdb_client.errors.TransactionAborted`
+        (nothing applied; ``retryable`` when running it again may succeed).
+        ``read_only`` refuses writes; ``timeout`` bounds ``begin`` and is the
+        node's idle limit between statements (default ``request_timeout``).
+        Transactions don't nest. See :mod:`qdb_client._transaction`.
+        """
+        return transaction(self, read_only=read_only, timeout=timeout)
+
+    async def run_in_transaction(
+        self,
+        fn: Callable[[Transaction], Awaitable[T]],
+        *,
+        retries: int = 3,
+        read_only: bool = False,
+        timeout: float | None = None,
+    ) -> T:
+        """Run ``await fn(tx)`` in a transaction and commit; on a transient failure
+        (a write conflict, a connection lost before the commit) run it again,
+        up to ``retries`` more times, all within one ``timeout`` (default
+        ``request_timeout``), as MongoDB's ``with_transaction`` does.
+
+        ``fn`` may run more than once: keep its effects inside the transaction.
+        """
+        return await run_in_transaction(
+            self, fn, retries=retries, read_only=read_only, timeout=timeout
         )
 
     @_checkpointed
@@ -394,6 +482,19 @@ class Client:
         finally:
             self._active -= 1
 
+    def _fits(self, args: dict[str, Any]) -> bool:
+        """Whether a request with ``args`` fits one frame (with room to spare)."""
+        try:
+            size = len(encode_body(args))
+        except QdbError:
+            return True  # let the send say what is wrong with it
+        return size + 512 < self.config.max_frame_size
+
+    @staticmethod
+    def _fresh_key() -> str:
+        """A new idempotency key (commits carry one even with ``idempotency_keys=False``)."""
+        return f"qdb-{uuid.uuid4().hex}"
+
     def _key(self, choice: str | bool) -> str | None:
         if choice is True:
             return f"qdb-{uuid.uuid4().hex}" if self.config.idempotency_keys else None
@@ -410,24 +511,3 @@ class Client:
 def _credentials(config: ClientConfig) -> dict[str, str] | None:
     creds = config.credentials
     return None if creds is None else {"user": creds.user, "password": creds.password}
-
-
-def _statement_args(sql: str, params: Params) -> dict[str, Any]:
-    if not isinstance(sql, str):
-        raise InvalidArgument(f"sql must be a string, not {type(sql).__name__}")
-    args: dict[str, Any] = {"sql": sql}
-    if params is not None:
-        args["params"] = prepare_params(params)
-    return args
-
-
-def _batch_entry(item: Statement) -> dict[str, Any]:
-    if isinstance(item, str):
-        return _statement_args(item, None)
-    if isinstance(item, tuple) and len(item) == 2:
-        return _statement_args(item[0], item[1])
-    if isinstance(item, Mapping) and "sql" in item:
-        return _statement_args(item["sql"], item.get("params"))
-    raise InvalidArgument(
-        f"batch entries are SQL text, (sql, params) or {{'sql', 'params'}}, not {item!r:.80}"
-    )

@@ -51,7 +51,10 @@ from .errors import (
 )
 from .events import EventBus, RequestFailed, RequestStarted, RequestSucceeded, RetryScheduled
 
-__all__ = ["PipelineCounters", "RequestPipeline"]
+__all__ = ["Arguments", "PipelineCounters", "RequestPipeline"]
+
+#: A request's arguments, or a function of the connection it goes on.
+Arguments = dict[str, Any] | Callable[[Any], dict[str, Any]]
 
 _NOT_ADMITTED = -1
 
@@ -189,7 +192,7 @@ class RequestPipeline:
     async def call(
         self,
         method: str,
-        args: dict[str, Any],
+        args: Arguments,
         *,
         budget_seconds: float,
         read_only: bool,
@@ -200,7 +203,9 @@ class RequestPipeline:
 
         ``parse`` turns the node's result into the caller's (it raises
         ProtocolError for a malformed one): run inside the attempt, so a
-        malformed reply is classified like a corrupted one.
+        malformed reply is classified like a corrupted one. ``args`` may be a
+        callable taking the connection the attempt goes on (a prepared
+        statement's id depends on it).
         """
         now = trio.current_time()
         call = _Call(method, now, budget_seconds, read_only, idempotency_key, parse)
@@ -268,7 +273,7 @@ class RequestPipeline:
 
     # ------------------------------------------------------------ attempts
 
-    async def _attempt(self, call: _Call, args: dict[str, Any]) -> tuple[Any, _Try | None]:
+    async def _attempt(self, call: _Call, args: Arguments) -> tuple[Any, _Try | None]:
         """One attempt: (result, None) on success, else (None, what happened)."""
         started = trio.current_time()
         node: Node | None = None
@@ -300,7 +305,7 @@ class RequestPipeline:
                 sent_at = trio.current_time()
                 pending = connection.send_reserved(
                     call.method,
-                    args,
+                    args(connection) if callable(args) else args,
                     deadline_ms=max(1, math.ceil((call.deadline - sent_at) * 1000)),
                     idempotency_key=call.key,
                 )

@@ -40,7 +40,9 @@ and re-exported here; this module holds no wire mapping.
     │   │   PermissionDenied, ReadOnlyViolation, NotFound, Conflict,
     │   │   FrameRejected, SqlError, ConstraintViolation, ServerTimeout,
     │   │   RequestCancelled, Overloaded, CapacityExceeded, Unavailable,
-    │   │   ShuttingDown, InternalServerError
+    │   │   ShuttingDown, InternalServerError, Unprepared
+    │   └── TransactionAborted       the transaction was rolled back (nothing applied)
+    │       └── WriteConflict        another transaction held the write lock
     └── ClientClosed                 the client was used after it was closed
 
 ``retryable`` tells whether the same request may succeed if tried again
@@ -80,8 +82,11 @@ from .protocol.server_errors import (
     ServerTimeout,
     ShuttingDown,
     SqlError,
+    TransactionAborted,
     Unauthenticated,
     Unavailable,
+    Unprepared,
+    WriteConflict,
     server_error_from_wire,
 )
 
@@ -127,12 +132,15 @@ __all__ = [
     "ServerTimeout",
     "ShuttingDown",
     "SqlError",
+    "TransactionAborted",
     "TransportError",
     "Unauthenticated",
     "Unavailable",
     "UnexpectedRowCount",
+    "Unprepared",
     "ValueNotEncodable",
     "VersionMismatch",
+    "WriteConflict",
     "server_error_from_wire",
 ]
 

@@ -44,6 +44,7 @@ from ..errors import (
     ServerError,
     ServerTimeout,
     TransportError,
+    Unprepared,
 )
 
 __all__ = [
@@ -68,6 +69,7 @@ class OutcomeKind(enum.Enum):
     NODE_TIMEOUT = "node timed out"
     NODE_TIMEOUT_EXECUTED = "node timed out after executing"
     DRAINING = "draining (GOAWAY)"
+    UNPREPARED = "statement not prepared there"
     LOST_BEFORE_SEND = "connection lost before the write"
     LOST_AFTER_SEND = "connection lost after the write"
     CORRUPT_REPLY = "corrupted reply"
@@ -224,6 +226,12 @@ TABLE: tuple[Outcome, ...] = (
         retry=_R.REQUEUE,
     ),
     _row(
+        _K.UNPREPARED,
+        "the node does not know the prepared statement id (sent again with its text)",
+        breaker=_B.SUCCESS,
+        retry=_R.REQUEUE,
+    ),
+    _row(
         _K.LOST_BEFORE_SEND,
         "the connection died before the request was written",
         breaker=_B.FAILURE,
@@ -349,6 +357,8 @@ def _kind_of(error: BaseException, sent: bool) -> OutcomeKind:
             # Raised while connecting (a handshake ERROR such as UNAUTHENTICATED
             # or CAPACITY_EXCEEDED): the request never reached a node.
             return _K.CONNECT_FAILED if error.retryable else _K.HANDSHAKE_REFUSED
+        if isinstance(error, Unprepared):
+            return _K.UNPREPARED
         if isinstance(error, ServerTimeout):
             return _K.NODE_TIMEOUT_EXECUTED if error.executed else _K.NODE_TIMEOUT
         if error.executed is False and (error.retryable or isinstance(error, RequestCancelled)):

@@ -34,6 +34,9 @@ class ErrorCode(enum.Enum):
     TIMEOUT = "TIMEOUT"
     CANCELLED = "CANCELLED"
     CONFLICT = "CONFLICT"
+    TX_ABORTED = "TX_ABORTED"
+    WRITE_CONFLICT = "WRITE_CONFLICT"
+    UNPREPARED = "UNPREPARED"
     FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
     CONSTRAINT_VIOLATION = "CONSTRAINT_VIOLATION"
     SQL_ERROR = "SQL_ERROR"
@@ -51,9 +54,14 @@ class ErrorCode(enum.Enum):
 
     @property
     def retryable(self) -> bool:
-        """Whether errors of this name are worth repeating."""
-        return self.code in RETRYABLE_CLASSES
+        """Whether errors of this name are worth repeating (their class is one of
+        RETRYABLE_CLASSES, or the name is a conflict that may clear up)."""
+        return self.code in RETRYABLE_CLASSES or self.value in _RETRYABLE_NAMES
 
+
+#: Names retryable although their class is not: a write conflict clears up
+#: once the other transaction ends (the whole transaction may run again).
+_RETRYABLE_NAMES = frozenset({"WRITE_CONFLICT"})
 
 _CLASS_OF = {
     "PARSE_ERROR": 400,
@@ -66,6 +74,9 @@ _CLASS_OF = {
     "TIMEOUT": 408,
     "CANCELLED": 499,  # the request was stopped on CANCEL (the acknowledgement)
     "CONFLICT": 409,  # e.g. an idempotency key reused for a different request
+    "TX_ABORTED": 409,  # the transaction is gone (rolled back): idle, unknown, connection closed
+    "WRITE_CONFLICT": 409,  # another transaction held the write lock: this one was rolled back
+    "UNPREPARED": 404,  # the prepared statement id is unknown to this session
     "FRAME_TOO_LARGE": 413,
     "CONSTRAINT_VIOLATION": 422,
     "SQL_ERROR": 422,

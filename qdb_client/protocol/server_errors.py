@@ -31,8 +31,11 @@ __all__ = [
     "ServerTimeout",
     "ShuttingDown",
     "SqlError",
+    "TransactionAborted",
     "Unauthenticated",
     "Unavailable",
+    "Unprepared",
+    "WriteConflict",
     "error_from_message",
     "server_error_from_wire",
 ]
@@ -129,6 +132,33 @@ class Conflict(ServerError):
     wire_name = "CONFLICT"
 
 
+class TransactionAborted(ServerError):
+    """The transaction is over and nothing of it was applied (the node rolled it back).
+
+    Its connection was lost, it stayed idle past its timeout, a write
+    conflicted with another transaction (:class:`WriteConflict`), or the node
+    does not know it. ``retryable`` says whether running the whole
+    transaction again may succeed (``client.run_in_transaction`` does that).
+    """
+
+    wire_name = "TX_ABORTED"
+
+
+class WriteConflict(TransactionAborted):
+    """Another transaction (on any node of the cluster) held the write lock
+    until the deadline: this transaction was rolled back; running it again may
+    succeed (retryable)."""
+
+    wire_name = "WRITE_CONFLICT"
+
+
+class Unprepared(ServerError):
+    """The node does not know the prepared statement id (a new connection or
+    node, or it was evicted); the driver prepares it again by itself."""
+
+    wire_name = "UNPREPARED"
+
+
 class FrameRejected(ServerError):
     """The node refused a frame larger than its limit."""
 
@@ -211,6 +241,9 @@ _BY_WIRE_NAME: dict[str, type[ServerError]] = {
         ConstraintViolation,
         ServerTimeout,
         RequestCancelled,
+        TransactionAborted,
+        WriteConflict,
+        Unprepared,
         Overloaded,
         CapacityExceeded,
         Unavailable,

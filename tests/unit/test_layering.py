@@ -144,7 +144,7 @@ LAYERS: list[set[str]] = [
     {"_pool"},
     {"_cluster"},
     {"_request"},
-    {"_transaction"},
+    {"_transaction", "_prepared"},
     {"_client"},
     {"__init__"},
     # Applications of the public API shipped with it (the qdb command, the saga

@@ -172,6 +172,17 @@ ROWS = [
         False,
     ),
     (
+        dict(error=wire(ErrorCode.UNPREPARED), sent=True),
+        K.UNPREPARED,
+        S,
+        "",
+        NONE,
+        REQUEUE,
+        False,
+        False,
+        False,
+    ),
+    (
         dict(error=ConnectionLost("reset", request_sent=False), sent=False),
         K.LOST_BEFORE_SEND,
         F,
