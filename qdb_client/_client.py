@@ -57,6 +57,7 @@ from .errors import (
     RequestTimeout,
 )
 from .events import EventBus
+from .metrics import ReliabilityMetrics
 from .protocol import PROTOCOL_VERSIONS, Hello, encode_body
 from .results import ExecuteResult, QueryResult
 from .validation import seconds_or_error
@@ -65,6 +66,7 @@ __all__ = ["Client", "Params", "Statement", "open_client"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
 
 @asynccontextmanager
 async def open_client(hosts: str | Iterable[str], **options: Any) -> AsyncIterator[Client]:
@@ -129,6 +131,8 @@ class Client:
         #: Where the driver's events go: ``config.listeners`` and the
         #: ``qdb_client`` loggers (see :mod:`qdb_client.events`).
         self.events = EventBus(config.listeners)
+        #: Seed 003's reliability counters and rates (``statistics()["reliability"]``).
+        self._reliability = ReliabilityMetrics()
 
     # ------------------------------------------------------------ public API
 
@@ -324,10 +328,19 @@ class Client:
         ``reply_time``, ``reply_time_quantile``, ``next_reconnect_in`` and
         ``breaker`` (seed 003's metrics plus ``transitions`` and ``opened_by``).
         ``latency``: reply-time histograms ``{method: {node: {buckets, count,
-        sum, p50, p99}}}`` of successful attempts.
+        sum, p50, p99}}}`` of successful attempts. ``call_timeouts`` counts
+        calls that ended at their deadline, ``idempotent_replays`` keyed
+        writes a node answered from its stored outcome. ``reliability``: seed
+        003's summary (timeouts, retries, breaker opens, bulkhead rejections,
+        idempotency hits, saga compensations; each with its rate over the last
+        60 s) and the ratios its alert rules use (:mod:`qdb_client.metrics`).
         """
         counters = self._pipeline.counters if self._pipeline else PipelineCounters()
         members = {} if self._cluster is None else self._cluster.statistics_totals()
+        latency = {} if self._pipeline is None else self._pipeline.latencies.snapshot()
+        reliability = self._reliability.summary(
+            trio.current_time(), self._reliability_totals(), latency
+        )
         return {
             "closed": self._closed,
             "in_progress": self._active,
@@ -336,8 +349,17 @@ class Client:
             "bulkhead_rejections": self._bulkhead_rejections,
             "load_balancing": self.config.load_balancing,
             "nodes": [] if self._cluster is None else self._cluster.statistics(),
-            "latency": {} if self._pipeline is None else self._pipeline.latencies.snapshot(),
+            "latency": latency,
+            "reliability": reliability,
         }
+
+    def _reliability_totals(self) -> dict[str, int]:
+        """The counters the reliability summary samples (see :mod:`qdb_client.metrics`)."""
+        return self._reliability.totals(
+            self._pipeline.counters if self._pipeline else PipelineCounters(),
+            bulkhead_rejections=self._bulkhead_rejections,
+            breakers=[] if self._cluster is None else [n.breaker for n in self._cluster.nodes],
+        )
 
     async def aclose(self) -> None:
         """Close every connection and stop every background task."""
@@ -424,6 +446,7 @@ class Client:
             ),
             events=self.events,
         )
+        nursery.start_soon(self._reliability.run, self._reliability_totals)
         await self._cluster.start(config.hosts)
 
     async def _connect(self, address: str, listener: ConnectionListener | None) -> Connection:

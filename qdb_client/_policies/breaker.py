@@ -84,6 +84,8 @@ class CircuitBreaker:
         self.successful_requests = 0
         self.failed_requests = 0
         self.circuit_open_requests = 0
+        #: Times the breaker moved to OPEN (from CLOSED or HALF_OPEN).
+        self.opens = 0
         #: (time, new state) of every transition, oldest first (last 100 kept).
         self.transitions: list[tuple[float, BreakerState]] = []
         #: Called as ``on_transition(previous, new, now)`` after every state change
@@ -219,6 +221,8 @@ class CircuitBreaker:
         previous = self._state
         self.generation += 1
         self._state = state
+        if state is BreakerState.OPEN:
+            self.opens += 1
         self._consecutive_failures = 0
         self._half_open_successes = 0
         self._probes = 0
@@ -237,6 +241,7 @@ class CircuitBreaker:
             "failed_requests": self.failed_requests,
             "circuit_open_requests": self.circuit_open_requests,
             "current_state": self.state(now).value,
+            "opens": self.opens,
             "opened_by": sorted(self.opened_by),
             "transitions": [state.value for _, state in self.transitions],
         }
