@@ -69,12 +69,20 @@ T = TypeVar("T")
 
 
 @asynccontextmanager
-async def open_client(hosts: str | Iterable[str], **options: Any) -> AsyncIterator[Client]:
+async def open_client(
+    hosts: str | Iterable[str] | None = None, **options: Any
+) -> AsyncIterator[Client]:
     """Connect to a QDB cluster; yield a :class:`Client`; close everything on exit.
 
-    ``hosts`` is one ``"host:port"`` or several; more nodes are learnt from
-    the cluster's member list. ``options`` are the fields of
-    :class:`~qdb_client.config.ClientConfig` (``request_timeout=2.0``...).
+    ``hosts`` is one ``"host:port"`` or several: a list, or one string
+    separated by commas (``"h1:7000,h2:7001"``); or a URI
+    ``"qdb://user:password@h1,h2:7001/?request_timeout=2"`` (port 7000 by
+    default, options as text); or None (the default): then ``QDB_URL``, else
+    ``QDB_HOSTS`` and ``QDB_<OPTION>`` variables name them (see
+    :meth:`~qdb_client.config.ClientConfig.from_environment`). More nodes
+    are learnt from the cluster's member list. ``options`` are the fields of
+    :class:`~qdb_client.config.ClientConfig` (``request_timeout=2.0``...);
+    they override a URI's options and the environment's.
     At least one node must accept a connection within ``connect_timeout``,
     else NoAvailableNode. Leaving the block closes every connection and
     stops every background task; an exception from the block comes out

@@ -6,16 +6,32 @@ and what it accepts, before any connection is attempted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 
 from .errors import ConfigError
 from .protocol.frames import HEADER_SIZE
+from .uri import Secret, is_uri, parse_uri, split_hosts
 from .validation import MAX_SECONDS, _show, boolean, int_in, parse_address, seconds_at_least, text
 
-__all__ = ["FLOORS", "LOAD_BALANCING", "ClientConfig", "Credentials", "parse_address"]
+__all__ = [
+    "ENV_HOSTS",
+    "ENV_PASSWORD",
+    "ENV_PREFIX",
+    "ENV_URL",
+    "ENV_USER",
+    "FLOORS",
+    "LOAD_BALANCING",
+    "ClientConfig",
+    "Credentials",
+    "option_from_text",
+    "parse_address",
+    "text_options",
+]
 
 #: The smallest value of each time option, in seconds (docs/configuration.md
 #: gives the reason for each). Every time option is at most MAX_SECONDS.
@@ -67,25 +83,50 @@ LOAD_BALANCING = frozenset({"round_robin", "latency_aware"})
 
 def _hosts(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
-        value = [value]
+        if is_uri(value):
+            raise ConfigError(
+                "hosts is a URI: pass it to open_client() or ClientConfig.from_uri(),"
+                " which read its options and credentials too"
+            )
+        # "h1:7000,h2:7001" is several hosts; whitespace around each is ignored.
+        return split_hosts(value, what="hosts")
     if not isinstance(value, Iterable):
         raise ConfigError(f"hosts must be 'host:port' strings, not {_show(value)}")
     hosts = tuple(value)
     if not hosts:
         raise ConfigError("hosts must name at least one 'host:port'")
-    for host in hosts:
+    for number, host in enumerate(hosts, 1):
+        if isinstance(host, str) and "@" in host:  # never echoed: it may hold a password
+            raise ConfigError(
+                f"host {number} of hosts holds an '@': user:password@ belongs in a qdb:// URI"
+            )
         parse_address(host)
     if len(set(hosts)) != len(hosts):
         raise ConfigError(f"hosts lists an address twice: {_show(list(hosts), 400)}")
     return hosts
 
 
+def _secret(value: Any) -> Secret:
+    return value if isinstance(value, Secret) else Secret(value)
+
+
 @attrs.frozen(kw_only=True)
 class Credentials:
-    """User name and password sent in the handshake."""
+    """User name and password sent in the handshake.
+
+    ``Credentials(user="ada", password="...")``. The password is kept as a
+    :class:`~qdb_client.uri.Secret`: it never shows in ``repr``, and
+    ``attrs.asdict`` of a config holds the ``Secret``, not the text.
+    ``credentials.password`` returns the text.
+    """
 
     user: str = attrs.field(validator=text)
-    password: str = attrs.field(repr=False, validator=attrs.validators.instance_of(str))
+    _password: Secret = attrs.field(alias="password", converter=_secret, repr=False)
+
+    @property
+    def password(self) -> str:
+        """The password itself (to send in HELLO; never log it)."""
+        return self._password.reveal()
 
 
 def _listeners(value: Any) -> tuple[Any, ...]:
@@ -234,14 +275,233 @@ class ClientConfig:
 
     @classmethod
     def from_options(cls, hosts: Any, **options: Any) -> ClientConfig:
-        """Build a config from keyword options; an unknown option is a ConfigError."""
-        known = {a.name for a in attrs.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) {unknown}; known options: {sorted(known - {'hosts'})}"
-            )
+        """Build a config from ``hosts`` and keyword options; an unknown option is a ConfigError.
+
+        ``hosts`` is a list of ``"host:port"``, one string of them separated
+        by commas (``"h1:7000,h2:7001"``), a ``qdb://`` URI (see
+        :meth:`from_uri`), or None: then the environment names them (see
+        :meth:`from_environment`). Keyword options override what a URI or
+        the environment says.
+        """
+        _check_known(options)
+        if hosts is None:
+            return cls.from_environment(**options)
+        if is_uri(hosts):
+            return cls.from_uri(hosts, **options)
         return cls(hosts=hosts, **options)
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> ClientConfig:
+        """Build a config from ``qdb://[user[:password]@]host[:port],.../?option=value&...``.
+
+        Hosts without a port get 7000; user and password become
+        ``credentials``; every option is a field of this class, its value
+        parsed by the field's type (see :func:`option_from_text`). Keyword
+        ``options`` override the URI's. Errors are ConfigError naming the
+        option, and never quote the password. The grammar is in
+        :mod:`qdb_client.uri`.
+        """
+        return cls._from_uri(uri, options, label="the URI")
+
+    @classmethod
+    def from_environment(
+        cls, environ: Mapping[str, str] | None = None, **options: Any
+    ) -> ClientConfig:
+        """Build a config from environment variables (``os.environ`` unless ``environ``).
+
+        ``QDB_URL``, when set, is the whole configuration (a ``qdb://`` URI).
+        Otherwise ``QDB_HOSTS`` (``"h1:7000,h2:7001"``) names the hosts,
+        ``QDB_USER`` and ``QDB_PASSWORD`` the credentials, and
+        ``QDB_<OPTION>`` any option (``QDB_REQUEST_TIMEOUT=2``), parsed as
+        in a URI. ``QDB_URL`` beside any of the others is a ConfigError
+        rather than a guess at which one wins. A variable set to the empty
+        string counts as unset; other ``QDB_*`` variables are ignored.
+        Keyword ``options`` override the environment.
+        """
+        _check_known(options)
+        env = os.environ if environ is None else environ
+        url = env.get(ENV_URL, "")
+        if url.strip():
+            others = sorted(name for name in _env_names() if env.get(name, "").strip())
+            if others:
+                raise ConfigError(
+                    f"{ENV_URL} is set, and so is {', '.join(others)}: set the options in the"
+                    f" URL (?name=value), or unset {ENV_URL}"
+                )
+            return cls._from_uri(url, options, label=ENV_URL)
+        hosts = env.get(ENV_HOSTS, "")
+        if not hosts.strip():
+            raise ConfigError(
+                f"no hosts: pass hosts to open_client(), or set {ENV_URL}"
+                f" (qdb://host:port,...) or {ENV_HOSTS} (host:port,...)"
+            )
+        if is_uri(hosts):
+            raise ConfigError(f"{ENV_HOSTS} holds a URI; set it as {ENV_URL} instead")
+        settings: dict[str, Any] = {}
+        sources = {"hosts": ENV_HOSTS}
+        for name in text_options():
+            variable = ENV_PREFIX + name.upper()
+            value = env.get(variable, "")
+            if value.strip():
+                settings[name] = option_from_text(name, value, source=variable)
+                sources[name] = variable
+        user, password = env.get(ENV_USER, ""), env.get(ENV_PASSWORD, "")
+        if user.strip():
+            settings["credentials"] = Credentials(user=user, password=password)
+            sources["credentials"] = ENV_USER
+        elif password:
+            raise ConfigError(f"{ENV_PASSWORD} is set but {ENV_USER} is not")
+        return _built(lambda: cls(hosts=hosts, **{**settings, **options}), sources, options)
+
+    @classmethod
+    def _from_uri(cls, uri: str, options: dict[str, Any], *, label: str) -> ClientConfig:
+        _check_known(options)
+        parsed = parse_uri(uri)
+        settings: dict[str, Any] = {}
+        sources = {"hosts": label}
+        for name, value in parsed.options:
+            if name not in _TEXT_OPTION_KINDS:
+                _not_a_text_option(name, source=label)
+            settings[name] = option_from_text(name, value, source=label)
+            sources[name] = label
+        if parsed.user is not None:
+            password = parsed.password if parsed.password is not None else Secret("")
+            settings["credentials"] = Credentials(user=parsed.user, password=password)
+            sources["credentials"] = label
+        return _built(lambda: cls(hosts=parsed.hosts, **{**settings, **options}), sources, options)
+
+
+# --------------------------------------------------- options written as text
+# URIs, environment variables and the command line give options as text;
+# each is parsed by its field's type, then validated by ClientConfig itself.
+
+#: Prefix of the environment variables read by ClientConfig.from_environment.
+ENV_PREFIX = "QDB_"
+#: A whole configuration as a ``qdb://`` URI.
+ENV_URL = "QDB_URL"
+#: Hosts, ``host:port,host:port`` (when QDB_URL is not set).
+ENV_HOSTS = "QDB_HOSTS"
+#: User name and password of the credentials (when QDB_URL is not set).
+ENV_USER = "QDB_USER"
+ENV_PASSWORD = "QDB_PASSWORD"
+
+#: Fields text cannot set, and where they come from instead.
+_NOT_TEXT_OPTIONS = {
+    "hosts": "list the hosts after qdb:// (or in QDB_HOSTS)",
+    "credentials": "write user:password@ before the hosts (or set QDB_USER and QDB_PASSWORD)",
+    "listeners": "listeners are callables: pass listeners=[...] to open_client()",
+}
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,40}")
+_TRUE, _FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
+
+
+def _parse_float(name: str, text: str) -> float:
+    if not _NUMBER.fullmatch(text):
+        raise ConfigError(f"{name} must be a number, not {_show(text)}")
+    return float(text)
+
+
+def _parse_int(name: str, text: str) -> int:
+    if not _INTEGER.fullmatch(text):
+        raise ConfigError(f"{name} must be an integer, not {_show(text)}")
+    return int(text)
+
+
+def _parse_optional_int(name: str, text: str) -> int | None:
+    return None if text.lower() == "none" else _parse_int(name, text)
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true, false, 1 or 0, not {_show(text)}")
+
+
+def _parse_str(name: str, text: str) -> str:
+    return text
+
+
+#: How the text of each annotation is parsed (``attrs.fields(...).type`` is
+#: the annotation's text). A field whose type is missing here is not settable
+#: from text; tests/unit/test_uri.py checks that every field is either here
+#: or in _NOT_TEXT_OPTIONS.
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "float": _parse_float,
+    "int": _parse_int,
+    "int | None": _parse_optional_int,
+    "bool": _parse_bool,
+    "str": _parse_str,
+}
+_TEXT_OPTION_KINDS: dict[str, str] = {
+    field.name: str(field.type)
+    for field in attrs.fields(ClientConfig)
+    if field.name not in _NOT_TEXT_OPTIONS and str(field.type) in _PARSERS
+}
+
+
+def text_options() -> list[str]:
+    """Names of the options a URI, an environment variable or the CLI can set, sorted."""
+    return sorted(_TEXT_OPTION_KINDS)
+
+
+def option_from_text(name: str, value: str, *, source: str = "text") -> Any:
+    """The value of option ``name`` written as ``value``, parsed by the field's type.
+
+    Numbers (``2``, ``0.5``, ``1e3``) for float fields, integers for int
+    fields, ``true``/``false``/``1``/``0`` (any case) for booleans, the text
+    itself for strings, ``none`` or an integer for ``random_seed``.
+    Surrounding whitespace is ignored. Range checks are ClientConfig's, when
+    it is built. A bad value or an unknown name is a ConfigError naming the
+    option and ``source``.
+    """
+    kind = _TEXT_OPTION_KINDS.get(name)
+    if kind is None:
+        _not_a_text_option(name, source=source)
+    try:
+        return _PARSERS[kind](name, value.strip())
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (from {source})") from None
+
+
+def _not_a_text_option(name: str, *, source: str) -> Any:
+    if name in _NOT_TEXT_OPTIONS:
+        raise ConfigError(
+            f"{name} cannot be set as an option of {source}: {_NOT_TEXT_OPTIONS[name]}"
+        )
+    raise ConfigError(
+        f"unknown option {_show(name)} in {source}; known options: {', '.join(text_options())}"
+    )
+
+
+def _env_names() -> list[str]:
+    return [ENV_HOSTS, ENV_USER, ENV_PASSWORD, *(ENV_PREFIX + n.upper() for n in text_options())]
+
+
+def _check_known(options: Mapping[str, Any]) -> None:
+    known = {a.name for a in attrs.fields(ClientConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {unknown}; known options: {sorted(known - {'hosts'})}"
+        )
+
+
+def _built(
+    build: Callable[[], ClientConfig], sources: dict[str, str], overrides: Mapping[str, Any]
+) -> ClientConfig:
+    """``build()``, with a ConfigError about an option from text saying where it came from."""
+    try:
+        return build()
+    except ConfigError as exc:
+        message = str(exc)
+        for name in sorted(sources, key=len, reverse=True):
+            if name not in overrides and message.startswith(name):
+                raise ConfigError(f"{message} (from {sources[name]})") from None
+        raise
 
 
 assert HEADER_SIZE < 4096  # max_frame_size's lower bound leaves room for any header
