@@ -31,8 +31,9 @@ json_values = st.recursive(
     | st.integers(-(2**53), 2**53)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -44,9 +45,7 @@ supported = st.one_of(
     st.text(max_size=50),
     st.binary(max_size=50),
     st.datetimes(
-        timezones=st.sampled_from(
-            [UTC, datetime.timezone(datetime.timedelta(hours=5, minutes=30))]
-        )
+        timezones=st.sampled_from([UTC, datetime.timezone(datetime.timedelta(hours=5, minutes=30))])
     ),
     st.dates(),
     st.times(),
