@@ -21,7 +21,8 @@ from .config import DEFAULT_SERVER_NAME, ServerConfig, format_address, parse_add
 from .control import NodeControl, open_node_control, wait_for_nodes
 from .faults import FailRule, Faults, resolve_error_code
 from .proxy import ConnectionToxics, FaultProxy, ToxicHandle, open_fault_proxy, pump
-from .proxy_cli import PROXY_READY_PATTERN, ProxyControl, ProxyControlError, open_proxy_control
+from .proxy_cli import PROXY_READY_PATTERN
+from .proxy_control import ProxyControl, ProxyControlError, open_proxy_control
 from .server import QdbNode, open_node
 from .stats import CONTROL_CLIENT_NAME, NodeStatistics
 from .toxics import TOXIC_KINDS, PumpEnd, Toxic, ToxicSet

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", help="node id (default node-<port>)")
     p.add_argument("--test-mode", action="store_true", help="enable control.* methods")
     p.add_argument(
+        "--foreign-keys", action="store_true", help="enforce foreign keys on every connection"
+    )
+    p.add_argument(
         "--idle-timeout",
         dest="client_idle_timeout",
         type=float,
@@ -136,6 +139,7 @@ def config_from_args(ns: argparse.Namespace) -> ServerConfig:
         sqlite_pool_size=ns.sqlite_pool_size,
         idempotency_ttl=ns.idempotency_ttl,
         server_name=ns.server_name,
+        foreign_keys=ns.foreign_keys,
     )
 
 
@@ -153,6 +157,8 @@ def options_to_args(options: Mapping[str, Any]) -> list[str]:
             args += ["--peers", value if isinstance(value, str) else ",".join(value)]
         elif name == "test_mode":
             args += ["--test-mode"] if value else []
+        elif name == "foreign_keys":
+            args += ["--foreign-keys"] if value else []
         elif name == "credentials":
             for user, password in dict(value).items():
                 args += ["--credentials", f"{user}:{password}"]

@@ -98,7 +98,9 @@ class ServerConfig:
     ``credentials`` (user -> password), when set, makes HELLO ``auth``
     mandatory. Control methods (``control.*``) exist only when ``test_mode``.
     ``idempotency_ttl`` is how long (seconds) the outcome of a write with an
-    idempotency key is kept for replay.
+    idempotency key is kept for replay. ``foreign_keys`` switches SQLite's
+    foreign key enforcement on for every pooled connection (a ``PRAGMA`` sent
+    through ``execute`` only lasts for its own request).
     """
 
     host: str = attrs.field(default="127.0.0.1", validator=text)
@@ -121,6 +123,7 @@ class ServerConfig:
     sqlite_pool_size: int = attrs.field(default=4, validator=int_in(1, 64))
     idempotency_ttl: float = attrs.field(default=3600.0, validator=positive_seconds)
     server_name: str = attrs.field(default=DEFAULT_SERVER_NAME, validator=text)
+    foreign_keys: bool = attrs.field(default=False, validator=boolean)
 
     def evolve(self, **changes: Any) -> ServerConfig:
         """A copy with ``changes`` applied (and validated)."""

@@ -28,6 +28,9 @@ from .stats import CONTROL_CLIENT_NAME
 
 __all__ = ["HelloAnswer", "answer_hello", "authenticated"]
 
+#: How many of the client's versions a VERSION_MISMATCH message lists.
+_SHOWN_VERSIONS = 8
+
 
 @attrs.frozen
 class HelloAnswer:
@@ -77,10 +80,10 @@ def answer_hello(
     version = choose_version(hello.versions)
     if version is None:
         supported = list(PROTOCOL_VERSIONS)
-        text = (
-            f"no common protocol version: client offers {list(hello.versions)},"
-            f" node speaks {supported}"
-        )
+        offered = ", ".join(str(v) for v in hello.versions[:_SHOWN_VERSIONS])
+        if len(hello.versions) > _SHOWN_VERSIONS:
+            offered += f", ... ({len(hello.versions)} versions)"
+        text = f"no common protocol version: client offers [{offered}], node speaks {supported}"
         details = {"supported_versions": supported}
         return HelloAnswer(error_message(0, ErrorCode.VERSION_MISMATCH, text, details=details))
     if not authenticated(config.credentials, hello):

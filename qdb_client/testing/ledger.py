@@ -13,6 +13,11 @@ Two counts, because they end at different moments:
   GOAWAY) and the idle watchdog wait for that, so closing never cuts a
   reply off.
 
+Unanswered requests also bound what a connection reads: a client that
+stops reading its replies (they wait to be written) is no longer read once
+``max_in_flight`` + 1 requests are unanswered (:meth:`RequestLedger.wait_backlog_below`),
+so TCP backpressure stops it instead of the node running all it pipelines.
+
 A CANCEL stops a request that still holds its slot; one whose slot is gone
 has had (or is being sent) its reply, and the CANCEL is ignored
 (docs/protocol.md section 8.3).
@@ -49,7 +54,8 @@ class RequestLedger:
         self.max_in_flight = max_in_flight
         self._slots: dict[int, Slot] = {}
         self._unanswered = 0
-        self._answered = trio.lowlevel.ParkingLot()
+        self._answered = trio.lowlevel.ParkingLot()  # every request answered
+        self._progress = trio.lowlevel.ParkingLot()  # one request answered
 
     @property
     def in_flight(self) -> int:
@@ -97,10 +103,20 @@ class RequestLedger:
     def answered(self) -> bool:
         """A request's reply was written (or never will be); True if none is left."""
         self._unanswered -= 1
+        self._progress.unpark_all()
         if self._unanswered:
             return False
         self._answered.unpark_all()
         return True
+
+    async def wait_backlog_below(self, limit: int) -> None:
+        """Return once fewer than ``limit`` requests are unanswered.
+
+        No checkpoint when there is nothing to wait for: the reader calls it
+        before every frame, and reading checkpoints anyway.
+        """
+        while self._unanswered >= limit:
+            await self._progress.park()
 
     async def wait_answered(self) -> None:
         """Return once no request is unanswered."""

@@ -58,6 +58,8 @@ class MethodContext:
     The callables are the node actions control methods need:
     ``drop_other_connections`` / ``count_other_connections`` spare the
     caller's own connection; ``start_shutdown(grace)``; ``statistics()``.
+    ``max_frame`` is the largest frame the client accepts (its HELLO
+    ``max_frame``): no result may be larger.
     """
 
     node_id: str
@@ -73,6 +75,7 @@ class MethodContext:
     count_other_connections: Callable[[], int]
     start_shutdown: Callable[[float], None]
     statistics: Callable[[], dict[str, Any]]
+    max_frame: int | None = None
 
 
 @attrs.frozen
@@ -81,12 +84,15 @@ class Outcome:
 
     ``replayed``: the result is a keyed write's stored one (nothing ran).
     ``drop_connection``: close the connection abruptly instead of replying.
+    ``applied``: a write that took effect (executed and committed, or
+    replayed), so an ERROR sent instead of its RESPONSE says ``executed``.
     """
 
     result: Any
     after_reply: Callable[[], None] | None = None
     replayed: bool = False
     drop_connection: bool = False
+    applied: bool = False
 
 
 @attrs.frozen
@@ -164,8 +170,8 @@ def _sql_args(args: Mapping[str, Any], index: int | None = None) -> Statement:
             raise RequestFailed(ErrorCode.INVALID_REQUEST, f"{where}'sql' must be non-empty text")
         raw = args.get("params")
         params: Params
-        if raw is None:
-            params = ()
+        if raw is None or (isinstance(raw, (list, dict)) and not raw):
+            params = ()  # absent, null and empty params are the same request (8.5)
         elif isinstance(raw, list):
             params = tuple(_check_value(v, f"{where}parameter {i}") for i, v in enumerate(raw))
         elif isinstance(raw, dict):
@@ -197,16 +203,23 @@ async def _ping(ctx: MethodContext, call: Call) -> Outcome:
 async def _execute(ctx: MethodContext, call: Call) -> Outcome:
     key = None if call.idem_key is None else check_key(call.idem_key)
     sql, params = _sql_args(call.args)
+    deadline, limit = call.deadline, ctx.max_frame
     if key is None:
-        return Outcome(await ctx.storage.execute(sql, params, deadline=call.deadline))
+        result = await ctx.storage.execute(sql, params, deadline=deadline, result_limit=limit)
+        return Outcome(result, applied=True)
     idem = IdempotencyKey(key, request_hash("execute", [sql, params]), call.scope)
-    keyed = await ctx.storage.execute_keyed(sql, params, idem, deadline=call.deadline)
+    keyed = await ctx.storage.execute_keyed(
+        sql, params, idem, deadline=deadline, result_limit=limit
+    )
     return _keyed_outcome(ctx, call, keyed)
 
 
 async def _query(ctx: MethodContext, call: Call) -> Outcome:
     sql, params = _sql_args(call.args)  # a read: any idem_key is ignored
-    return Outcome(await ctx.storage.query(sql, params, deadline=call.deadline))
+    result = await ctx.storage.query(
+        sql, params, deadline=call.deadline, result_limit=ctx.max_frame
+    )
+    return Outcome(result)
 
 
 async def _batch(ctx: MethodContext, call: Call) -> Outcome:
@@ -221,10 +234,12 @@ async def _batch(ctx: MethodContext, call: Call) -> Outcome:
                 details={"statement_index": index},
             )
         statements.append(_sql_args(item, index))
+    deadline, limit = call.deadline, ctx.max_frame
     if key is None:
-        return Outcome(await ctx.storage.batch(statements, deadline=call.deadline))
+        result = await ctx.storage.batch(statements, deadline=deadline, result_limit=limit)
+        return Outcome(result, applied=True)
     idem = IdempotencyKey(key, request_hash("batch", statements), call.scope)
-    keyed = await ctx.storage.batch_keyed(statements, idem, deadline=call.deadline)
+    keyed = await ctx.storage.batch_keyed(statements, idem, deadline=deadline, result_limit=limit)
     return _keyed_outcome(ctx, call, keyed)
 
 
@@ -233,12 +248,12 @@ def _keyed_outcome(ctx: MethodContext, call: Call, keyed: KeyedResult) -> Outcom
     if keyed.outcome is KeyedOutcome.STORED:
         if call.counted:
             stats.idempotent_stored += 1
-        return Outcome(keyed.result)
+        return Outcome(keyed.result, applied=True)
     if keyed.outcome is KeyedOutcome.REPLAYED:
         if call.counted:
             stats.idempotent_hits += 1
         logger.debug("%s: replayed the stored result of key %r", ctx.node_id, call.idem_key)
-        return Outcome(keyed.result, replayed=True)
+        return Outcome(keyed.result, replayed=True, applied=True)
     if call.counted:
         stats.idempotent_conflicts += 1
     raise RequestFailed(ErrorCode.CONFLICT, "idempotency key reused for a different request")

@@ -29,8 +29,9 @@ each way, one reply per request, in order::
 ``proxy`` is a proxy's listen (or upstream) address, optional for ``add`` and
 ``remove`` when one proxy runs; omitted from ``clear``/``list``/``stats`` it means
 every proxy. A bad request is answered ``{"ok": false, "error": "..."}`` and the
-connection stays usable (an over-long line closes it). :class:`ProxyControl` is
-the client.
+connection stays usable (an over-long line closes it). The client,
+:class:`~qdb_client.testing.proxy_control.ProxyControl`, and the line framing
+are in :mod:`qdb_client.testing.proxy_control`.
 """
 
 from __future__ import annotations
@@ -39,28 +40,28 @@ import argparse
 import functools
 import json
 import logging
-import math
 import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 import trio
 
-from ..errors import (
-    ConfigError,
-    ConnectError,
-    ConnectionLost,
-    ConnectTimeout,
-    QdbError,
-    RequestTimeout,
-)
+from ..errors import ConfigError
 from ._nursery import owned_nursery
 from .config import format_address
 from .proxy import FaultProxy, bind_listener, split_address
+from .proxy_control import (
+    MAX_LINE,
+    Lines,
+    LineTooLong,
+    ProxyControl,
+    ProxyControlError,
+    open_proxy_control,
+    send_message,
+)
 
 __all__ = [
     "MAX_LINE",
@@ -82,8 +83,6 @@ PROXY_READY_PATTERN = re.compile(
     r"^QDB-PROXY READY address=(?P<address>\S+) upstream=(?P<upstream>\S+)"
     r" control=(?P<control>\S+) pid=(?P<pid>\d+)"
 )
-#: Longest request or reply line, in bytes.
-MAX_LINE = 65536
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _FIELDS = {
     "add": {"proxy", "kind", "direction", "toxicity", "name", "attributes"},
@@ -92,37 +91,6 @@ _FIELDS = {
     "list": {"proxy"},
     "stats": {"proxy"},
 }
-
-
-class ProxyControlError(QdbError):
-    """The proxy's control port refused a request (the message says why)."""
-
-
-class _LineTooLong(Exception):
-    pass
-
-
-class _Lines:
-    """Newline-delimited reading from a stream, each line bounded by :data:`MAX_LINE`."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buffer = bytearray()
-
-    async def next(self) -> bytes | None:
-        """The next line without its newline; None at EOF."""
-        while True:
-            end = self._buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self._buffer[:end])
-                del self._buffer[: end + 1]
-                return line
-            if len(self._buffer) > MAX_LINE:
-                raise _LineTooLong
-            data = await self._stream.receive_some(MAX_LINE)
-            if not data:
-                return None
-            self._buffer += data
 
 
 # ------------------------------------------------------------------ the server
@@ -236,174 +204,44 @@ class ControlServer:
             listener.socket.close()
 
     async def _serve_client(self, stream: trio.SocketStream) -> None:
-        lines = _Lines(stream)
+        lines = Lines(stream)
         try:
             while True:
                 try:
                     line = await lines.next()
-                except _LineTooLong:
-                    await _send(stream, {"ok": False, "error": f"line over {MAX_LINE} bytes"})
+                except LineTooLong:
+                    await _reply(stream, {"ok": False, "error": f"line over {MAX_LINE} bytes"})
                     return
                 if line is None:
                     return
-                if not line.strip():
-                    continue
-                try:
-                    request = json.loads(line)
-                except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError
-                    reply: dict[str, Any] = {"ok": False, "error": f"not JSON: {exc}"}
-                else:
-                    reply = handle_control_request(self._proxies, request)
-                logger.debug("proxy control: %r -> %r", line, reply)
-                await _send(stream, reply)
+                if line.strip():
+                    await _reply(stream, self._answer(line))
         except _TRANSPORT_ERRORS as exc:
             logger.debug("proxy control %s: client went away: %r", self.address, exc)
+        except Exception:  # a bug: close this connection, keep the proxies running
+            logger.exception("proxy control %s: connection failed", self.address)
         finally:
             await trio.aclose_forcefully(stream)
 
-
-async def _send(stream: trio.abc.SendStream, message: Mapping[str, Any]) -> None:
-    line = json.dumps(message, separators=(",", ":"), default=str)  # never fails on a reply
-    await stream.send_all(line.encode() + b"\n")
-
-
-# ------------------------------------------------------------------ the client
-
-
-class ProxyControl:
-    """A client of a proxy control port: one connection, one request at a time.
-
-    Reconnects on the next call if the connection was lost. Failures are
-    :class:`ProxyControlError` (a refused request), ``ConnectError``,
-    ``ConnectionLost`` and ``RequestTimeout`` (past ``call_timeout``).
-    """
-
-    def __init__(self, address: str, *, call_timeout: float | None = 10.0) -> None:
-        self._host, self._port = split_address(address)
-        #: ``host:port`` of the control port.
-        self.address = address
-        #: Seconds each call may take, connecting included (None: unbounded).
-        self.call_timeout = call_timeout
-        self._stream: trio.SocketStream | None = None
-        self._lines: _Lines | None = None
-        self._lock = trio.Lock()
-
-    async def call(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Send one request; return the reply (``ok`` true) or raise ProxyControlError."""
-        async with self._lock:
-            limit = self.call_timeout if self.call_timeout is not None else float("inf")
-            try:
-                with trio.fail_after(limit):
-                    reply = await self._call(request)
-            except trio.TooSlowError:
-                await self.aclose()
-                raise RequestTimeout(
-                    f"proxy control {self.address} took longer than {self.call_timeout} s",
-                    timeout=limit,
-                ) from None
-        if not reply.get("ok"):
-            raise ProxyControlError(str(reply.get("error", reply)))
+    def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError
+            reply: dict[str, Any] = {"ok": False, "error": f"not JSON: {exc}"}
+        except RecursionError:
+            reply = {"ok": False, "error": "not JSON: nested too deeply"}
+        else:
+            reply = handle_control_request(self._proxies, request)
+        logger.debug("proxy control: %r -> %r", line[:200], reply)
         return reply
 
-    async def _call(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        if self._stream is None:
-            await self.connect()
-        assert self._stream is not None and self._lines is not None
-        try:
-            await _send(self._stream, request)
-            line = await self._lines.next()
-        except (*_TRANSPORT_ERRORS, _LineTooLong) as exc:
-            await self.aclose()
-            raise ConnectionLost(
-                f"lost the proxy control connection {self.address}: {exc!r}", node=self.address
-            ) from exc
-        if line is None:
-            await self.aclose()
-            raise ConnectionLost(f"proxy control {self.address} closed the connection")
-        try:
-            reply = json.loads(line)
-        except ValueError:
-            reply = None
-        if not isinstance(reply, dict):
-            await self.aclose()
-            raise ProxyControlError(f"proxy control {self.address} answered {line[:200]!r}")
-        return reply
 
-    async def connect(self) -> None:
-        """Open the connection now (calls do it on demand)."""
-        try:
-            self._stream = await trio.open_tcp_stream(self._host, self._port)
-        except OSError as exc:
-            raise ConnectError(
-                f"cannot connect to proxy control {self.address}: {exc}", node=self.address
-            ) from exc
-        self._lines = _Lines(self._stream)
-
-    async def aclose(self) -> None:
-        """Close the connection (the object reconnects on demand)."""
-        stream, self._stream, self._lines = self._stream, None, None
-        if stream is not None:
-            await trio.aclose_forcefully(stream)
-
-    async def add_toxic(
-        self,
-        kind: str,
-        *,
-        proxy: str | None = None,
-        direction: str = "downstream",
-        toxicity: float = 1.0,
-        name: str | None = None,
-        **attributes: Any,
-    ) -> str:
-        """Add a toxic to ``proxy`` (its listen or upstream address); return its id."""
-        request: dict[str, Any] = {"op": "add", "kind": kind, "direction": direction}
-        request.update(toxicity=toxicity, attributes=attributes)
-        if proxy is not None:
-            request["proxy"] = proxy
-        if name is not None:
-            request["name"] = name
-        return (await self.call(request))["id"]
-
-    async def remove_toxic(self, toxic_id: str, *, proxy: str | None = None) -> None:
-        """Remove the toxic ``toxic_id`` (ProxyControlError if there is none)."""
-        await self.call(_maybe_proxy({"op": "remove", "id": toxic_id}, proxy))
-
-    async def clear(self, proxy: str | None = None) -> int:
-        """Remove every toxic of ``proxy`` (None: of every proxy); return how many."""
-        return (await self.call(_maybe_proxy({"op": "clear"}, proxy)))["removed"]
-
-    async def list_toxics(self, proxy: str | None = None) -> dict[str, Any]:
-        """``{proxy address: {"upstream": ..., "toxics": [toxic dicts]}}``."""
-        return (await self.call(_maybe_proxy({"op": "list"}, proxy)))["proxies"]
-
-    async def stats(self, proxy: str | None = None) -> dict[str, Any]:
-        """``{proxy address: statistics dict}`` (see ``FaultProxy.statistics``)."""
-        return (await self.call(_maybe_proxy({"op": "stats"}, proxy)))["stats"]
-
-
-def _maybe_proxy(request: dict[str, Any], proxy: str | None) -> dict[str, Any]:
-    return request if proxy is None else {**request, "proxy": proxy}
-
-
-@asynccontextmanager
-async def open_proxy_control(
-    address: str, *, call_timeout: float | None = 10.0
-) -> AsyncIterator[ProxyControl]:
-    """A connected :class:`ProxyControl`, closed when the block exits.
-
-    ConnectError if the port can't be reached, ConnectTimeout past ``call_timeout``.
-    """
-    control = ProxyControl(address, call_timeout=call_timeout)
-    try:
-        with trio.move_on_after(call_timeout if call_timeout is not None else math.inf) as scope:
-            await control.connect()
-        if scope.cancelled_caught:
-            raise ConnectTimeout(
-                f"connecting to proxy control {address} took too long", node=address
-            )
-        yield control
-    finally:
-        await control.aclose()
+async def _reply(stream: trio.abc.SendStream, reply: Mapping[str, Any]) -> None:
+    """Send ``reply``; one too long for a line is replaced by an error saying so."""
+    line = json.dumps(reply, separators=(",", ":"), default=str)
+    if len(line.encode()) >= MAX_LINE:
+        reply = {"ok": False, "error": f"the reply ({len(line)} bytes) is over {MAX_LINE} bytes"}
+    await send_message(stream, reply)
 
 
 # -------------------------------------------------------------- command line

@@ -75,6 +75,7 @@ class QdbNode:
             config.database,
             pool_size=config.sqlite_pool_size,
             idempotency_ttl=config.idempotency_ttl,
+            foreign_keys=config.foreign_keys,
         )
         self._port = config.port
         self._listen_sock: trio.socket.SocketType | None = None

@@ -14,14 +14,20 @@ except under the faults that lose it on purpose (``stop_pings``,
 ``drop_after_commit``). A CANCEL stops a request that is still running and
 is answered CANCELLED; one that finished already has had its reply. The
 :class:`~.ledger.RequestLedger` frees a request's slot before its reply is
-written, and counts it unanswered until the reply was written.
+written, and counts it unanswered until the reply was written; once
+``max_in_flight`` + 1 requests are unanswered the reader waits (TCP
+backpressure on a client that does not read its replies).
+
+Everything sent fits the client's HELLO ``max_frame`` or is not sent: an
+ERROR is cut down to fit (:mod:`.outgoing`), a WELCOME lists fewer
+members, and a RESPONSE too large is answered FRAME_TOO_LARGE.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -44,6 +50,7 @@ from ..protocol import (
     Role,
     State,
     ValueNotEncodable,
+    Welcome,
     error_message,
     receive_event,
 )
@@ -51,61 +58,25 @@ from ._failure import RequestFailed
 from .handshake import answer_hello
 from .ledger import RequestLedger, Slot
 from .methods import MethodContext, Outcome, is_control_method, run_method
+from .outgoing import (
+    COURTESY_SECONDS,
+    LINGER_SECONDS,
+    RECEIVE_SIZE,
+    WatchedStream,
+    bounded_error,
+    close_stream,
+    fewer_members,
+    minimal_error,
+)
 
 if TYPE_CHECKING:
     from .server import QdbNode
 
-__all__ = ["LINGER_SECONDS", "ServerConnection", "close_stream"]
+__all__ = ["COURTESY_SECONDS", "LINGER_SECONDS", "ServerConnection", "close_stream"]
 
 logger = logging.getLogger("qdb_client.testing")
 
-#: Bytes asked of the stream per read.
-RECEIVE_SIZE = 65536
-#: After a graceful close, how long to wait for the client's EOF before closing.
-LINGER_SECONDS = 1.0
-#: Upper bound on writing a courtesy message (GOAWAY, fatal ERROR) to a stuck client.
-COURTESY_SECONDS = 2.0
-
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-
-class _WatchedStream:
-    """The stream as :func:`receive_event` reads it, remembering end of input.
-
-    A frame cut short by the end of input is a broken stream, but there is
-    no one left to tell; a broken frame before it is answered.
-    """
-
-    __slots__ = ("at_eof", "stream")
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self.stream = stream
-        self.at_eof = False
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self.stream.receive_some(max_bytes)
-        if not data:
-            self.at_eof = True
-        return data
-
-
-async def close_stream(stream: trio.abc.Stream, *, linger: bool) -> None:
-    """Close ``stream``; with ``linger``, first half-close and drain until EOF (bounded).
-
-    Lingering lets the peer read what was written last: closing a TCP socket
-    with unread input sends RST, which may destroy data still in flight.
-    """
-    with trio.CancelScope(shield=True):
-        if linger:
-            with trio.move_on_after(LINGER_SECONDS):
-                try:
-                    if isinstance(stream, trio.abc.HalfCloseableStream):
-                        await stream.send_eof()
-                    while await stream.receive_some(RECEIVE_SIZE):
-                        pass
-                except (*_TRANSPORT_ERRORS, trio.BusyResourceError):
-                    pass
-        await trio.aclose_forcefully(stream)
 
 
 class ServerConnection:
@@ -190,8 +161,15 @@ class ServerConnection:
         await self.closed.wait()
 
     async def _idle_watchdog(self) -> None:
-        with self._idle_scope:
-            await trio.sleep_forever()
+        while True:
+            with self._idle_scope:
+                await trio.sleep_forever()
+            # The reader may have run in the same batch as the expiry: a request it
+            # accepted, or a frame that restarted the countdown, means not idle.
+            deadline = self._idle_scope.deadline
+            if not self._requests.unanswered and deadline <= trio.current_time():
+                break
+            self._idle_scope = trio.CancelScope(deadline=deadline)
         idle = self.config.client_idle_timeout
         logger.info("%s: closing idle connection from %s", self.node.node_id, self.peer)
         with trio.move_on_after(COURTESY_SECONDS):
@@ -217,12 +195,14 @@ class ServerConnection:
     async def _send(self, message: Message, *, count: bool = True) -> bool:
         """Write one message; False if the connection can no longer carry it.
 
-        Raises FrameTooLarge / ValueNotEncodable (before anything is written)
-        when the message can't be encoded for this peer.
+        An ERROR always goes out, cut down to fit the client's maximum frame
+        (:mod:`.outgoing`). Anything else raises FrameTooLarge /
+        ValueNotEncodable (before anything is written) when it can't be
+        encoded for this peer.
         """
         async with self._write_lock:
             try:
-                data = self.proto.send(message)
+                data = self._encode(message)
             except ProtocolViolation as exc:
                 logger.debug("%s: not sending %s: %s", self.node.node_id, message.kind.name, exc)
                 return False
@@ -237,24 +217,38 @@ class ServerConnection:
                 return False
         return True
 
-    async def _send_reply(self, reply: Response | Error, *, count: bool) -> bool:
+    def _encode(self, message: Message) -> bytes:
+        if not isinstance(message, Error):
+            return self.proto.send(message)
+        message = bounded_error(message)
+        try:
+            return self.proto.send(message)
+        except FrameTooLarge:
+            return self.proto.send(minimal_error(message))
+
+    async def _send_reply(
+        self, reply: Response | Error, *, count: bool, applied: bool = False
+    ) -> bool:
         """Write a request's reply; one that can't go out becomes an ERROR for that request.
 
-        A reply above the client's HELLO ``max_frame`` (the encoder refuses it
-        before writing a byte) is answered FRAME_TOO_LARGE; the connection
-        stays open for the next request.
+        A RESPONSE above the client's HELLO ``max_frame`` (the encoder refuses
+        it before writing a byte) is answered FRAME_TOO_LARGE; the connection
+        stays open for the next request. ``applied``: the request was a write
+        that took effect, which the ERROR says (``details.executed``).
         """
-        details: dict[str, int] = {}
+        details: dict[str, Any] = {}
         try:
             return await self._send(reply, count=count)
         except FrameTooLarge as exc:
-            what = "result" if isinstance(reply, Response) else f"{reply.name} reply"
             code = ErrorCode.FRAME_TOO_LARGE
             text = (
-                f"{what} of {exc.size} bytes exceeds the client's maximum frame of"
+                f"result of {exc.size} bytes exceeds the client's maximum frame of"
                 f" {exc.limit} bytes; use a LIMIT or a result stream"
             )
             details = {"frame_size": exc.size, "max_frame": exc.limit}
+            if applied:
+                text += "; the write was applied"
+                details["executed"] = True
             logger.info("%s: reply to %s too large: %s", self.node.node_id, self.peer, text)
         except ValueNotEncodable as exc:
             code, text = ErrorCode.INTERNAL, f"the reply can't be encoded: {exc}"
@@ -276,8 +270,11 @@ class ServerConnection:
     # -------------------------------------------------------------- reading
 
     async def _read_loop(self) -> None:
-        source = _WatchedStream(self.stream)
+        source = WatchedStream(self.stream)
         while True:
+            # A client that does not read its replies stops being read (TCP backpressure):
+            # beyond its max_in_flight running requests, one reply at most waits to be written.
+            await self._requests.wait_backlog_below(self.config.max_in_flight + 1)
             try:
                 event = await receive_event(self.proto, source, read_size=RECEIVE_SIZE)
             except _TRANSPORT_ERRORS as exc:
@@ -348,11 +345,24 @@ class ServerConnection:
         self.user = answer.user
         if answer.control_client:
             node.mark_control_client(self)
-        try:
-            return await self._send(answer.reply)
-        except (FrameTooLarge, ValueNotEncodable) as exc:
-            logger.warning("%s: cannot send WELCOME to %s: %s", node.node_id, self.peer, exc)
-            return False
+        welcome: Welcome | None = answer.reply if isinstance(answer.reply, Welcome) else None
+        while welcome is not None:
+            try:
+                return await self._send(welcome)
+            except FrameTooLarge:
+                welcome = fewer_members(welcome)
+                if welcome is not None:
+                    logger.warning(
+                        "%s: WELCOME to %s too large for its maximum frame; trying %d members",
+                        node.node_id,
+                        self.peer,
+                        len(welcome.members),
+                    )
+            except ValueNotEncodable as exc:
+                logger.warning("%s: cannot send WELCOME to %s: %s", node.node_id, self.peer, exc)
+                return False
+        logger.warning("%s: cannot send WELCOME to %s: too large", node.node_id, self.peer)
+        return False
 
     # ------------------------------------------------------------- requests
 
@@ -399,6 +409,7 @@ class ServerConnection:
                 count_other_connections=lambda: node.count_connections(exclude=self),
                 start_shutdown=node.start_shutdown,
                 statistics=node.statistics,
+                max_frame=self.proto.peer_max_frame_size,
             )
         return self._context
 
@@ -413,7 +424,8 @@ class ServerConnection:
                 return
             if isinstance(reply, Error) and reply.name == ErrorCode.CANCELLED.value and count:
                 self.node.stats.requests_cancelled += 1
-            sent = await self._send_reply(reply, count=count)
+            applied = outcome is not None and outcome.applied
+            sent = await self._send_reply(reply, count=count, applied=applied)
             if sent and outcome is not None and outcome.after_reply is not None:
                 outcome.after_reply()
         finally:

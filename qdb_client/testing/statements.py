@@ -2,44 +2,59 @@
 
 :mod:`.storage` owns the pool, the deadlines and the error mapping; the
 functions here take a ``sqlite3.Connection`` in autocommit mode and run one
-method's SQL on it:
+method's SQL on it, with a :class:`Control` shared with the job that runs
+them (its CANCEL flag, the client's frame limit, what the SQL did to the
+connection):
 
 - :func:`execute_one`: one statement; its row count, the id of the row an
   INSERT inserted, and the rows of ``... RETURNING`` (or of any statement
-  that produces rows).
-- :func:`query_one`: one statement that must only read. It runs with
-  ``PRAGMA query_only`` on (SQLite then refuses every write before it
-  starts) and an authorizer refusing what query_only lets through:
-  ATTACH/DETACH, which create files and change the pooled connection, and
-  pragmas that change settings (``journal_mode = delete`` would switch the
-  whole cluster's file out of WAL). Either refusal is READ_ONLY, raised
-  before anything ran; both are switched off again afterwards.
+  that produces rows). It runs under a :class:`~.authorizers.WriteGuard`.
+- :func:`run_execute`: ``execute`` without a key; a statement with
+  RETURNING gets a transaction of its own, so it can still be rolled back.
+- :func:`query_one`: one statement that must only read, under ``PRAGMA
+  query_only`` and a :class:`~.authorizers.ReadGuard` (a refusal is
+  READ_ONLY, raised before anything ran), with SQLite's length limit set
+  to the client's maximum frame; both are switched off again afterwards.
 - :func:`run_batch` / :func:`run_statements`: statements in order, in one
   transaction or inside the caller's.
 - :func:`run_keyed`: a write at most once per idempotency key.
+
+Results are fetched row by row and their size counted as they come: a
+result that can't fit the client's maximum frame stops with
+FRAME_TOO_LARGE before it is all in memory (and a write is rolled back).
+A transaction is checked for a CANCEL once it holds the write lock and
+again right before COMMIT (:meth:`Control.checkpoint`): waiting for the
+lock or running a short statement may outlast the CANCEL's interrupt.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import cbor2
 
-from ..protocol import ErrorCode
+from ..protocol import HEADER_SIZE, ErrorCode
 from ._failure import RequestFailed
+from .authorizers import ReadGuard, WriteGuard
 from .idempotency import IdempotencyKey, KeyedOutcome, KeyedResult
 
 __all__ = [
     "PURGE_LIMIT",
+    "ROWID_MARK",
+    "ROWID_MARK_TABLE",
     "BatchFailure",
+    "Control",
     "Params",
     "Statement",
+    "Stopped",
     "execute_one",
     "is_insert",
     "query_one",
     "run_batch",
+    "run_execute",
     "run_keyed",
     "run_statements",
 ]
@@ -51,23 +66,13 @@ Params = Sequence[Any] | Mapping[str, Any]
 #: One statement of a batch: SQL text and its parameters.
 Statement = tuple[str, Params]
 
-#: Pragmas that take an argument and still only read (``PRAGMA table_info(t)``).
-_READING_PRAGMAS = frozenset(
-    {
-        "foreign_key_check",
-        "foreign_key_list",
-        "index_info",
-        "index_list",
-        "index_xinfo",
-        "integrity_check",
-        "quick_check",
-        "table_info",
-        "table_list",
-        "table_xinfo",
-    }
-)
-#: Pragmas that act even without an argument.
-_ACTING_PRAGMAS = frozenset({"incremental_vacuum", "optimize", "shrink_memory", "wal_checkpoint"})
+#: What ``last_insert_rowid()`` is set to before a statement (see :func:`execute_one`).
+ROWID_MARK = -(2**63)
+#: The TEMP table (one row) each connection inserts into to set :data:`ROWID_MARK`.
+ROWID_MARK_TABLE = "qdb_last_insert"
+
+_RETURNING = re.compile(r"returning", re.IGNORECASE)
+_NO_ROWS: dict[str, Any] = {"rows_affected": 0, "last_insert_id": None}
 
 
 class BatchFailure(Exception):
@@ -79,11 +84,80 @@ class BatchFailure(Exception):
         self.error = error
 
 
+class Stopped(Exception):
+    """A CANCEL stopped the request at a :meth:`Control.checkpoint`; it is rolled back."""
+
+
+class Control:
+    """What the SQL of one request shares with the job that runs it.
+
+    ``result_limit`` is the client's maximum frame in bytes (None: no
+    limit); ``writes`` says the request is ``execute`` or ``batch``, whose
+    refusals carry ``details.executed``. The event loop sets
+    :attr:`cancelled` (a CANCEL); the write authorizer sets
+    :attr:`connection_changed` (a setting or a TEMP object), after which the
+    storage replaces the pooled connection.
+    """
+
+    def __init__(self, result_limit: int | None = None, *, writes: bool = False) -> None:
+        self.result_limit = result_limit
+        self.writes = writes
+        #: Set (from the event loop) when the request is to stop.
+        self.cancelled = False
+        #: Set when a statement changed the pooled connection.
+        self.connection_changed = False
+        self._size = HEADER_SIZE  # a lower bound of the RESPONSE frame so far
+
+    def checkpoint(self) -> None:
+        """Raise :class:`Stopped` if the request was cancelled (thread side)."""
+        if self.cancelled:
+            raise Stopped("cancelled by the client")
+
+    def fetch(self, cursor: sqlite3.Cursor) -> list[list[Any]]:
+        """Every row of ``cursor``, one at a time; FRAME_TOO_LARGE once past the limit."""
+        rows: list[list[Any]] = []
+        limit = self.result_limit
+        for row in cursor:
+            if limit is not None:
+                self._size += 1 + sum(_encoded_at_least(value) for value in row)
+                if self._size > limit:
+                    raise self._too_large(f"result of more than {self._size} bytes", self._size)
+            rows.append(list(row))
+        return rows
+
+    def too_big_value(self) -> RequestFailed:
+        """FRAME_TOO_LARGE for a string or blob above SQLite's length limit (the frame)."""
+        return self._too_large(
+            "a string or blob the query builds or reads",
+            None,
+            " (the node's limit on a query's values, since no such value can be sent)",
+        )
+
+    def _too_large(self, what: str, size: int | None, why: str = "") -> RequestFailed:
+        limit = self.result_limit
+        text = f"{what} exceeds the client's maximum frame of {limit} bytes{why}"
+        text += "; use a LIMIT or a result stream"
+        details: dict[str, Any] = {"max_frame": limit}
+        if size is not None:
+            details["frame_size"] = size
+        if self.writes:
+            text += "; nothing was applied"
+            details["executed"] = False
+        return RequestFailed(ErrorCode.FRAME_TOO_LARGE, text, details=details)
+
+
+def _encoded_at_least(value: Any) -> int:
+    """A lower bound of the size of ``value`` in CBOR (text counts one byte a character)."""
+    if isinstance(value, (bytes, str)):
+        return len(value) + 1
+    return 1
+
+
 # ------------------------------------------------------------------ execute
 
 
-def is_insert(sql: str) -> bool:
-    """Whether ``sql`` starts with INSERT or REPLACE, after whitespace and comments.
+def _first_word(sql: str) -> str:
+    """The statement's first word, lowercased, after whitespace and comments ("" if none).
 
     One forward pass (each comment is skipped with one ``str.find``), so no
     input can make it slow, unlike a regular expression whose comment
@@ -96,72 +170,154 @@ def is_insert(sql: str) -> bool:
         elif sql.startswith("--", i):
             end = sql.find("\n", i + 2)
             if end < 0:
-                return False
+                return ""
             i = end + 1
         elif sql.startswith("/*", i):
             end = sql.find("*/", i + 2)
             if end < 0:
-                return False
+                return ""
             i = end + 2
         else:
             break
-    for keyword in ("insert", "replace"):
-        end = i + len(keyword)
-        if sql[i:end].lower() == keyword and not (
-            end < n and (sql[end].isalnum() or sql[end] == "_")
-        ):
-            return True
-    return False
+    end = i
+    while end < n and (sql[end].isalnum() or sql[end] == "_"):
+        end += 1
+    return sql[i:end].lower()
 
 
-def execute_one(conn: sqlite3.Connection, sql: str, params: Params) -> dict[str, Any]:
+def is_insert(sql: str) -> bool:
+    """Whether ``sql`` starts with INSERT or REPLACE, after whitespace and comments."""
+    return _first_word(sql) in ("insert", "replace")
+
+
+def _refused(what: str, *, in_batch: bool) -> RequestFailed:
+    if what in ("ATTACH", "DETACH"):
+        why = "it would change the node's pooled connection (and may create files)"
+    elif what.startswith("PRAGMA"):
+        why = "it would change the database file every node of the cluster shares"
+    elif in_batch:
+        why = "it would end the batch's transaction"
+    else:
+        why = (
+            "a transaction can't span requests (each may run on another connection);"
+            " send the statements as one batch, which is one transaction"
+        )
+    outcome = "Nothing of the batch was applied" if in_batch else "Nothing was executed"
+    return RequestFailed(
+        ErrorCode.SQL_ERROR,
+        f"{what} is not allowed here: {why}. {outcome}",
+        details={"executed": False, "sqlite_error": "SQLITE_AUTH"},
+    )
+
+
+def _mark_rowid(conn: sqlite3.Connection) -> int:
+    """Set the connection's ``last_insert_rowid()`` to :data:`ROWID_MARK`; return it.
+
+    SQLite keeps the rowid of the connection's last insert, whatever it
+    became since (rolled back, deleted), and offers no SQL to reset it. An
+    insert into the connection's own TEMP table :data:`ROWID_MARK_TABLE`
+    sets it; the table is created on first use. Where nothing may be
+    written (a batch that set ``query_only``), the current value is returned.
+    """
+    insert = f"INSERT OR REPLACE INTO temp.{ROWID_MARK_TABLE}(rowid) VALUES (?)"
+    try:
+        try:
+            conn.execute(insert, (ROWID_MARK,))
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {ROWID_MARK_TABLE}(x)")
+            conn.execute(insert, (ROWID_MARK,))
+    except sqlite3.OperationalError as exc:
+        if not _sqlite_name(exc).startswith("SQLITE_READONLY"):
+            raise
+        return conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+    return ROWID_MARK
+
+
+def execute_one(
+    conn: sqlite3.Connection,
+    sql: str,
+    params: Params,
+    control: Control | None = None,
+    *,
+    in_batch: bool = False,
+) -> dict[str, Any]:
     """Run one statement: ``{"rows_affected", "last_insert_id"}``, plus
     ``"columns"`` and ``"rows"`` when it produces rows (``... RETURNING``).
 
     A statement without a result keeps exactly the two keys, so results of
     plain writes are the same bytes as before RETURNING rows were returned.
+    ``last_insert_id`` is set only when an INSERT (or REPLACE) inserted a row
+    with a rowid. SQLite's ``last_insert_rowid()`` belongs to the connection
+    and does not change for an upsert that updated nor for a WITHOUT ROWID
+    table, so it is set to :data:`ROWID_MARK` first (:func:`_mark_rowid`) and
+    must have changed. (A row inserted with the rowid -2**63 itself is
+    reported as null.)
+    ``in_batch``: the statement is part of a batch, whose transaction the
+    node owns (see :class:`~.authorizers.WriteGuard`).
     """
-    cursor = conn.execute(sql, params)
+    control = control if control is not None else Control()
+    mark = _mark_rowid(conn)
+    # VACUUM attaches a database and opens a transaction of its own; it changes nothing else.
+    guard = None if _first_word(sql) == "vacuum" else WriteGuard(in_batch=in_batch)
+    if guard is not None:
+        conn.set_authorizer(guard)
     try:
-        columns = None
-        rows: list[list[Any]] = []
-        if cursor.description is not None:
-            columns = [d[0] for d in cursor.description]
-            rows = [list(row) for row in cursor.fetchall()]  # also finishes the statement
-        affected = max(cursor.rowcount, 0)
-        # lastrowid is the connection's last insert, so only an INSERT's own counts.
-        last_id = cursor.lastrowid if affected and is_insert(sql) else None
+        try:
+            cursor = conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            if guard is not None and guard.skipped is not None:
+                return dict(_NO_ROWS)  # BEGIN/COMMIT in a batch: the node commits it
+            if guard is not None and guard.refused is not None:
+                raise _refused(guard.refused, in_batch=in_batch) from exc
+            raise
+        try:
+            columns = None
+            rows: list[list[Any]] = []
+            if cursor.description is not None:
+                columns = [d[0] for d in cursor.description]
+                rows = control.fetch(cursor)  # also finishes the statement
+            affected = max(cursor.rowcount, 0)
+            rowid = cursor.lastrowid
+        finally:
+            cursor.close()
     finally:
-        cursor.close()
-    result: dict[str, Any] = {"rows_affected": affected, "last_insert_id": last_id}
+        if guard is not None:
+            conn.set_authorizer(None)
+            control.connection_changed |= guard.changes_connection
+    inserted = affected and rowid is not None and rowid != mark and is_insert(sql)
+    result: dict[str, Any] = {
+        "rows_affected": affected,
+        "last_insert_id": rowid if inserted else None,
+    }
     if columns is not None:
         result["columns"] = columns
         result["rows"] = rows
     return result
 
 
+def run_execute(
+    conn: sqlite3.Connection, sql: str, params: Params, control: Control | None = None
+) -> dict[str, Any]:
+    """``execute`` without an idempotency key.
+
+    A statement that mentions RETURNING runs in a transaction of its own
+    (``BEGIN IMMEDIATE``), so that a result too large for the client, or a
+    CANCEL, rolls its write back; any other statement runs in autocommit mode.
+    """
+    control = control if control is not None else Control()
+    if not _RETURNING.search(sql):
+        return execute_one(conn, sql, params, control)
+    conn.execute("BEGIN IMMEDIATE")
+    control.checkpoint()
+    result = execute_one(conn, sql, params, control)
+    control.checkpoint()
+    _commit(conn)
+    return result
+
+
 # -------------------------------------------------------------------- query
-
-
-class _ReadOnlyGuard:
-    """SQLite authorizer of a read: refuses ATTACH, DETACH and acting pragmas."""
-
-    def __init__(self) -> None:
-        #: What was refused, for the error message (None: nothing).
-        self.refused: str | None = None
-
-    def __call__(
-        self, action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
-    ) -> int:
-        if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
-            self.refused = "ATTACH" if action == sqlite3.SQLITE_ATTACH else "DETACH"
-        elif action == sqlite3.SQLITE_PRAGMA:
-            name = (arg1 or "").lower()
-            if name in _ACTING_PRAGMAS or (arg2 is not None and name not in _READING_PRAGMAS):
-                self.refused = f"PRAGMA {name}"
-        if self.refused is not None:
-            return sqlite3.SQLITE_DENY
-        return sqlite3.SQLITE_OK
 
 
 def _read_only(what: str) -> RequestFailed:
@@ -173,30 +329,44 @@ def _read_only(what: str) -> RequestFailed:
     )
 
 
-def query_one(conn: sqlite3.Connection, sql: str, params: Params) -> dict[str, Any]:
+def _sqlite_name(exc: BaseException) -> str:
+    return getattr(exc, "sqlite_errorname", None) or ""
+
+
+def query_one(
+    conn: sqlite3.Connection, sql: str, params: Params, control: Control | None = None
+) -> dict[str, Any]:
     """Run one read-only statement and fetch its rows: ``{"columns", "rows"}``.
 
     Raises RequestFailed READ_ONLY for a statement that writes; SQLite refuses
-    it before executing anything.
+    it before executing anything. With a ``control.result_limit``, no string
+    or blob longer than it can be built or read (FRAME_TOO_LARGE).
     """
-    guard = _ReadOnlyGuard()
+    control = control if control is not None else Control()
+    guard = ReadGuard()
+    limit = control.result_limit
     conn.execute("PRAGMA query_only = ON")
     conn.set_authorizer(guard)
+    previous = None if limit is None else conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limit)
     try:
         try:
             cursor = conn.execute(sql, params)
+            try:
+                columns = [d[0] for d in cursor.description or ()]
+                rows = control.fetch(cursor)
+            finally:
+                cursor.close()
         except sqlite3.Error as exc:
             if guard.refused is not None:
                 raise _read_only(guard.refused) from exc
-            if (getattr(exc, "sqlite_errorname", None) or "").startswith("SQLITE_READONLY"):
+            if _sqlite_name(exc).startswith("SQLITE_READONLY"):
                 raise _read_only(str(exc)) from exc
+            if limit is not None and _sqlite_name(exc).startswith("SQLITE_TOOBIG"):
+                raise control.too_big_value() from exc
             raise
-        try:
-            columns = [d[0] for d in cursor.description or ()]
-            rows = [list(row) for row in cursor.fetchall()]
-        finally:
-            cursor.close()
     finally:
+        if previous is not None:
+            conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, previous)
         _writable_again(conn)
     return {"columns": columns, "rows": rows}
 
@@ -220,15 +390,18 @@ def _writable_again(conn: sqlite3.Connection) -> None:
 # -------------------------------------------------------------------- batch
 
 
-def run_statements(conn: sqlite3.Connection, statements: Sequence[Statement]) -> dict[str, Any]:
+def run_statements(
+    conn: sqlite3.Connection, statements: Sequence[Statement], control: Control | None = None
+) -> dict[str, Any]:
     """Run ``statements`` in order (in the caller's transaction): ``{"results": [...]}``.
 
     Each result is :func:`execute_one`'s. A failure raises BatchFailure.
     """
+    control = control if control is not None else Control()
     results = []
     for index, (sql, params) in enumerate(statements):
         try:
-            results.append(execute_one(conn, sql, params))
+            results.append(execute_one(conn, sql, params, control, in_batch=True))
         except Exception as exc:
             raise BatchFailure(index, exc) from exc
     return {"results": results}
@@ -245,10 +418,15 @@ def _commit(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
-def run_batch(conn: sqlite3.Connection, statements: Sequence[Statement]) -> dict[str, Any]:
+def run_batch(
+    conn: sqlite3.Connection, statements: Sequence[Statement], control: Control | None = None
+) -> dict[str, Any]:
     """:func:`run_statements` in one transaction of its own: all apply or none."""
+    control = control if control is not None else Control()
     conn.execute("BEGIN IMMEDIATE")
-    result = run_statements(conn, statements)
+    control.checkpoint()  # the lock may have taken long to come
+    result = run_statements(conn, statements, control)
+    control.checkpoint()
     _commit(conn)
     return result
 
@@ -263,6 +441,7 @@ def run_keyed(
     *,
     clock: Callable[[], float],
     ttl: float,
+    control: Control | None = None,
 ) -> KeyedResult:
     """Run ``work`` at most once for ``key``, in one transaction (thread side).
 
@@ -272,7 +451,9 @@ def run_keyed(
     nothing. The stored result is the whole result, RETURNING rows included,
     so a replay is identical to the first answer.
     """
+    control = control if control is not None else Control()
     conn.execute("BEGIN IMMEDIATE")
+    control.checkpoint()  # the lock may have taken long to come
     now = clock()  # read once the write lock is held: waiting for it takes time
     row = conn.execute(
         "SELECT request_hash, result, created_at FROM qdb_idempotency WHERE scope = ? AND key = ?",
@@ -294,5 +475,6 @@ def run_keyed(
         " (scope, key, request_hash, result, created_at) VALUES (?, ?, ?, ?, ?)",
         (key.scope, key.key, key.request_hash, cbor2.dumps(result), now),
     )
+    control.checkpoint()
     _commit(conn)
     return KeyedResult(KeyedOutcome.STORED, result)

@@ -2,18 +2,30 @@
 
 All nodes of a cluster open the same database file (WAL mode, busy timeout
 5 s), so a write through one node is visible through every other. Each
-statement runs in a worker thread (``trio.to_thread.run_sync``) on one
-pooled connection at a time.
+statement runs in a worker thread on one pooled connection at a time.
 
 Deadlines: waiting for a pooled connection is bounded by the request
 deadline in trio time. Running a statement is real work that a virtual
 clock cannot speed up, so it gets the remaining budget in *real* time: a
-SQLite progress handler aborts the statement once the budget is spent, and
-cancelling the waiting task (CANCEL, dropped connection, shutdown) calls
-``connection.interrupt()``. Either way SQLite stops with SQLITE_INTERRUPT
-and rolls the statement (or batch transaction) back, reported as TIMEOUT
-with ``details={"executed": False}`` (which the connection turns into
-CANCELLED when the client's CANCEL caused it).
+SQLite progress handler aborts the statement once the budget is spent.
+SQLite stops with SQLITE_INTERRUPT and rolls the statement (or batch
+transaction) back, reported as TIMEOUT with ``details={"executed": False}``.
+
+Cancellation (CANCEL, dropped connection, shutdown) never abandons the
+worker thread: it raises the job's ``cancelled`` flag and calls
+``connection.interrupt()``, then keeps waiting for the thread. A statement
+SQLite is executing stops; a transaction that was waiting for the write
+lock, or ran statements too short for the interrupt to land, stops at its
+next checkpoint (once it holds the lock, right before COMMIT) and rolls
+back. Either way the job fails as interrupted, which the connection
+answers CANCELLED. A job that finished anyway (its COMMIT was done) keeps
+its result: the caller answers it as if the CANCEL had crossed the reply.
+
+A request that changed its pooled connection (a pragma setting a value, a
+TEMP object: see :mod:`.authorizers`) gets the connection replaced by a
+fresh one once it is over, so the next request, maybe another client's,
+finds the connection as every other one. ``foreign_keys`` is applied to
+every pooled connection when it opens.
 
 Idempotency keys (:mod:`.idempotency`, :func:`.statements.run_keyed`): a
 keyed write runs in one transaction opened with ``BEGIN IMMEDIATE``, which
@@ -47,19 +59,20 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import trio
-import trio.testing
 
 from ..protocol import ErrorCode
 from ._failure import RequestFailed
 from .idempotency import DEFAULT_TTL, SCHEMA, IdempotencyKey, KeyedResult
+from .jobs import BUSY_TIMEOUT_MS, Job, result_of, virtual_time, wait_for_thread
 from .statements import (
     PURGE_LIMIT,
-    BatchFailure,
+    Control,
     Params,
     Statement,
     execute_one,
     query_one,
     run_batch,
+    run_execute,
     run_keyed,
     run_statements,
 )
@@ -68,102 +81,7 @@ __all__ = ["BUSY_TIMEOUT_MS", "PURGE_LIMIT", "Params", "Statement", "Storage", "
 
 logger = logging.getLogger("qdb_client.testing")
 
-#: SQLite busy timeout (waiting for another writer's lock), in milliseconds.
-BUSY_TIMEOUT_MS = 5000
-#: VM instructions between two deadline checks of the progress handler.
-_PROGRESS_STEPS = 1000
-
 T = TypeVar("T")
-
-
-class _Job:
-    """One unit of work on one connection, run in a worker thread."""
-
-    def __init__(
-        self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any], budget: float
-    ) -> None:
-        self.conn = conn
-        self.fn = fn
-        self.budget = budget
-        self.real_deadline = 0.0
-        self.timed_out = False
-        self.cancelled = False
-
-    def run(self) -> Any:
-        conn = self.conn
-        self.real_deadline = time.monotonic() + self.budget
-        busy_ms = max(1, min(BUSY_TIMEOUT_MS, int(self.budget * 1000)))
-        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-        conn.set_progress_handler(self._progress, _PROGRESS_STEPS)
-        try:
-            return self.fn(conn)
-        finally:
-            conn.set_progress_handler(None, 0)
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.OperationalError:
-                    # A cancel's interrupt() raced with the end of the work and hit
-                    # the ROLLBACK; it never outlives that statement, so once more.
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-
-    def _progress(self) -> int:
-        if self.cancelled:
-            return 1
-        if time.monotonic() >= self.real_deadline:
-            self.timed_out = True
-            return 1
-        return 0
-
-    def past_deadline(self) -> bool:
-        return self.timed_out or time.monotonic() >= self.real_deadline
-
-
-# ---------------------------------------------------------------- error mapping
-
-
-def _sqlite_name(exc: BaseException) -> str:
-    return getattr(exc, "sqlite_errorname", None) or type(exc).__name__
-
-
-def _translate(exc: BaseException, job: _Job, index: int | None = None) -> RequestFailed | None:
-    """The structured error for an exception from a statement; None if unexpected."""
-    details: dict[str, Any] = {} if index is None else {"statement_index": index}
-    name = _sqlite_name(exc)
-    text = str(exc)
-    if isinstance(exc, sqlite3.Error):
-        details["sqlite_error"] = name
-    if isinstance(exc, sqlite3.OperationalError) and (
-        name.startswith("SQLITE_INTERRUPT") or text == "interrupted"
-    ):
-        return RequestFailed(
-            ErrorCode.TIMEOUT,
-            "statement interrupted at the request deadline; it was rolled back",
-            details={**details, "executed": False},
-        )
-    if isinstance(exc, sqlite3.OperationalError) and name.startswith(
-        ("SQLITE_BUSY", "SQLITE_LOCKED")
-    ):
-        if job.past_deadline():
-            return RequestFailed(
-                ErrorCode.TIMEOUT,
-                f"database stayed locked until the request deadline: {text}",
-                details={**details, "executed": False},
-            )
-        return RequestFailed(ErrorCode.UNAVAILABLE, f"database is busy: {text}", details=details)
-    if isinstance(exc, sqlite3.IntegrityError):
-        return RequestFailed(ErrorCode.CONSTRAINT_VIOLATION, text, details=details)
-    if isinstance(exc, sqlite3.Error):
-        return RequestFailed(ErrorCode.SQL_ERROR, text, details=details)
-    if isinstance(exc, (OverflowError, ValueError, TypeError)):
-        return RequestFailed(ErrorCode.INVALID_REQUEST, f"bad parameter: {exc}", details=details)
-    return None
-
-
-def _virtual_time() -> bool:
-    """Whether the current trio run is driven by a MockClock."""
-    return isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
 
 
 # ---------------------------------------------------------------------- storage
@@ -175,13 +93,18 @@ class Storage:
     ``path=None`` creates a private temporary database, deleted by
     :meth:`close`. Connections are opened on first use (or by
     :meth:`open`), in a worker thread. Opening creates the
-    ``qdb_idempotency`` table if missing.
+    ``qdb_idempotency`` table if missing. ``foreign_keys`` switches foreign
+    key enforcement on for every pooled connection.
 
     ``idempotency_ttl`` is how long (seconds) a keyed write's outcome is
     kept; ``clock`` gives the time stored with it and compared against it.
     It defaults to ``time.time``: wall-clock time, because the nodes sharing
     the file may be separate processes. Tests may assign :attr:`clock` to
     move time without sleeping.
+
+    The data methods take ``result_limit``: the client's maximum frame in
+    bytes, which a result (and, for a query, any one value) may not exceed
+    (FRAME_TOO_LARGE, a write rolled back).
     """
 
     def __init__(
@@ -191,6 +114,7 @@ class Storage:
         pool_size: int = 4,
         idempotency_ttl: float = DEFAULT_TTL,
         clock: Callable[[], float] = time.time,
+        foreign_keys: bool = False,
     ) -> None:
         self._path = path
         self._pool_size = pool_size
@@ -198,6 +122,8 @@ class Storage:
         self.idempotency_ttl = idempotency_ttl
         #: Wall-clock source (seconds) for idempotency entries; called in worker threads.
         self.clock = clock
+        #: Whether every pooled connection enforces foreign keys.
+        self.foreign_keys = foreign_keys
         self._temp_dir: str | None = None
         self._connections: list[sqlite3.Connection] = []
         self._free_send: trio.MemorySendChannel[sqlite3.Connection] | None = None
@@ -217,7 +143,7 @@ class Storage:
                 return
             if self._closed:
                 raise RuntimeError("storage is closed")
-            if _virtual_time():
+            if virtual_time():
                 await trio.lowlevel.checkpoint()
                 connections = self._open_sync()
             else:
@@ -235,14 +161,7 @@ class Storage:
         connections: list[sqlite3.Connection] = []
         try:
             for _ in range(self._pool_size):
-                conn = sqlite3.connect(
-                    self._path,
-                    check_same_thread=False,
-                    isolation_level=None,
-                    timeout=BUSY_TIMEOUT_MS / 1000,
-                )
-                connections.append(conn)
-                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                connections.append(self._connect())
             _initialise(connections[0])
         except BaseException:
             for conn in connections:
@@ -250,6 +169,24 @@ class Storage:
             raise
         logger.debug("storage opened %s with %d connections", self._path, len(connections))
         return connections
+
+    def _connect(self) -> sqlite3.Connection:
+        """One pooled connection, set up as every one is (any thread)."""
+        assert self._path is not None
+        conn = sqlite3.connect(
+            self._path,
+            check_same_thread=False,
+            isolation_level=None,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if self.foreign_keys:
+                conn.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def close(self) -> None:
         """Close every connection and delete a temporary database (idempotent)."""
@@ -267,46 +204,82 @@ class Storage:
 
     # --------------------------------------------------------------- requests
 
-    async def execute(self, sql: str, params: Params, *, deadline: float) -> dict[str, Any]:
+    async def execute(
+        self, sql: str, params: Params, *, deadline: float, result_limit: int | None = None
+    ) -> dict[str, Any]:
         """Run one statement; ``{"rows_affected", "last_insert_id"}`` (plus
         ``"columns"`` and ``"rows"`` when it produces rows, e.g. RETURNING)."""
-        return await self._run(lambda conn: execute_one(conn, sql, params), deadline)
+        control = Control(result_limit, writes=True)
+        return await self._run(lambda c: run_execute(c, sql, params, control), deadline, control)
 
-    async def query(self, sql: str, params: Params, *, deadline: float) -> dict[str, Any]:
+    async def query(
+        self, sql: str, params: Params, *, deadline: float, result_limit: int | None = None
+    ) -> dict[str, Any]:
         """Run one read-only statement and fetch its rows; ``{"columns", "rows"}``.
 
         A statement that writes is READ_ONLY, refused before it executes.
         """
-        return await self._run(lambda conn: query_one(conn, sql, params), deadline)
+        control = Control(result_limit)
+        return await self._run(lambda c: query_one(c, sql, params, control), deadline, control)
 
-    async def batch(self, statements: Sequence[Statement], *, deadline: float) -> dict[str, Any]:
+    async def batch(
+        self,
+        statements: Sequence[Statement],
+        *,
+        deadline: float,
+        result_limit: int | None = None,
+    ) -> dict[str, Any]:
         """Run statements in one transaction: all apply or none; ``{"results": [...]}``.
 
         A failure names the statement in ``details["statement_index"]``.
         """
-        return await self._run(lambda conn: run_batch(conn, statements), deadline)
+        control = Control(result_limit, writes=True)
+        return await self._run(lambda c: run_batch(c, statements, control), deadline, control)
 
     async def execute_keyed(
-        self, sql: str, params: Params, key: IdempotencyKey, *, deadline: float
+        self,
+        sql: str,
+        params: Params,
+        key: IdempotencyKey,
+        *,
+        deadline: float,
+        result_limit: int | None = None,
     ) -> KeyedResult:
         """:meth:`execute` at most once for ``key`` (see :func:`run_keyed`)."""
-        return await self._run_keyed(key, lambda conn: execute_one(conn, sql, params), deadline)
+        control = Control(result_limit, writes=True)
+        work = lambda c: execute_one(c, sql, params, control)  # noqa: E731
+        return await self._run_keyed(key, work, deadline, control)
 
     async def batch_keyed(
-        self, statements: Sequence[Statement], key: IdempotencyKey, *, deadline: float
+        self,
+        statements: Sequence[Statement],
+        key: IdempotencyKey,
+        *,
+        deadline: float,
+        result_limit: int | None = None,
     ) -> KeyedResult:
         """:meth:`batch` at most once for ``key`` (see :func:`run_keyed`)."""
-        return await self._run_keyed(key, lambda conn: run_statements(conn, statements), deadline)
+        control = Control(result_limit, writes=True)
+        work = lambda c: run_statements(c, statements, control)  # noqa: E731
+        return await self._run_keyed(key, work, deadline, control)
 
     async def _run_keyed(
-        self, key: IdempotencyKey, work: Callable[[sqlite3.Connection], Any], deadline: float
+        self,
+        key: IdempotencyKey,
+        work: Callable[[sqlite3.Connection], Any],
+        deadline: float,
+        control: Control,
     ) -> KeyedResult:
         clock, ttl = self.clock, self.idempotency_ttl
         return await self._run(
-            lambda conn: run_keyed(conn, key, work, clock=clock, ttl=ttl), deadline
+            lambda c: run_keyed(c, key, work, clock=clock, ttl=ttl, control=control),
+            deadline,
+            control,
         )
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], deadline: float) -> T:
+    async def _run(
+        self, fn: Callable[[sqlite3.Connection], T], deadline: float, control: Control
+    ) -> T:
         await self.open()
         assert self._free_receive is not None and self._free_send is not None
         free_send = self._free_send
@@ -319,6 +292,7 @@ class Storage:
                 "no database connection became free before the request deadline",
                 details={"executed": False},
             )
+        job: Job | None = None
         try:
             budget = deadline - trio.current_time()
             if budget <= 0:
@@ -327,59 +301,18 @@ class Storage:
                     "request deadline passed before the statement started",
                     details={"executed": False},
                 )
-            return await self._run_on(conn, fn, budget)
+            job = Job(conn, fn, budget, control=control, reopen=self._connect)
+            if virtual_time():
+                await trio.lowlevel.checkpoint()
+                ok, value = job.capture()
+            else:
+                ok, value = await wait_for_thread(job)
+            return result_of(job, ok, value)
         finally:
+            if job is not None and job.conn is not conn:  # replaced: it had been changed
+                self._connections = [job.conn if c is conn else c for c in self._connections]
+                conn = job.conn
             free_send.send_nowait(conn)
-
-    async def _run_on(
-        self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], budget: float
-    ) -> T:
-        job = _Job(conn, fn, budget)
-        finished = False
-
-        async def interrupt_if_cancelled() -> None:
-            try:
-                await trio.sleep_forever()
-            finally:
-                if not finished:
-                    job.cancelled = True
-                    conn.interrupt()
-
-        def capture() -> tuple[bool, Any]:
-            try:
-                return True, job.run()
-            except Exception as exc:
-                return False, exc
-
-        if _virtual_time():
-            await trio.lowlevel.checkpoint()
-            ok, value = capture()
-            return self._result(job, ok, value)
-        # Raise only after the nursery closed, so callers never see an ExceptionGroup.
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(interrupt_if_cancelled)
-            try:
-                ok, value = await trio.to_thread.run_sync(capture, abandon_on_cancel=False)
-            finally:
-                finished = True
-                nursery.cancel_scope.cancel()
-        return self._result(job, ok, value)
-
-    @staticmethod
-    def _result(job: _Job, ok: bool, value: Any) -> Any:
-        if ok:
-            return value
-        if isinstance(value, RequestFailed):  # decided by the statement code (READ_ONLY)
-            raise value
-        if isinstance(value, BatchFailure):
-            failure = _translate(value.error, job, value.index)
-            if failure is None:
-                raise value.error
-            raise failure from value.error
-        failure = _translate(value, job)
-        if failure is None:
-            raise value
-        raise failure from value
 
 
 def _initialise(conn: sqlite3.Connection, *, patience: float = 10.0) -> None:

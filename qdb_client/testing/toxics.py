@@ -45,13 +45,13 @@ from ..errors import ConfigError
 
 __all__ = [
     "DIRECTIONS",
+    "MAX_ATTRIBUTE",
     "TOXIC_KINDS",
     "Behaviour",
     "Chunk",
     "PumpEnd",
     "StopPump",
     "Toxic",
-    "ToxicHandle",
     "ToxicSet",
     "make_behaviour",
     "make_toxic",
@@ -59,6 +59,8 @@ __all__ = [
 
 #: Valid ``direction`` values.
 DIRECTIONS = ("upstream", "downstream", "both")
+#: Largest value of a numeric attribute (beyond it, floats lose integers).
+MAX_ATTRIBUTE = 2**53
 
 _REQUIRED = object()
 
@@ -82,11 +84,23 @@ class _Attr:
         wanted = int if self.integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, wanted):
             what = "an integer" if self.integer else "a number"
-            raise ConfigError(f"{where} must be {what} of {self.unit}, not {value!r}")
-        if not math.isfinite(value) or value < self.minimum or (self.positive and value <= 0):
+            raise ConfigError(f"{where} must be {what} of {self.unit}, not {_shown(value)}")
+        infinite = isinstance(value, float) and not math.isfinite(value)
+        if infinite or value < self.minimum or (self.positive and value <= 0):
             bound = "> 0" if self.positive else f">= {self.minimum:g}"
-            raise ConfigError(f"{where} must be finite and {bound} ({self.unit}), not {value!r}")
+            raise ConfigError(
+                f"{where} must be finite and {bound} ({self.unit}), not {_shown(value)}"
+            )
+        if value > MAX_ATTRIBUTE:  # an int too large for a float: math would overflow
+            raise ConfigError(f"{where} must be at most 2**53 ({self.unit}), not {_shown(value)}")
         return value
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, except for integers too long to print in full."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
 
 
 def _ms(name: str) -> _Attr:
@@ -164,7 +178,7 @@ def make_toxic(
     ):
         raise ConfigError(f"toxicity must be a number within 0..1, not {toxicity!r}")
     if not isinstance(id, str) or not id:
-        raise ConfigError(f"a toxic's name must be a non-empty string, not {id!r}")
+        raise ConfigError(f"a toxic's name must be a non-empty string, not {_shown(id)}")
     given = dict(attributes or {})
     schema = _SCHEMAS[kind]
     unknown = sorted(set(given) - {a.name for a in schema})
@@ -215,18 +229,23 @@ class ToxicSet:
     ) -> Toxic:
         """Validate and append a toxic (see :func:`make_toxic`); nothing changes on error.
 
-        ``name`` defaults to ``"<kind>-<n>"``; a name already in use is a ConfigError.
+        ``name`` defaults to ``"<kind>-<n>"``; an empty name, or one already in
+        use, is a ConfigError.
         """
         toxic = make_toxic(
-            kind, id=name or kind, direction=direction, toxicity=toxicity, attributes=attributes
+            kind,
+            id=kind if name is None else name,
+            direction=direction,
+            toxicity=toxicity,
+            attributes=attributes,
         )
         if name is None:
             while name is None or name in self._toxics:
                 self._serial += 1
                 name = f"{kind}-{self._serial}"
             toxic = dataclasses.replace(toxic, id=name)
-        elif name in self._toxics:
-            raise ConfigError(f"a toxic named {name!r} already exists")
+        elif toxic.id in self._toxics:
+            raise ConfigError(f"a toxic named {toxic.id!r} already exists")
         self._toxics[toxic.id] = toxic
         self._counts[toxic] = [0, 0]
         self._notify()
@@ -290,45 +309,6 @@ class ToxicSet:
     def _notify(self) -> None:
         for callback in list(self._subscribers):
             callback()
-
-
-class ToxicHandle:
-    """One toxic added to a proxy (``FaultProxy.add_toxic``); ``remove()`` takes it away.
-
-    ``id``, ``kind``, ``direction``, ``toxicity`` and ``attributes`` are those of
-    :attr:`toxic`, the validated :class:`Toxic`.
-    """
-
-    def __init__(self, toxics: ToxicSet, toxic: Toxic) -> None:
-        self._toxics = toxics
-        #: The validated :class:`Toxic`.
-        self.toxic = toxic
-        #: The toxic's name on its proxy, e.g. ``"latency-1"``.
-        self.id = toxic.id
-        #: The toxic kind, e.g. ``"latency"``.
-        self.kind = toxic.kind
-        #: ``"upstream"``, ``"downstream"`` or ``"both"``.
-        self.direction = toxic.direction
-        #: Probability that it applies to a given connection.
-        self.toxicity = toxic.toxicity
-        #: The kind's attributes, defaults included (a copy).
-        self.attributes = dict(toxic.attributes)
-
-    @property
-    def active(self) -> bool:
-        """Whether the toxic is still on the proxy."""
-        return self.toxic in self._toxics
-
-    def remove(self) -> bool:
-        """Remove it (from open connections' next chunk on); False if already gone."""
-        return self._toxics.remove(self.toxic)
-
-    def describe(self) -> dict[str, Any]:
-        """A plain dict: ``id``, ``kind``, ``direction``, ``toxicity``, ``attributes``."""
-        return self.toxic.describe()
-
-    def __repr__(self) -> str:
-        return f"<ToxicHandle {self.id} {self.direction} {self.attributes}>"
 
 
 # ------------------------------------------------------------------ behaviour

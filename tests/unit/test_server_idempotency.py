@@ -1,19 +1,22 @@
-"""Idempotency pieces of the test node without a network: key format, request hashes,
-the keyed transaction on a bare SQLite connection, the drop_after_commit fault, and
-the TTL option.
+"""Idempotency pieces of the test node without a network: key format, request hashes
+(and what counts as the same request), the keyed transaction on a bare SQLite
+connection, the drop_after_commit fault, and the TTL option.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from qdb_client.errors import ConfigError
-from qdb_client.protocol import ErrorCode
-from qdb_client.testing import Faults, ServerConfig
+from qdb_client.protocol import ErrorCode, Response
+from qdb_client.testing import Faults, QdbNode, ServerConfig
 from qdb_client.testing._failure import RequestFailed
 from qdb_client.testing.cli import build_parser, config_from_args, options_to_args
 from qdb_client.testing.idempotency import (
@@ -24,7 +27,10 @@ from qdb_client.testing.idempotency import (
     check_key,
     request_hash,
 )
+from qdb_client.testing.methods import _sql_args
 from qdb_client.testing.storage import PURGE_LIMIT, run_keyed
+
+from ..common.raw_client import RawClient
 
 # ---------------------------------------------------------------- keys
 
@@ -75,6 +81,56 @@ def test_request_hash_of_named_params_ignores_their_order():
     assert request_hash("execute", [sql, {"a": 1, "b": b"x"}]) == request_hash(
         "execute", [sql, {"b": b"x", "a": 1}]
     )
+
+
+@pytest.mark.parametrize("params", [None, [], {}])
+def test_absent_null_and_empty_params_are_one_request(params: object):
+    # 8.5: "Absent, null and empty params are the same request."
+    args = {"sql": "select 1"} if params is None else {"sql": "select 1", "params": params}
+    assert _sql_args(args) == ("select 1", ())
+    assert request_hash("execute", list(_sql_args(args))) == request_hash(
+        "execute", ["select 1", ()]
+    )
+    with pytest.raises(RequestFailed, match="'params' must be a list or a map"):
+        _sql_args({"sql": "select 1", "params": 0})
+
+
+@asynccontextmanager
+async def memory_node() -> AsyncIterator[tuple[QdbNode, RawClient]]:
+    """A test-mode node serving one in-memory connection, and a handshaken client."""
+    node = QdbNode(ServerConfig(test_mode=True, client_idle_timeout=600.0, request_timeout=60.0))
+    client_end, node_end = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.serve_connection, node_end)
+        client = RawClient(client_end, timeout=1000.0)
+        await client.handshake()
+        try:
+            yield node, client
+        finally:
+            await client.aclose()
+            await node.aclose()
+
+
+async def test_empty_map_params_are_the_same_request_as_absent_params(autojump_clock):
+    async with memory_node() as (_node, client):
+        await client.call("execute", {"sql": "create table t(x)"})
+        write = "insert into t values (1)"
+        first = await client.call("execute", {"sql": write, "params": {}}, idempotency_key="k")
+        again = await client.request("execute", {"sql": write}, idempotency_key="k")
+        assert isinstance(again, Response), again
+        assert again.result == first
+        assert (await client.call("query", {"sql": "select count(*) from t"}))["rows"] == [[1]]
+
+
+async def test_empty_map_params_in_a_batch_are_the_same_as_absent(autojump_clock):
+    async with memory_node() as (node, client):
+        await client.call("execute", {"sql": "create table t(x)"})
+        stmt = "insert into t values (1)"
+        batch = {"statements": [{"sql": stmt, "params": {}}]}
+        await client.call("batch", batch, idempotency_key="b")
+        again = await client.request("batch", {"statements": [{"sql": stmt}]}, idempotency_key="b")
+        assert isinstance(again, Response), again
+        assert node.statistics()["idempotent_hits"] == 1
 
 
 # ------------------------------------------------- the keyed transaction

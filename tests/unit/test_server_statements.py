@@ -2,7 +2,9 @@
 
 Plain sqlite3 connections, no node and no trio: RETURNING rows, the
 INSERT detection behind ``last_insert_id`` (which must stay linear on any
-input), and read-only queries that leave their connection as they found it.
+input), read-only queries that leave their connection as they found it,
+and the CANCEL checkpoints of a transaction (once it holds the lock, right
+before COMMIT) that stop what SQLite's interrupt() would miss.
 """
 
 from __future__ import annotations
@@ -16,8 +18,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qdb_client.testing._failure import RequestFailed
-from qdb_client.testing.statements import execute_one, is_insert, query_one, run_statements
-from qdb_client.testing.storage import _Job
+from qdb_client.testing.idempotency import SCHEMA, IdempotencyKey
+from qdb_client.testing.jobs import Job
+from qdb_client.testing.statements import (
+    Control,
+    Stopped,
+    execute_one,
+    is_insert,
+    query_one,
+    run_batch,
+    run_execute,
+    run_keyed,
+    run_statements,
+)
 
 #: What ``is_insert`` decides, as a regular expression: fine on short inputs. (The one
 #: used before, ``/\*.*?\*/`` for a comment, was exponential on ``/**//**/...`` and,
@@ -217,8 +230,78 @@ def test_an_interrupt_racing_the_rollback_of_a_job_still_rolls_back():
 
     _InterruptedOnce.fail_on = "ROLLBACK"
     with pytest.raises(sqlite3.OperationalError):
-        _Job(conn, fails_in_a_transaction, budget=10.0).run()
+        Job(conn, fails_in_a_transaction, budget=10.0).run()
     assert _InterruptedOnce.fail_on == ""
     assert not conn.in_transaction
     assert conn.execute("select count(*) from t").fetchone() == (0,)
     conn.close()
+
+
+# ------------------------------------------------------- CANCEL checkpoints
+
+
+def _cancelling(conn: sqlite3.Connection, control: Control) -> None:
+    """``cancel()`` in SQL: a CANCEL arriving while a statement runs, too short to interrupt."""
+
+    def cancel() -> int:
+        control.cancelled = True
+        return 1
+
+    conn.create_function("cancel", 0, cancel)
+
+
+@pytest.mark.parametrize("how", ["batch", "keyed", "returning"])
+def test_a_cancel_during_a_short_transaction_stops_it_before_commit(
+    conn: sqlite3.Connection, how: str
+):
+    for statement in SCHEMA:
+        conn.execute(statement)
+    control = Control()
+    _cancelling(conn, control)
+    write = "insert into t(x) select cancel() returning id"
+    work = {
+        "batch": lambda: run_batch(conn, [(write, ())], control),
+        "keyed": lambda: run_keyed(
+            conn,
+            IdempotencyKey("k", b"h"),
+            lambda c: execute_one(c, write, (), control),
+            clock=lambda: 0.0,
+            ttl=60.0,
+            control=control,
+        ),
+        "returning": lambda: run_execute(conn, write, (), control),
+    }[how]
+    with pytest.raises(Stopped):
+        Job(conn, lambda c: work(), budget=10.0, control=control).run()
+    assert not conn.in_transaction
+    assert conn.execute("select count(*) from t").fetchone() == (0,)
+    assert conn.execute("select count(*) from qdb_idempotency").fetchone() == (0,)
+
+
+def test_a_job_cancelled_before_it_started_runs_nothing(conn: sqlite3.Connection):
+    control = Control()
+    control.cancelled = True
+    with pytest.raises(Stopped):
+        Job(
+            conn, lambda c: execute_one(c, "insert into t(x) values (1)", ()), 10.0, control=control
+        ).run()
+    assert conn.execute("select count(*) from t").fetchone() == (0,)
+
+
+def test_a_job_that_changed_its_connection_hands_back_a_fresh_one(tmp_path):
+    path = str(tmp_path / "db.sqlite3")
+    first = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    control = Control()
+    job = Job(
+        first,
+        lambda c: execute_one(c, "create temp table scratch(x)", (), control),
+        10.0,
+        control=control,
+        reopen=lambda: sqlite3.connect(path, isolation_level=None),
+    )
+    job.run()
+    assert control.connection_changed and job.conn is not first
+    with pytest.raises(sqlite3.ProgrammingError):  # the changed one is closed
+        first.execute("select 1")
+    assert job.conn.execute("select count(*) from sqlite_temp_master").fetchone() == (0,)
+    job.conn.close()
