@@ -6,16 +6,20 @@ put in their wire form; shared by the client and its transactions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
 
-from .errors import InvalidArgument
+import trio
+
+from .errors import InvalidArgument, QdbError
 from .values import prepare_params
 
 __all__ = [
     "Params",
     "Statement",
     "batch_args",
+    "checkpointed",
     "chunks",
     "executemany_args",
     "expect_rows",
@@ -26,6 +30,29 @@ __all__ = [
 Params = Sequence[Any] | Mapping[str, Any] | None
 #: A batch entry: SQL text, ``(sql, params)`` or ``{"sql": ..., "params": ...}``.
 Statement = str | tuple[str, Params] | Mapping[str, Any]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+#: The largest count the protocol carries (u64).
+_U64_MAX = 2**64 - 1
+
+
+def checkpointed(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Make every path of an async public method a trio checkpoint.
+
+    Calls that fail argument checks would otherwise raise without ever
+    yielding, which breaks the trio convention callers rely on.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except QdbError:
+            await trio.lowlevel.checkpoint()
+            raise
+
+    return wrapper
 
 
 def statement_args(sql: str, params: Params) -> dict[str, Any]:
@@ -76,8 +103,10 @@ def chunks(args: dict[str, Any], fits: Callable[[dict[str, Any]], bool]) -> list
 
 
 def expect_rows(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidArgument(f"expect_rows must be a non-negative integer, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U64_MAX:
+        raise InvalidArgument(
+            f"expect_rows must be an integer from 0 to 2**64-1, not {value!r:.40}"
+        )
     return value
 
 

@@ -24,6 +24,7 @@ from ._arguments import (
     Params,
     Statement,
     batch_args,
+    checkpointed,
     chunks,
     executemany_args,
     statement_args,
@@ -44,7 +45,13 @@ from ._policies import (
 from ._pool import PoolLimits
 from ._prepared import PreparedStatement, from_prepare_reply
 from ._request import PipelineCounters, RequestPipeline
-from ._transaction import Transaction, run_in_transaction, transaction
+from ._transaction import (
+    Transaction,
+    TransactionCounters,
+    rows_affected,
+    run_in_transaction,
+    transaction,
+)
 from ._transport import Connection, ConnectionListener
 from ._transport.establish import establish
 from ._version import __version__
@@ -95,22 +102,7 @@ async def open_client(
         yield client
 
 
-def _checkpointed(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Make every path of an async public method a trio checkpoint.
-
-    Calls that fail argument checks would otherwise raise without ever
-    yielding, which breaks the trio convention callers rely on.
-    """
-
-    @functools.wraps(method)
-    async def checkpointed(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await method(*args, **kwargs)
-        except QdbError:
-            await trio.lowlevel.checkpoint()
-            raise
-
-    return checkpointed
+_checkpointed = checkpointed
 
 
 #: Idempotency keys: 1..128 characters of this set (docs/protocol.md).
@@ -141,6 +133,8 @@ class Client:
         self.events = EventBus(config.listeners)
         #: Seed 003's reliability counters and rates (``statistics()["reliability"]``).
         self._reliability = ReliabilityMetrics()
+        #: How transactions ended (``statistics()["transactions"]``).
+        self._transactions = TransactionCounters()
 
     # ------------------------------------------------------------ public API
 
@@ -237,17 +231,20 @@ class Client:
         several requests inside one transaction, committed once.
         """
         args = executemany_args(sql, rows)
+        key = self._key(idempotency_key)  # checked here, whichever path follows
         if self._fits(args):
-            result = await self._call("executemany", args, timeout, idempotency_key=idempotency_key)
-            return ExecuteResult.from_wire(result).rows_affected
+            affected: int = await self._call(
+                "executemany", args, timeout, idempotency_key=key or False, parse=rows_affected
+            )
+            return affected
 
         async def in_chunks(tx: Transaction) -> int:
             total = 0
             for chunk in chunks(args, self._fits):
-                total += await tx.executemany(sql, chunk, timeout=timeout)
+                total += await tx._executemany_wire({"sql": sql, "rows": chunk}, timeout)
             return total
 
-        return await run_in_transaction(self, in_chunks, retries=0, timeout=timeout)
+        return await run_in_transaction(self, in_chunks, retries=0, timeout=timeout, commit_key=key)
 
     @_checkpointed
     async def prepare(self, sql: str, *, timeout: float | None = None) -> PreparedStatement:
@@ -259,8 +256,14 @@ class Client:
         (see :mod:`qdb_client._prepared`). Wrong parameters fail before sending.
         """
         args = statement_args(sql, None)
-        reply = await self._call("prepare", args, timeout, read_only=True)
-        return from_prepare_reply(self, sql, reply)
+        statement: PreparedStatement = await self._call(
+            "prepare",
+            args,
+            timeout,
+            read_only=True,
+            parse=functools.partial(from_prepare_reply, self, sql),
+        )
+        return statement
 
     def transaction(
         self, *, read_only: bool = False, timeout: float | None = None
@@ -359,6 +362,7 @@ class Client:
             "nodes": [] if self._cluster is None else self._cluster.statistics(),
             "latency": latency,
             "reliability": reliability,
+            "transactions": self._transactions.snapshot(),
         }
 
     def _reliability_totals(self) -> dict[str, int]:
@@ -493,14 +497,7 @@ class Client:
         self._require_cluster()
         assert self._pipeline is not None
         key = self._key(idempotency_key) if not read_only else None
-        if self._active >= self.config.max_concurrent_requests:
-            self._bulkhead_rejections += 1
-            await trio.lowlevel.checkpoint()
-            raise BulkheadFull(
-                f"{self._active} calls already in progress"
-                f" (max_concurrent_requests={self.config.max_concurrent_requests})"
-            )
-        self._active += 1
+        await self._admit()
         try:
             return await self._pipeline.call(
                 method,
@@ -513,13 +510,35 @@ class Client:
         finally:
             self._active -= 1
 
+    async def _admit(self) -> None:
+        """Take a place in the client-wide bulkhead (give it back: ``_active -= 1``),
+        or raise BulkheadFull (a checkpoint either way is the caller's)."""
+        if self._active >= self.config.max_concurrent_requests:
+            self._bulkhead_rejections += 1
+            await trio.lowlevel.checkpoint()
+            raise BulkheadFull(
+                f"{self._active} calls already in progress"
+                f" (max_concurrent_requests={self.config.max_concurrent_requests})"
+            )
+        self._active += 1
+
     def _fits(self, args: dict[str, Any]) -> bool:
         """Whether a request with ``args`` fits one frame (with room to spare)."""
         try:
             size = len(encode_body(args))
         except QdbError:
             return True  # let the send say what is wrong with it
-        return size + 512 < self.config.max_frame_size
+        return size + 512 < self._frame_limit()
+
+    def _frame_limit(self) -> int:
+        """The largest request frame every connected node accepts (WELCOME's
+        ``max_frame``), at most our own limit."""
+        limit = self.config.max_frame_size
+        for node in [] if self._cluster is None else self._cluster.nodes:
+            connection = node.pool.any_connection()
+            if connection is not None and connection.welcome is not None:
+                limit = min(limit, connection.welcome.max_frame_size or limit)
+        return limit
 
     @staticmethod
     def _fresh_key() -> str:

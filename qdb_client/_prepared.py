@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._arguments import Params, expect_rows
+from ._arguments import Params, checkpointed, expect_rows
 from .errors import InvalidArgument, ProtocolError
 from .results import ExecuteResult, QueryResult
 from .values import prepare_params
@@ -62,6 +62,7 @@ class PreparedStatement:
     def __repr__(self) -> str:
         return f"PreparedStatement({self.sql!r:.60}, params={self.params})"
 
+    @checkpointed
     async def query(self, params: Params = None, *, timeout: float | None = None) -> QueryResult:
         """Run the (read-only) statement with ``params``; its rows (see ``Client.query``)."""
         call = _PreparedCall(self, self._check(params))
@@ -69,6 +70,7 @@ class PreparedStatement:
             "query", call.args, timeout, read_only=True, parse=call.parse_query
         )
 
+    @checkpointed
     async def execute(
         self,
         params: Params = None,
@@ -85,6 +87,8 @@ class PreparedStatement:
 
     def _check(self, params: Params) -> Any:
         wire = prepare_params(params)
+        if not wire:
+            wire = None  # an empty list or map: no parameters
         if self.names:
             if not isinstance(wire, dict) or set(wire) != set(self.names):
                 raise InvalidArgument(
@@ -165,7 +169,9 @@ def from_prepare_reply(client: Any, sql: str, reply: Any) -> PreparedStatement:
         or not isinstance(params, int)
         or not 0 <= params <= 32766
         or not isinstance(names, list)
-        or not all(isinstance(n, str) and len(n) <= 256 for n in names)
+        or not all(isinstance(n, str) and 0 < len(n) <= 256 for n in names)
+        or len(names) not in (0, params)
+        or len(set(names)) != len(names)
         or not (
             columns is None
             or (isinstance(columns, list) and all(isinstance(c, str) for c in columns))

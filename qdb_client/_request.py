@@ -49,7 +49,14 @@ from .errors import (
     RequestTimeout,
     RetryExhausted,
 )
-from .events import EventBus, RequestFailed, RequestStarted, RequestSucceeded, RetryScheduled
+from .events import (
+    EventBus,
+    IdempotentReplay,
+    RequestFailed,
+    RequestStarted,
+    RequestSucceeded,
+    RetryScheduled,
+)
 
 __all__ = ["Arguments", "PipelineCounters", "RequestPipeline"]
 
@@ -325,6 +332,8 @@ class RequestPipeline:
                         )
                     )
                 result = await pending.wait()
+                if pending.replayed:
+                    self._replayed(call, node)
                 if call.parse is not None:
                     result = call.parse(result)  # a malformed reply is a corrupted one
             except QdbError as exc:
@@ -379,6 +388,15 @@ class RequestPipeline:
             self._feed(call, node, generation, outcome, error, now, now - sent_at, timeout)
         request_id = pending.request_id if pending is not None else 0
         return None, _Try(outcome, error, node, sent, started, request_id)
+
+    def _replayed(self, call: _Call, node: Node) -> None:
+        """A node answered this keyed write from its stored outcome: an earlier
+        attempt (or an earlier call with the key) applied it."""
+        self.counters.idempotent_replays += 1
+        if self.events.wants(IdempotentReplay):
+            self.events.emit(
+                IdempotentReplay(trio.current_time(), call.method, node.address, call.key or "")
+            )
 
     def _attempt_timeout(self, node: Node, call: _Call) -> float:
         """Seconds the attempt may take before another node is tried (inf: the

@@ -2,27 +2,33 @@
 
 ``async with client.transaction() as tx:`` picks a node, leases one of its
 connections for the block alone, and sends ``begin``; the node issues the
-transaction id. Statements go on that connection with the id. Leaving the
-block normally commits; an exception or a cancellation rolls back (shielded
-and bounded by ``close_timeout``). docs/protocol.md section 10.2 is the
-contract.
+transaction id. Statements go on that connection with the id, one at a
+time. Leaving the block normally commits; an exception or a cancellation
+rolls back (shielded and bounded by ``close_timeout``). docs/protocol.md
+section 10.2 is the contract.
 
 What can go wrong, and what the block raises:
 
 - a statement fails (``SqlError``, ``ConstraintViolation``...): raised as is;
   the transaction goes on, the application decides;
-- the connection is lost, the node times the transaction out, or a write
-  conflicts with another transaction: :class:`TransactionAborted` (or its
-  :class:`WriteConflict`), with ``retryable`` set when running the whole
-  transaction again may succeed; nothing was applied;
+- the connection is lost, the node times the transaction out, a write
+  conflicts with another transaction, or a statement's outcome is unknown (it
+  timed out, was cancelled after it was sent, or its reply was corrupted):
+  the transaction can't be trusted and is rolled back; the statement raises
+  its error and the block's exit raises :class:`TransactionAborted` (or its
+  :class:`WriteConflict`), ``retryable`` when running the whole transaction
+  again may succeed; nothing was applied;
 - the commit's reply is lost: the commit carries an idempotency key, so it is
   asked again (on any node) and answered from its stored outcome: committed,
-  or ``TransactionAborted`` (not applied). Only if no node can answer within
-  the deadline is the outcome unknown: :class:`OutcomeUnknown`, with
-  ``maybe_applied`` and the ``idempotency_key`` to ask again.
+  or ``TransactionAborted`` (the node fences the key, so a commit still on
+  its way is refused rather than applied behind the answer). Only if no node
+  can answer before the deadline is the outcome unknown:
+  :class:`OutcomeUnknown`, with ``maybe_applied`` and the ``idempotency_key``
+  to ask again.
 
 Nothing inside a transaction is applied before its commit, so every error of
-a statement says ``maybe_applied=False``.
+a statement says ``maybe_applied=False``; every error says whether its
+request was sent.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from __future__ import annotations
 import contextvars
 import math
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
@@ -40,63 +46,100 @@ from ._arguments import (
     Params,
     Statement,
     batch_args,
+    checkpointed,
     executemany_args,
     statement_args,
 )
 from ._arguments import expect_rows as check_expect_rows
+from ._policies import classify
 from ._request import RequestPipeline
 from .config import ClientConfig
 from .errors import (
-    ConnectionLost,
+    ClientClosed,
+    ConnectionDraining,
     InvalidArgument,
     OutcomeUnknown,
     ProtocolError,
     QdbError,
     RequestTimeout,
+    ServerError,
     TransactionAborted,
     TransportError,
 )
+from .events import EventBus, TransactionEnded
 from .results import ExecuteResult, QueryResult
 
 if TYPE_CHECKING:
     from ._cluster import Cluster, Node
-    from ._transport import Connection
+    from ._transport import Connection, PendingRequest
 
-__all__ = ["Transaction", "run_in_transaction", "transaction"]
+__all__ = ["Transaction", "TransactionCounters", "run_in_transaction", "transaction"]
 
 T = TypeVar("T")
+
+
+class TransactionCounters:
+    """How the client's transactions ended (``statistics()["transactions"]``)."""
+
+    __slots__ = (
+        "aborted",
+        "begun",
+        "commits_recovered",
+        "committed",
+        "outcome_unknown",
+        "rolled_back",
+    )
+
+    def __init__(self) -> None:
+        self.begun = 0
+        self.committed = 0
+        #: Commits whose reply was lost and that a node confirmed from the stored outcome.
+        self.commits_recovered = 0
+        self.rolled_back = 0
+        self.aborted = 0
+        self.outcome_unknown = 0
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return {name: getattr(self, name) for name in sorted(self.__slots__)}
 
 
 class Host(Protocol):
     """What a transaction needs of its client (the public Client provides it)."""
 
     config: ClientConfig
+    events: EventBus
     _pipeline: RequestPipeline | None
     _rng: random.Random
+    _transactions: TransactionCounters
+
+    _active: int
 
     def _budget(self, timeout: float | None) -> float: ...
 
-    def _key(self, choice: str | bool) -> str | None: ...
+    async def _admit(self) -> None: ...
 
     def _fresh_key(self) -> str: ...
 
     def _require_cluster(self) -> Cluster: ...
 
 
-#: The transaction open in this task (transactions don't nest).
-_CURRENT: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar(
-    "qdb_transaction", default=None
+#: The transactions open in this task, by client (one per client: they don't nest).
+_CURRENT: contextvars.ContextVar[Mapping[int, Transaction] | None] = contextvars.ContextVar(
+    "qdb_transactions", default=None
 )
 
 
-def _aborted(message: str, *, node: str | None, cause: BaseException | None) -> TransactionAborted:
+def _aborted(
+    message: str, *, node: str | None, cause: BaseException | None, retryable: bool = True
+) -> TransactionAborted:
     """A TransactionAborted raised on the driver's side, as the node would say it
     (the node rolls back every transaction of a connection that closes)."""
     error = TransactionAborted(
         message,
         code=409,
         name="TX_ABORTED",
-        retryable=True,
+        retryable=retryable,
         details={"executed": False, "reason": message},
         node=node,
     )
@@ -104,10 +147,28 @@ def _aborted(message: str, *, node: str | None, cause: BaseException | None) -> 
     return error
 
 
+def _facts(error: QdbError, *, sent: bool, key: str | None = None) -> QdbError:
+    """Set what the caller is owed on ``error``: nothing of a transaction is applied
+    before its commit."""
+    error.request_sent = sent
+    error.maybe_applied = False
+    if key is not None:
+        error.idempotency_key = key
+    return error
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 class Transaction:
-    """An open transaction; use it only inside its ``async with`` block.
+    """An open transaction; use it only inside its ``async with`` block, from one
+    task at a time.
 
     ``id`` is the node's transaction id, ``node`` the address it runs on.
+    Requests made through the client (``client.execute``...) inside the block
+    run outside the transaction, on other connections.
     """
 
     def __init__(
@@ -120,9 +181,15 @@ class Transaction:
         self.read_only = read_only
         self._broken: TransactionAborted | None = None
         self._done = False
+        self._busy = False
+
+    def __repr__(self) -> str:
+        state = "over" if self._done else "broken" if self._broken else "open"
+        return f"<Transaction {self.id} on {self.node} ({state})>"
 
     # ---------------------------------------------------------------- calls
 
+    @checkpointed
     async def execute(
         self,
         sql: str,
@@ -137,6 +204,7 @@ class Transaction:
             args["expect_rows"] = check_expect_rows(expect_rows)
         return await self._call("execute", args, timeout, ExecuteResult.from_wire)
 
+    @checkpointed
     async def query(
         self, sql: str, params: Params = None, *, timeout: float | None = None
     ) -> QueryResult:
@@ -145,6 +213,7 @@ class Transaction:
             "query", statement_args(sql, params), timeout, QueryResult.from_wire
         )
 
+    @checkpointed
     async def batch(
         self, statements: Iterable[Statement], *, timeout: float | None = None
     ) -> list[ExecuteResult]:
@@ -153,13 +222,16 @@ class Transaction:
             "batch", batch_args(statements), timeout, ExecuteResult.batch_from_wire
         )
 
+    @checkpointed
     async def executemany(
         self, sql: str, rows: Iterable[Params], *, timeout: float | None = None
     ) -> int:
         """Run one statement for each parameter row, all or none; the rows affected."""
-        result: int = await self._call(
-            "executemany", executemany_args(sql, rows), timeout, _rows_affected
-        )
+        return await self._executemany_wire(executemany_args(sql, rows), timeout)
+
+    async def _executemany_wire(self, args: dict[str, Any], timeout: float | None) -> int:
+        """executemany with rows already in wire form (the client's chunks)."""
+        result: int = await self._call("executemany", dict(args), timeout, rows_affected)
         return result
 
     async def _call(
@@ -168,89 +240,189 @@ class Transaction:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._done:
             raise InvalidArgument("the transaction is over (its block has exited)")
+        if self._busy:
+            raise InvalidArgument(
+                "another operation is in progress on this transaction (use it from one task)"
+            )
         if self._broken is not None:
-            raise _copy(self._broken)
+            raise _facts(_copy(self._broken), sent=False)
         args["tx"] = self.id
         budget = self._client._budget(timeout)
+        pending: PendingRequest | None = None
+        await self._client._admit()  # statements count in the client's bulkhead
+        self._busy = True
         try:
             with trio.fail_after(budget):
-                result = await self._connection.request(
+                pending = await self._connection.send_request(
                     method, args, deadline_ms=max(1, math.ceil(budget * 1000))
                 )
+                result = await pending.wait()
+            return parse(result)
+        except TransactionAborted as exc:
+            self._broken = exc
+            raise _facts(exc, sent=True) from None
+        except ServerError as exc:
+            raise _facts(exc, sent=True) from None  # the statement failed; the transaction goes on
         except trio.TooSlowError as exc:
-            # The statement may still run: the transaction can't be trusted any more.
-            self._broken = _aborted(
-                f"a statement outlasted its {budget:g} s timeout", node=self.node, cause=exc
-            )
-            timed_out = RequestTimeout(
+            sent = pending is not None and pending.sent
+            self._break(f"{method} outlasted its {budget:g} s timeout", exc, sent=sent)
+            raise RequestTimeout(
                 f"{method} in transaction {self.id} did not complete within {budget:g} s;"
                 " the transaction is rolled back",
                 timeout=budget,
-                request_sent=True,
+                request_sent=sent,
+            ) from exc
+        except (TransportError, ClientClosed) as exc:
+            sent = pending is not None and pending.sent
+            self._break(f"the connection to {self.node} was lost: {exc}", exc, sent=True)
+            assert self._broken is not None
+            raise _facts(_copy(self._broken), sent=sent) from exc
+        except QdbError as exc:
+            # A corrupted or malformed reply: the statement ran, its result is lost.
+            sent = pending is not None and pending.sent
+            self._break(f"the reply to {method} was unusable: {exc}", exc, sent=sent)
+            raise _facts(exc, sent=sent) from None
+        except BaseException as exc:
+            # The caller's cancellation: a statement already sent may still run.
+            self._break(
+                f"{method} was cancelled after it was sent",
+                exc,
+                sent=pending is not None and pending.sent,
+                retryable=False,
             )
-            raise timed_out from exc
-        except TransactionAborted as exc:
-            self._broken = exc
             raise
-        except TransportError as exc:
-            self._broken = _aborted(
-                f"the connection to {self.node} was lost: {exc}", node=self.node, cause=exc
-            )
-            raise _copy(self._broken) from exc
-        return parse(result)
+        finally:
+            self._busy = False
+            self._client._active -= 1
+
+    def _break(
+        self, reason: str, cause: BaseException, *, sent: bool, retryable: bool = True
+    ) -> None:
+        """The transaction can't be trusted any more (a statement that may have run
+        without its result being known): it will be rolled back."""
+        if sent and self._broken is None:
+            self._broken = _aborted(reason, node=self.node, cause=cause, retryable=retryable)
 
     # ------------------------------------------------------------ lifecycle
 
-    async def _commit(self) -> None:
+    async def _commit(self, deadline: float, key: str | None) -> None:
+        """Commit, or raise what happened instead; bounded by ``deadline``."""
         if self._broken is not None:
-            raise _copy(self._broken)
-        client = self._client
-        key = client._key(True) or client._fresh_key()
-        budget = client.config.request_timeout
+            await self._rollback()
+            raise _facts(_copy(self._broken), sent=False)
+        if self.read_only:
+            await self._commit_read_only(deadline)
+            return
+        key = key or self._client._fresh_key()
+        pending: PendingRequest | None = None
         try:
-            with trio.fail_after(budget):
-                await self._connection.request(
+            with trio.fail_at(deadline):
+                pending = await self._connection.send_request(
                     "commit",
                     {"tx": self.id},
-                    deadline_ms=max(1, math.ceil(budget * 1000)),
+                    deadline_ms=_ms_until(deadline),
                     idempotency_key=key,
                 )
+                reply = await pending.wait()
+            _check_committed(reply)
             return
-        except TransactionAborted:
-            raise
-        except (ConnectionLost, trio.TooSlowError) as exc:
-            lost: BaseException = exc  # sent, reply lost: ask the cluster what happened
-        await self._ask_commit(key, lost)
+        except TransactionAborted as exc:
+            raise _facts(exc, sent=True, key=key) from None
+        except ServerError as exc:
+            if not classify(exc, sent=True).maybe_applied:
+                # The node refused the commit (a deferred constraint, shutting
+                # down...): nothing applied; make sure it is rolled back.
+                await self._rollback()
+                if exc.retryable:
+                    raise _facts(
+                        _aborted(f"the commit was refused: {exc}", node=self.node, cause=exc),
+                        sent=True,
+                        key=key,
+                    ) from exc
+                raise _facts(exc, sent=True, key=key) from None
+            lost: BaseException = exc
+        except (ConnectionDraining, TransportError, ClientClosed, trio.TooSlowError) as exc:
+            sent = pending is not None and (pending.sent or getattr(exc, "request_sent", False))
+            if not sent:
+                # Never written: the transaction is rolled back with its connection.
+                self._connection.abort(f"the commit of transaction {self.id} was not sent")
+                raise _facts(
+                    _aborted(
+                        f"the commit could not be sent ({_describe(exc)}); rolled back",
+                        node=self.node,
+                        cause=exc,
+                        retryable=not isinstance(exc, ClientClosed),
+                    ),
+                    sent=False,
+                    key=key,
+                ) from exc
+            if isinstance(exc, ClientClosed):
+                raise self._unknown(key, exc, "the client was closed") from exc
+            lost = exc
+        except QdbError as exc:  # a corrupted or malformed reply
+            lost = exc
+        # Sent, outcome lost: this connection's session must not linger with it.
+        self._connection.abort(f"the commit reply of transaction {self.id} was lost")
+        await self._ask_commit(key, lost, deadline)
+        self._client._transactions.commits_recovered += 1
 
-    async def _ask_commit(self, key: str, lost: BaseException) -> None:
+    async def _commit_read_only(self, deadline: float) -> None:
+        """A read-only transaction applies nothing: a failed commit only ends it."""
+        try:
+            with trio.fail_at(deadline):
+                await self._connection.request(
+                    "commit", {"tx": self.id}, deadline_ms=_ms_until(deadline)
+                )
+        except (QdbError, trio.TooSlowError):
+            self._connection.abort(f"read-only transaction {self.id} could not be ended")
+
+    async def _ask_commit(self, key: str, lost: BaseException, deadline: float) -> None:
         """The commit's reply was lost: send it again with its key, to any node,
         which answers from the stored outcome (committed, or rolled back)."""
         pipeline = self._client._pipeline
-        assert pipeline is not None
+        remaining = deadline - trio.current_time()
+        if pipeline is None or remaining <= 0:
+            raise self._unknown(key, lost, "no time was left to ask again")
         try:
             await pipeline.call(
                 "commit",
                 {"tx": self.id},
-                budget_seconds=self._client.config.request_timeout,
+                budget_seconds=remaining,
                 read_only=False,
                 idempotency_key=key,
+                parse=_check_committed,
             )
-        except TransactionAborted:
-            raise
+        except TransactionAborted as exc:
+            # Not committed, and fenced: the commit still on its way can't apply.
+            # The whole transaction may run again (with another key).
+            aborted = _aborted(
+                f"the commit's reply was lost ({_describe(lost)}); asked again,"
+                f" {exc.node or 'a node'} says it did not commit: {exc.message}",
+                node=self.node,
+                cause=exc,
+            )
+            raise _facts(aborted, sent=True, key=key) from exc
         except QdbError as exc:
-            unknown = OutcomeUnknown(
-                f"the commit of transaction {self.id} was sent to {self.node} but its reply was"
-                f" lost ({lost}), and no node could say whether it committed ({exc});"
-                f" commit again with idempotency key {key!r} to find out"
-            )
-            unknown.request_sent = True
-            unknown.maybe_applied = True
-            unknown.idempotency_key = key
-            raise unknown from exc
+            why = f"no node could say whether it committed ({exc})"
+            raise self._unknown(key, lost, why) from exc
+
+    def _unknown(self, key: str, lost: BaseException, why: str) -> OutcomeUnknown:
+        self._client._transactions.outcome_unknown += 1
+        unknown = OutcomeUnknown(
+            f"the commit of transaction {self.id} was sent to {self.node} but its reply was"
+            f" lost ({_describe(lost)}), and {why}; commit again with idempotency key"
+            f" {key!r} (commit {{'tx': {self.id!r}}}) to find out"
+        )
+        unknown.request_sent = True
+        unknown.maybe_applied = True
+        unknown.idempotency_key = key
+        return unknown
 
     async def _rollback(self) -> None:
         """Roll back, shielded and bounded; a failure closes the connection
         (the node then rolls back by itself)."""
+        if not self._connection.usable:
+            return  # closed: the node rolled it back
         with trio.move_on_after(self._client.config.close_timeout, shield=True) as scope:
             try:
                 await self._connection.request("rollback", {"tx": self.id})
@@ -262,68 +434,152 @@ class Transaction:
 
 
 def _copy(error: TransactionAborted) -> TransactionAborted:
-    fresh = _aborted(str(error.message), node=error.node, cause=error.__cause__)
-    fresh.retryable = error.retryable  # type: ignore[misc]
+    """A fresh exception of the same kind (each raise its own traceback)."""
+    fresh = type(error)(
+        error.message,
+        code=error.code,
+        name=error.name,
+        retryable=error.retryable,
+        retry_after_ms=error.retry_after_ms,
+        details=error.details,
+        node=error.node,
+    )
+    fresh.__cause__ = error.__cause__
     return fresh
 
 
-def _rows_affected(result: Any) -> int:
+def _ms_until(deadline: float) -> int:
+    return max(1, math.ceil((deadline - trio.current_time()) * 1000))
+
+
+def _check_committed(reply: Any) -> Any:
+    if not (isinstance(reply, Mapping) and reply.get("committed") is True):
+        raise ProtocolError(f"malformed commit result from node: {reply!r:.100}")
+    return reply
+
+
+def rows_affected(result: Any) -> int:
+    """The ``rows_affected`` of an executemany result (ProtocolError if malformed)."""
     parsed = ExecuteResult.from_wire(result)
     return parsed.rows_affected
 
 
 @asynccontextmanager
 async def transaction(
-    client: Host, *, read_only: bool = False, timeout: float | None = None
+    client: Host,
+    *,
+    read_only: bool = False,
+    timeout: float | None = None,
+    deadline: float | None = None,
+    commit_key: str | None = None,
 ) -> AsyncIterator[Transaction]:
-    """See :meth:`Client.transaction`."""
-    if _CURRENT.get() is not None:
+    """See :meth:`Client.transaction`.
+
+    ``deadline`` (trio time) bounds the commit instead of ``request_timeout``
+    from the block's exit; ``commit_key`` is the commit's idempotency key.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    open_here = _CURRENT.get() or {}
+    if id(client) in open_here:
         await trio.lowlevel.checkpoint()
         raise InvalidArgument(
             "transactions don't nest: use the open transaction (savepoints are not supported)"
         )
-    cluster = client._require_cluster()
     budget = client._budget(timeout)
-    node = await cluster.select()
-    async with node.pool.lease() as connection:
-        args: dict[str, Any] = {"timeout_ms": max(1, math.ceil(budget * 1000))}
-        if read_only:
-            args["read_only"] = True
+    cluster = client._require_cluster()
+    async with AsyncExitStack() as stack:
         try:
             with trio.fail_after(budget):
-                reply = await connection.request(
-                    "begin", args, deadline_ms=max(1, math.ceil(budget * 1000))
-                )
+                node = await cluster.select()
+                connection = await stack.enter_async_context(node.pool.lease())
+                tx_id = await _begin(node, connection, read_only, budget)
         except trio.TooSlowError as exc:
             raise RequestTimeout(
-                f"begin on {node.address} did not complete within {budget:g} s",
+                f"no connection for a transaction within {budget:g} s (begin not sent)",
                 timeout=budget,
-                request_sent=True,
+                request_sent=False,
             ) from exc
-        except TransportError as exc:
-            raise _aborted(
-                f"could not begin on {node.address}: {exc}", node=node.address, cause=exc
-            ) from exc
-        tx_id = reply.get("tx") if isinstance(reply, dict) else None
-        if not isinstance(tx_id, str) or not tx_id or len(tx_id) > 128:
-            raise ProtocolError(f"{node.address} answered begin without a transaction id")
         tx = Transaction(client, node, connection, tx_id, read_only)
-        token = _CURRENT.set(tx)
+        counters = client._transactions
+        counters.begun += 1
+        started = trio.current_time()
+        token = _CURRENT.set({**open_here, id(client): tx})
         try:
             yield tx
         except BaseException:
             tx._done = True
+            counters.rolled_back += 1
             await tx._rollback()
+            _ended(client, tx, started, "rolled back")
             raise
         finally:
             _CURRENT.reset(token)
         tx._done = True
-        # Bounded by its own timeouts, and never cut half-way by an outer scope:
+        # Bounded by its own deadline, and never cut half-way by an outer scope:
         # a commit interrupted at the wrong moment would leave its outcome unknown.
         with trio.CancelScope(shield=True):
-            await tx._commit()
+            try:
+                commit_by = trio.current_time() + client.config.request_timeout
+                await tx._commit(deadline if deadline is not None else commit_by, commit_key)
+            except OutcomeUnknown:
+                _ended(client, tx, started, "outcome unknown")
+                raise
+            except QdbError:
+                counters.aborted += 1
+                _ended(client, tx, started, "aborted")
+                raise
+        counters.committed += 1
+        _ended(client, tx, started, "committed")
 
 
+async def _begin(node: Node, connection: Connection, read_only: bool, budget: float) -> str:
+    args: dict[str, Any] = {"timeout_ms": max(1, math.ceil(budget * 1000))}
+    if read_only:
+        args["read_only"] = True
+    pending: PendingRequest | None = None
+    try:
+        with trio.fail_after(budget):
+            pending = await connection.send_request(
+                "begin", args, deadline_ms=max(1, math.ceil(budget * 1000))
+            )
+            reply = await pending.wait()
+    except trio.TooSlowError as exc:
+        sent = pending is not None and pending.sent
+        if sent:
+            connection.abort("begin timed out")  # a transaction may have opened there
+        raise RequestTimeout(
+            f"begin on {node.address} did not complete within {budget:g} s",
+            timeout=budget,
+            request_sent=sent,
+        ) from exc
+    except (TransportError, ClientClosed) as exc:
+        raise _facts(
+            _aborted(
+                f"could not begin on {node.address}: {exc}",
+                node=node.address,
+                cause=exc,
+                retryable=not isinstance(exc, ClientClosed),
+            ),
+            sent=pending is not None and pending.sent,
+        ) from exc
+    except QdbError as exc:
+        raise _facts(exc, sent=pending is not None and pending.sent) from None
+    tx_id = reply.get("tx") if isinstance(reply, Mapping) else None
+    if not isinstance(tx_id, str) or not tx_id or len(tx_id) > 128:
+        connection.abort("malformed begin reply")
+        raise _facts(
+            ProtocolError(f"{node.address} answered begin without a transaction id"), sent=True
+        )
+    return tx_id
+
+
+def _ended(client: Host, tx: Transaction, started: float, outcome: str) -> None:
+    if client.events.wants(TransactionEnded):
+        now = trio.current_time()
+        client.events.emit(TransactionEnded(now, tx.node, tx.id, outcome, now - started))
+
+
+@checkpointed
 async def run_in_transaction(
     client: Host,
     fn: Callable[[Transaction], Awaitable[T]],
@@ -331,8 +587,10 @@ async def run_in_transaction(
     retries: int = 3,
     read_only: bool = False,
     timeout: float | None = None,
+    commit_key: str | None = None,
 ) -> T:
-    """See :meth:`Client.run_in_transaction`."""
+    """See :meth:`Client.run_in_transaction`. Begin, the block and the commit
+    (with its asking again) all fit in one ``timeout``."""
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise InvalidArgument(f"retries must be a non-negative integer, not {retries!r}")
     budget = client._budget(timeout)
@@ -342,8 +600,16 @@ async def run_in_transaction(
     while True:
         remaining = deadline - trio.current_time()
         try:
-            with trio.fail_after(max(remaining, 0.001)):
-                async with transaction(client, read_only=read_only, timeout=remaining) as tx:
+            with trio.fail_at(deadline):
+                async with transaction(
+                    client,
+                    read_only=read_only,
+                    timeout=max(remaining, 0.001),
+                    deadline=deadline,
+                    # A key the cluster answered "not committed" stays fenced: a
+                    # new run needs a new one.
+                    commit_key=commit_key if attempt == 0 else None,
+                ) as tx:
                     return await fn(tx)
         except TransactionAborted as exc:
             if not exc.retryable or attempt >= retries:

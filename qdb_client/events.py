@@ -23,6 +23,7 @@ RequestSucceeded        qdb_client.request        DEBUG
 RequestFailed           qdb_client.request        DEBUG (INFO when not retried)
 RetryScheduled          qdb_client.request        DEBUG
 IdempotentReplay        qdb_client.request        INFO
+TransactionEnded        qdb_client.transaction    DEBUG (INFO when not committed)
 HeartbeatSucceeded      qdb_client.cluster        DEBUG
 HeartbeatFailed         qdb_client.cluster        INFO
 NodeStateChanged        qdb_client.cluster        INFO (WARNING to DOWN)
@@ -62,6 +63,7 @@ __all__ = [
     "RequestStarted",
     "RequestSucceeded",
     "RetryScheduled",
+    "TransactionEnded",
 ]
 
 logging.getLogger("qdb_client").addHandler(logging.NullHandler())
@@ -229,6 +231,25 @@ class IdempotentReplay(Event):
     method: str
     node: str
     idempotency_key: str
+
+
+@attrs.frozen
+class TransactionEnded(Event):
+    """Transaction ``tx`` on ``node`` ended after ``duration`` seconds: ``outcome``
+    is ``committed``, ``rolled back`` (the block raised or was cancelled),
+    ``aborted`` (the commit failed, nothing applied) or ``outcome unknown``."""
+
+    logger_name: ClassVar[str] = "qdb_client.transaction"
+    top_level: ClassVar[int] = logging.INFO
+    at: float
+    node: str
+    tx: str
+    outcome: str
+    duration: float
+
+    @property
+    def level(self) -> int:
+        return logging.DEBUG if self.outcome in ("committed", "rolled back") else logging.INFO
 
 
 # ------------------------------------------------------------------- cluster

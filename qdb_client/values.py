@@ -58,7 +58,7 @@ class Json:
         naming ``where`` if it has no JSON form)."""
         try:
             text = json.dumps(self.value, ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidArgument(f"{where}: the Json value has no JSON form: {exc}") from exc
         return cbor2.CBORTag(JSON_TAG, text.encode("utf-8"))
 

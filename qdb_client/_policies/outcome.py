@@ -43,6 +43,7 @@ from ..errors import (
     RequestCancelled,
     ServerError,
     ServerTimeout,
+    TransactionAborted,
     TransportError,
     Unprepared,
 )
@@ -70,6 +71,7 @@ class OutcomeKind(enum.Enum):
     NODE_TIMEOUT_EXECUTED = "node timed out after executing"
     DRAINING = "draining (GOAWAY)"
     UNPREPARED = "statement not prepared there"
+    WRITE_CONFLICT = "write conflict"
     LOST_BEFORE_SEND = "connection lost before the write"
     LOST_AFTER_SEND = "connection lost after the write"
     CORRUPT_REPLY = "corrupted reply"
@@ -232,6 +234,15 @@ TABLE: tuple[Outcome, ...] = (
         retry=_R.REQUEUE,
     ),
     _row(
+        _K.WRITE_CONFLICT,
+        "another transaction held the write lock; the node rolled this one back (nothing"
+        " applied; says nothing about the node's health)",
+        breaker=_B.SUCCESS,
+        latency=_L.SAMPLE,
+        retry=_R.ALWAYS,
+        backoff=True,
+    ),
+    _row(
         _K.LOST_BEFORE_SEND,
         "the connection died before the request was written",
         breaker=_B.FAILURE,
@@ -359,6 +370,9 @@ def _kind_of(error: BaseException, sent: bool) -> OutcomeKind:
             return _K.CONNECT_FAILED if error.retryable else _K.HANDSHAKE_REFUSED
         if isinstance(error, Unprepared):
             return _K.UNPREPARED
+        if isinstance(error, TransactionAborted):
+            # Rolled back by the node whatever ``details`` say: nothing applied.
+            return _K.WRITE_CONFLICT if error.retryable else _K.REJECTED
         if isinstance(error, ServerTimeout):
             return _K.NODE_TIMEOUT_EXECUTED if error.executed else _K.NODE_TIMEOUT
         if error.executed is False and (error.retryable or isinstance(error, RequestCancelled)):

@@ -114,6 +114,7 @@ class PendingRequest:
         "data",
         "expires",
         "holds_slot",
+        "replayed",
         "request_id",
         "sent",
         "started",
@@ -137,6 +138,8 @@ class PendingRequest:
         self.holds_slot = holds_slot
         self.sent = False
         self.withdrawn = False
+        #: The node answered from a stored outcome (a keyed write's repeat).
+        self.replayed = False
         self.started = started
         #: When an orphan of this request is forgotten if never confirmed.
         self.expires = expires
@@ -662,6 +665,10 @@ class Connection:
 
     def _dispatch(self, event: Message | BadMessage) -> None:
         if isinstance(event, Response):
+            if event.replayed:
+                pending = self._waiting.get(event.request_id)
+                if pending is not None:
+                    pending.replayed = True
             self._deliver(event.request_id, result=event.result)
         elif isinstance(event, Error):
             if event.request_id == 0:

@@ -211,7 +211,7 @@ class ProtocolConnection:
             ):
                 # The reply fast path: a RESPONSE is a map with a "result".
                 raw = decode_body(frame.body, request_id=frame.request_id, kind=frame.kind)
-                if type(raw) is dict and "result" in raw:
+                if type(raw) is dict and "result" in raw and len(raw) == 1:
                     return Response(frame.request_id, raw["result"])
             message = decode_message(frame)
         except MessageError as exc:

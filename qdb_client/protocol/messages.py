@@ -342,13 +342,21 @@ class Response(Message):
     kind: ClassVar[Kind] = Kind.RESPONSE
     request_id: int
     result: Any = None
+    #: The node answered a keyed write from its stored outcome (section 8.5).
+    replayed: bool = False
 
     def body(self) -> dict[str, Any]:
+        if self.replayed:
+            return {"result": self.result, "replayed": True}
         return {"result": self.result}
 
     @classmethod
     def from_body(cls, frame: Frame, body: _Body) -> Response:
-        return cls(request_id=frame.request_id, result=body.get("result", object))
+        return cls(
+            request_id=frame.request_id,
+            result=body.get("result", object),
+            replayed=body.get("replayed", bool, False),
+        )
 
 
 @attrs.frozen

@@ -216,3 +216,35 @@ def test_bad_listeners_are_config_errors():
         qdb_client.ClientConfig(hosts="a:1", listeners=[42])
     with pytest.raises(qdb_client.ConfigError):
         qdb_client.ClientConfig(hosts="a:1", listeners=print)  # one callable, not a list
+
+
+async def test_a_write_answered_from_its_stored_outcome_is_reported_as_a_replay(
+    network: FakeNetwork, autojump_clock
+):
+    from qdb_client.protocol import Response
+
+    async def stored(node: FakeNode, request: Request) -> None:
+        result = {"rows_affected": 1, "last_insert_id": 7}
+        await node.send(Response(request.request_id, result, replayed=True))
+
+    network.handlers["a:1"] = stored
+    recorder = Recorder()
+    async with qdb_client.open_client("a:1", listeners=[recorder], **EXACT) as client:
+        result = await client.execute("INSERT INTO t VALUES (1)", idempotency_key="order-7")
+        assert client.statistics()["idempotent_replays"] == 1
+    assert result.last_insert_id == 7
+    (replay,) = recorder.of(ev.IdempotentReplay)
+    assert (replay.method, replay.node, replay.idempotency_key) == ("execute", "a:1", "order-7")
+
+
+def test_replayed_travels_only_when_true():
+    from qdb_client.protocol import Response, decode_message, encode_message
+    from qdb_client.protocol.frames import FrameDecoder
+
+    for replayed in (False, True):
+        data = encode_message(Response(3, {"n": 1}, replayed=replayed))
+        decoder = FrameDecoder(1 << 20)
+        decoder.feed(data)
+        message = decode_message(decoder.next_frame())
+        assert message == Response(3, {"n": 1}, replayed=replayed)
+        assert (b"replayed" in data) is replayed
