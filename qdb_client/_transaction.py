@@ -315,8 +315,11 @@ class Transaction:
             return
         key = key or self._client._fresh_key()
         pending: PendingRequest | None = None
+        # Wait for the reply half the time left: the other half asks the
+        # cluster, should this node go silent (the node itself gets it all).
+        wait_until = trio.current_time() + (deadline - trio.current_time()) / 2
         try:
-            with trio.fail_at(deadline):
+            with trio.fail_at(wait_until):
                 pending = await self._connection.send_request(
                     "commit",
                     {"tx": self.id},

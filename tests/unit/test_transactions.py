@@ -10,6 +10,7 @@ reply, write conflicts. The real node's behaviour is tested in
 from __future__ import annotations
 
 import itertools
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -37,6 +38,10 @@ EXACT = {
 }
 
 
+#: A per-method hook of TxNodes: True when it answered the request itself.
+Hook = Callable[[FakeNode, Request], Awaitable[bool]]
+
+
 class TxNodes:
     """Transactions of every scripted node; commits stored under their keys."""
 
@@ -52,17 +57,46 @@ class TxNodes:
         self.conflicts = 0
         #: Statements whose SQL contains this fail with SQL_ERROR.
         self.failing_sql = "fail"
+        #: method -> hook(node, request), run first (see Hook).
+        self.hooks: dict[str, Hook] = {}
+        #: Seconds every statement of a transaction takes on the node.
+        self.statement_delay = 0.0
+        #: (scripted node, request) of every request, in arrival order.
+        self.seen: list[tuple[FakeNode, Request]] = []
+
+    def methods(self) -> list[str]:
+        return [method for method, _ in self.log]
+
+    def commits(self) -> list[tuple[FakeNode, Request]]:
+        return [(n, r) for n, r in self.seen if r.method == "commit"]
+
+    def store(self, request: Request) -> None:
+        """Commit ``request``'s transaction and store its outcome under its key."""
+        tx = request.args["tx"]
+        self.committed[tx] = self.open.pop(tx)
+        self.keys[request.idempotency_key] = tx
 
     async def handle(self, node: FakeNode, request: Request) -> None:
+        self.seen.append((node, request))
+        self.log.append((request.method, request.args.get("tx", "")))
+        try:
+            hook = self.hooks.get(request.method)
+            if hook is None or not await hook(node, request):
+                await self._answer(node, request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client closed the connection meanwhile
+
+    async def _answer(self, node: FakeNode, request: Request) -> None:
         args = request.args
         method = request.method
-        self.log.append((method, args.get("tx", "")))
         if method == "begin":
             tx = f"tx-{next(self.ids)}"
             self.open[tx] = []
             await node.reply(request, {"tx": tx})
         elif method in ("execute", "query", "batch", "executemany") and "tx" in args:
             tx = args["tx"]
+            if self.statement_delay:
+                await trio.sleep(self.statement_delay)
             if tx not in self.open:
                 await node.fail(request, ErrorCode.TX_ABORTED, "no such transaction")
             elif self.conflicts:
