@@ -13,6 +13,7 @@ Every error raised is a :class:`QdbError` (see :mod:`qdb_client.errors`).
 
 from ._client import Client, Params, Statement, open_client
 from ._prepared import PreparedStatement
+from ._streams import ChangeEvent, ResultPage, ResultStream, Subscription
 from ._transaction import Transaction
 from ._version import __version__
 from .config import ClientConfig, Credentials
@@ -22,6 +23,7 @@ from .results import ExecuteResult, QueryResult, Row
 from .values import Json
 
 __all__ = [
+    "ChangeEvent",
     "Client",
     "ClientConfig",
     "Credentials",
@@ -30,8 +32,11 @@ __all__ = [
     "Params",
     "PreparedStatement",
     "QueryResult",
+    "ResultPage",
+    "ResultStream",
     "Row",
     "Statement",
+    "Subscription",
     "Transaction",
     "__version__",
     "open_client",

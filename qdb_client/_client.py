@@ -10,8 +10,11 @@ health monitors run in the nursery of ``open_client``.
 from __future__ import annotations
 
 import functools
+import logging
+import math
 import random
 import re
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -45,6 +48,7 @@ from ._policies import (
 from ._pool import PoolLimits
 from ._prepared import PreparedStatement, from_prepare_reply
 from ._request import PipelineCounters, RequestPipeline
+from ._streams import ResultStream, Subscription
 from ._transaction import (
     Transaction,
     TransactionCounters,
@@ -53,13 +57,16 @@ from ._transaction import (
     transaction,
 )
 from ._transport import Connection, ConnectionListener
-from ._transport.establish import establish
+from ._transport.auth import Authenticator
+from ._transport.establish import TlsSettings, establish
 from ._version import __version__
-from .config import ClientConfig
+from .config import ClientConfig, Credentials, parse_address
 from .errors import (
+    AuthenticationFailed,
     BulkheadFull,
     ClientClosed,
     InvalidArgument,
+    NoAvailableNode,
     QdbError,
     RequestTimeout,
 )
@@ -73,6 +80,8 @@ __all__ = ["Client", "Params", "Statement", "open_client"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+logger = logging.getLogger("qdb_client.connection")
 
 
 @asynccontextmanager
@@ -115,13 +124,16 @@ class Client:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self._rng = random.Random(config.random_seed)
+        # Credentials and session tokens are added per handshake by the
+        # authenticator (docs/protocol.md 7.3, 7.4); one per client, not per node.
         self._hello = Hello(
             versions=PROTOCOL_VERSIONS,
             client_name=config.client_name,
             client_version=__version__,
-            credentials=_credentials(config),
             max_frame_size=config.max_frame_size,
         )
+        self._auth = Authenticator(config.credentials, keep_password=config.keep_password)
+        self._tls = _tls_settings(config)
         self._nursery: trio.Nursery | None = None
         self._cluster: Cluster | None = None
         self._pipeline: RequestPipeline | None = None
@@ -301,6 +313,49 @@ class Client:
             self, fn, retries=retries, read_only=read_only, timeout=timeout
         )
 
+    def stream(
+        self,
+        sql: str,
+        params: Params = None,
+        *,
+        page_rows: int | None = None,
+        page_bytes: int | None = None,
+        timeout: float | None = None,
+    ) -> ResultStream:
+        """``async with client.stream(sql) as rows: async for row in rows`` (or
+        ``async for page in rows.pages()``): a read-only result of any size, in pages.
+
+        The node spools the result in the cluster's store before the first page;
+        at most ``stream_credit`` pages are buffered or on their way, so memory is
+        bounded whatever the size. A connection or node lost mid-stream is
+        resumed on any node from the last page received: no row missing or
+        repeated (checked by the row count and SHA-256 digest at the end:
+        :class:`~qdb_client.errors.StreamCorrupted` otherwise); when it can't be,
+        :class:`~qdb_client.errors.StreamResumeFailed` says what was delivered.
+        ``page_rows``/``page_bytes`` (defaults ``stream_page_rows``,
+        ``stream_page_bytes``) shape the pages; ``timeout`` bounds the whole
+        stream (default: none, each page waited for ``stream_page_timeout``).
+        See :mod:`qdb_client._streams.stream`.
+        """
+        return ResultStream(
+            self, sql, params, page_rows=page_rows, page_bytes=page_bytes, timeout=timeout
+        )
+
+    def subscribe(
+        self, table: str, *, where: str | None = None, from_event: int | None = None
+    ) -> Subscription:
+        """``async with client.subscribe("t") as events: async for event in events``:
+        every change committed to ``table`` from now on (or from event id
+        ``from_event``), by any client on any node, as
+        :class:`~qdb_client.ChangeEvent` objects in commit order.
+
+        ``where`` (an SQL expression over the table's columns) filters them. A
+        lost connection or node is resumed elsewhere after the last event
+        received, each event delivered once; a gap the log no longer holds
+        raises :class:`~qdb_client.errors.SubscriptionGap`.
+        """
+        return Subscription(self, table, where=where, from_event=from_event)
+
     @_checkpointed
     async def ping(self, *, timeout: float | None = None) -> float:
         """PING the next node the balancer picks; return the round trip in seconds."""
@@ -314,6 +369,74 @@ class Client:
             raise RequestTimeout(
                 f"ping did not complete within {budget:g} s", timeout=budget
             ) from exc
+
+    async def reauthenticate(
+        self, user: str, password: str, *, timeout: float | None = None
+    ) -> None:
+        """Log in again with new credentials, after a refusal or a password change.
+
+        The client forgets its session and every AUTH_FAILED mark, then logs in
+        with ``user`` and ``password`` on one node now (within ``timeout``,
+        default ``request_timeout``) and raises AuthenticationFailed at once if
+        that node refuses them. Nodes refused earlier are tried again in the
+        background, each once. Connections already open keep working; when
+        the user changes they are retired (drained), so that later requests
+        run as the new user. A wrong type is a ConfigError; nothing is sent.
+        """
+        credentials = Credentials(user=user, password=password)
+        budget = self._budget(timeout)
+        cluster = self._require_cluster()
+        previous = self._auth.user
+        self._auth.reset(credentials)
+        self._update_trust()
+        cluster.clear_auth_failures()
+        if previous is not None and previous != user:
+            for node in cluster.nodes:
+                for connection in node.pool.connections():
+                    node.pool.retire(connection)
+        errors: dict[str, BaseException] = {}
+        try:
+            with trio.fail_after(budget):
+                for node in sorted(cluster.nodes, key=lambda n: n.state.value != "UP"):
+                    try:
+                        connection = await cluster.connect(node.address)
+                    except AuthenticationFailed:
+                        raise
+                    except QdbError as exc:
+                        errors[node.address] = exc
+                        continue
+                    await connection.aclose()
+                    for other in cluster.nodes:
+                        other.pool.warm()
+                    return
+        except trio.TooSlowError as exc:
+            raise RequestTimeout(
+                f"reauthenticate did not complete within {budget:g} s", timeout=budget
+            ) from exc
+        raise NoAvailableNode({a: str(e) for a, e in errors.items()}, errors)
+
+    async def refresh_session(self, *, timeout: float | None = None) -> None:
+        """Renew the session token now (the client does it by itself when half of
+        its time to live has passed): one handshake with the current token on a
+        new connection to a usable node, which is then closed.
+
+        Without credentials, or on nodes that issue no tokens, it only checkpoints.
+        """
+        if not self._auth.has_credentials:
+            await trio.lowlevel.checkpoint()
+            return
+        budget = self._budget(timeout)
+        cluster = self._require_cluster()
+        try:
+            with trio.fail_after(budget):
+                node = await cluster.select()
+                connection = await cluster.connect(node.address)
+                await connection.aclose()
+        except trio.TooSlowError as exc:
+            raise RequestTimeout(
+                f"refresh_session did not complete within {budget:g} s", timeout=budget
+            ) from exc
+        self._auth.refreshes += 1
 
     def mark_node_unhealthy(self, node: str) -> None:
         """Take a node (address or node id) out of rotation until marked healthy."""
@@ -345,6 +468,11 @@ class Client:
         003's summary (timeouts, retries, breaker opens, bulkhead rejections,
         idempotency hits, saga compensations; each with its rate over the last
         60 s) and the ratios its alert rules use (:mod:`qdb_client.metrics`).
+        ``tls``: whether connections use TLS; ``session``: the client's session
+        (user, id, seconds its token stays valid, logins by password and by
+        token; never a password or a token); ``members_untrusted`` and
+        ``untrusted_members``: announced members not trusted with the
+        credentials; per node ``auth_failed``: it refused them (docs/security.md).
         """
         counters = self._pipeline.counters if self._pipeline else PipelineCounters()
         members = {} if self._cluster is None else self._cluster.statistics_totals()
@@ -363,6 +491,8 @@ class Client:
             "latency": latency,
             "reliability": reliability,
             "transactions": self._transactions.snapshot(),
+            "tls": self._tls is not None,
+            "session": self._auth.snapshot(trio.current_time()),
         }
 
     def _reliability_totals(self) -> dict[str, int]:
@@ -416,6 +546,7 @@ class Client:
             discover_members=config.discover_members,
             max_members=config.max_members,
             forget_after=config.forget_members_after,
+            trusted_hosts=self._trusted_hosts(),
             breaker=BreakerSettings(
                 failure_threshold=config.breaker_failure_threshold,
                 success_threshold=config.breaker_success_threshold,
@@ -460,6 +591,42 @@ class Client:
         )
         nursery.start_soon(self._reliability.run, self._reliability_totals)
         await self._cluster.start(config.hosts)
+        nursery.start_soon(self._refresh_sessions)
+
+    def _trusted_hosts(self) -> frozenset[str] | None:
+        """Hosts announced members must be on to get the credentials (None: any)."""
+        if self.config.trust_announced_members or not self._auth.has_credentials:
+            return None
+        return frozenset(parse_address(address)[0].lower() for address in self.config.hosts)
+
+    def _update_trust(self) -> None:
+        cluster = self._require_cluster()
+        cluster.settings = attrs.evolve(cluster.settings, trusted_hosts=self._trusted_hosts())
+        cluster.enforce_member_trust()
+
+    async def _refresh_sessions(self) -> None:
+        """Background task: renew the session token at half its time to live, so
+        that reconnects never need the password (and work that outlasts a token,
+        seed 002's TC10, never meets an expired one)."""
+        auth = self._auth
+        last = -math.inf
+        while True:
+            due = auth.refresh_due()
+            if due is None or trio.current_time() < max(due, last + 1.0):
+                # (At most one renewal a second, whatever a node's time to live.)
+                wake = math.inf if due is None else max(due, last + 1.0)
+                with trio.move_on_at(wake):
+                    await auth.wait_changed()
+                continue
+            last = trio.current_time()
+            try:
+                await self.refresh_session()
+            except QdbError as exc:
+                logger.info("session refresh failed (will try again): %s", exc)
+            if auth.refresh_due() == due:  # nothing new came: don't spin
+                left = (auth.expires_at or 0.0) - trio.current_time()
+                with trio.move_on_after(max(1.0, min(30.0, left / 4))):
+                    await auth.wait_changed()
 
     async def _connect(self, address: str, listener: ConnectionListener | None) -> Connection:
         assert self._nursery is not None
@@ -471,6 +638,8 @@ class Client:
             max_frame_size=self.config.max_frame_size,
             max_in_flight=self.config.max_in_flight,
             listener=listener,
+            tls=self._tls,
+            auth=self._auth,
         )
 
     def _require_cluster(self) -> Cluster:
@@ -558,6 +727,10 @@ class Client:
         return choice
 
 
-def _credentials(config: ClientConfig) -> dict[str, str] | None:
-    creds = config.credentials
-    return None if creds is None else {"user": creds.user, "password": creds.password}
+def _tls_settings(config: ClientConfig) -> TlsSettings | None:
+    """TLS for every connection: ``tls=True`` trusts the system's certificate
+    authorities and checks host names (``ssl.create_default_context()``)."""
+    if config.tls is False:
+        return None
+    context = ssl.create_default_context() if config.tls is True else config.tls
+    return TlsSettings(context, config.tls_server_hostname)

@@ -53,6 +53,7 @@ from ._arguments import (
 from ._arguments import expect_rows as check_expect_rows
 from ._policies import classify
 from ._request import RequestPipeline
+from ._streams import TransactionStream
 from .config import ClientConfig
 from .errors import (
     ClientClosed,
@@ -229,6 +230,23 @@ class Transaction:
         """Run one statement for each parameter row, all or none; the rows affected."""
         return await self._executemany_wire(executemany_args(sql, rows), timeout)
 
+    def stream(
+        self,
+        sql: str,
+        params: Params = None,
+        *,
+        page_rows: int | None = None,
+        page_bytes: int | None = None,
+        timeout: float | None = None,
+    ) -> TransactionStream:
+        """``async with tx.stream(sql) as rows``: a result stream in the transaction
+        (see :meth:`Client.stream`). It can't resume on another node: a failure
+        breaks the transaction (TransactionAborted). See :mod:`qdb_client._streams.tx_stream`.
+        """
+        return TransactionStream(
+            self, sql, params, page_rows=page_rows, page_bytes=page_bytes, timeout=timeout
+        )
+
     async def _executemany_wire(self, args: dict[str, Any], timeout: float | None) -> int:
         """executemany with rows already in wire form (the client's chunks)."""
         result: int = await self._call("executemany", dict(args), timeout, rows_affected)
@@ -370,11 +388,12 @@ class Transaction:
         self._client._transactions.commits_recovered += 1
 
     async def _commit_read_only(self, deadline: float) -> None:
-        """A read-only transaction applies nothing: a failed commit only ends it."""
+        """A read-only transaction applies nothing: ending it is a rollback (no key,
+        nothing stored), and a failure to end it only closes its connection."""
         try:
             with trio.fail_at(deadline):
                 await self._connection.request(
-                    "commit", {"tx": self.id}, deadline_ms=_ms_until(deadline)
+                    "rollback", {"tx": self.id}, deadline_ms=_ms_until(deadline)
                 )
         except (QdbError, trio.TooSlowError):
             self._connection.abort(f"read-only transaction {self.id} could not be ended")

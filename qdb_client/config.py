@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "LOAD_BALANCING",
     "ClientConfig",
     "Credentials",
+    "Secret",
     "option_from_text",
     "parse_address",
     "text_options",
@@ -129,6 +131,28 @@ class Credentials:
         return self._password.reveal()
 
 
+def _tls(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, (bool, ssl.SSLContext)):
+        raise ConfigError(
+            "tls must be False, True (the system's trusted certificate authorities)"
+            f" or an ssl.SSLContext, not {_show(value)}"
+        )
+
+
+def _optional_hostname(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > 253
+        or any(c.isspace() or not c.isprintable() for c in value)
+    ):
+        raise ConfigError(
+            f"tls_server_hostname must be a host name or address (text), not {_show(value)}"
+        )
+
+
 def _listeners(value: Any) -> tuple[Any, ...]:
     if value is None:
         return ()
@@ -168,6 +192,11 @@ class ClientConfig:
     close_timeout: float = attrs.field(default=2.0, validator=_seconds("close_timeout"))
     credentials: Credentials | None = attrs.field(default=None, converter=_credentials)
     client_name: str = attrs.field(default="qdb_client", validator=text)
+    # Trust: TLS, sessions, where credentials go (docs/security.md)
+    tls: bool | ssl.SSLContext = attrs.field(default=False, validator=_tls)
+    tls_server_hostname: str | None = attrs.field(default=None, validator=_optional_hostname)
+    keep_password: bool = attrs.field(default=True, validator=boolean)
+    trust_announced_members: bool = attrs.field(default=False, validator=boolean)
     # Per-node pools
     min_connections: int = attrs.field(default=1, validator=int_in(0, 1000))
     max_connections: int = attrs.field(default=8, validator=int_in(1, 1000))
@@ -231,6 +260,15 @@ class ClientConfig:
     forget_members_after: float = attrs.field(
         default=60.0, validator=_seconds("forget_members_after")
     )
+    # Result streams and subscriptions (docs/resilience.md, "Result streams")
+    stream_page_rows: int = attrs.field(default=1000, validator=int_in(1, 100_000))
+    stream_page_bytes: int = attrs.field(default=64 * 1024, validator=int_in(1024, 2**31 - 1))
+    stream_credit: int = attrs.field(default=4, validator=int_in(1, 1024))
+    stream_page_timeout: float = attrs.field(
+        default=10.0, validator=_seconds("stream_page_timeout")
+    )
+    stream_max_resumes: int = attrs.field(default=5, validator=int_in(0, 1000))
+    subscription_credit: int = attrs.field(default=256, validator=int_in(1, 4096))
 
     def __attrs_post_init__(self) -> None:
         if self.min_connections > self.max_connections:
@@ -425,6 +463,10 @@ def _parse_str(name: str, text: str) -> str:
     return text
 
 
+def _parse_optional_str(name: str, text: str) -> str | None:
+    return None if text.lower() == "none" or not text else text
+
+
 #: How the text of each annotation is parsed (``attrs.fields(...).type`` is
 #: the annotation's text). A field whose type is missing here is not settable
 #: from text; tests/unit/test_uri.py checks that every field is either here
@@ -435,6 +477,10 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "int | None": _parse_optional_int,
     "bool": _parse_bool,
     "str": _parse_str,
+    "str | None": _parse_optional_str,
+    # tls=true in a URI or QDB_TLS=1: the system's trusted certificate authorities
+    # (an ssl.SSLContext can only be passed as a keyword).
+    "bool | ssl.SSLContext": _parse_bool,
 }
 _TEXT_OPTION_KINDS: dict[str, str] = {
     field.name: str(field.type)

@@ -20,7 +20,8 @@ and re-exported here; this module holds no wire mapping.
     │   └── ValueNotEncodable        a parameter can't be sent (no CBOR form)
     ├── TransportError               the connection to a node failed
     │   ├── ConnectError             could not open a connection
-    │   │   └── ConnectTimeout
+    │   │   ├── ConnectTimeout
+    │   │   └── TlsError             the TLS handshake failed (certificate, host name, plain node)
     │   ├── HandshakeError           the node refused the handshake
     │   │   └── VersionMismatch
     │   ├── ConnectionLost           an open connection died; in-flight outcomes unknown
@@ -35,8 +36,15 @@ and re-exported here; this module holds no wire mapping.
     ├── CircuitOpen                  every usable node's circuit breaker is open
     ├── BulkheadFull                 the client's concurrent-request cap is reached
     ├── UnexpectedRowCount           QueryResult.one() found no row or several
+    ├── StreamError                  a result stream or subscription stopped (what was delivered)
+    │   ├── StreamCorrupted          pages out of order, wrong rows, digest or row count mismatch
+    │   ├── StreamResumeFailed       a broken stream could not be continued on any node
+    │   └── SubscriptionLost         a subscription could not be resumed
+    │       └── SubscriptionGap      the change log no longer holds the next event (trimmed)
     ├── ServerError                  the node answered with a structured error
-    │   ├── ParseError, InvalidRequest, MethodNotFound, Unauthenticated,
+    │   ├── Unauthenticated
+    │   │   └── AuthenticationFailed credentials or session token refused: final
+    │   ├── ParseError, InvalidRequest, MethodNotFound,
     │   │   PermissionDenied, ReadOnlyViolation, NotFound, Conflict,
     │   │   FrameRejected, SqlError, ConstraintViolation, ServerTimeout,
     │   │   RequestCancelled, Overloaded, CapacityExceeded, Unavailable,
@@ -55,6 +63,8 @@ it was or wasn't retried).
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._error_base import Attempt, InvalidArgument, QdbError
 from .protocol.errors import (
     FrameError,
@@ -65,6 +75,7 @@ from .protocol.errors import (
     ValueNotEncodable,
 )
 from .protocol.server_errors import (
+    AuthenticationFailed,
     CapacityExceeded,
     Conflict,
     ConstraintViolation,
@@ -92,6 +103,7 @@ from .protocol.server_errors import (
 
 __all__ = [
     "Attempt",
+    "AuthenticationFailed",
     "BulkheadFull",
     "CapacityExceeded",
     "CircuitOpen",
@@ -132,6 +144,12 @@ __all__ = [
     "ServerTimeout",
     "ShuttingDown",
     "SqlError",
+    "StreamCorrupted",
+    "StreamError",
+    "StreamResumeFailed",
+    "SubscriptionGap",
+    "SubscriptionLost",
+    "TlsError",
     "TransactionAborted",
     "TransportError",
     "Unauthenticated",
@@ -185,6 +203,33 @@ class ConnectError(TransportError):
 
 class ConnectTimeout(ConnectError):
     """Opening a connection (TCP connect plus handshake) took longer than allowed."""
+
+
+class TlsError(ConnectError):
+    """The TLS handshake with a node failed; nothing was sent to it (no HELLO,
+    no credentials).
+
+    ``verification_failed`` is True when the node's certificate was refused:
+    an unknown or wrong certificate authority, an expired certificate, or one
+    that does not name the host connected to. That, like a node that does not
+    speak TLS at all (or one that requires it, spoken to in plain text:
+    ``tls_required``), is a configuration problem: not ``retryable``. A TLS
+    handshake cut short by the network is retryable like any ConnectError.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        node: str | None = None,
+        verification_failed: bool = False,
+        retryable: bool = False,
+        tls_required: bool = False,
+    ) -> None:
+        super().__init__(message, node=node)
+        self.verification_failed = verification_failed
+        self.tls_required = tls_required
+        self.retryable = retryable and not verification_failed  # type: ignore[misc]
 
 
 class HandshakeError(TransportError):
@@ -344,3 +389,85 @@ class UnexpectedRowCount(QdbError, LookupError):
 
 class ClientClosed(QdbError):
     """The client (or connection) was used after it was closed."""
+
+
+# ---------------------------------------------------------- streams, subscriptions
+
+
+class StreamError(QdbError):
+    """A result stream (``client.stream``) or a subscription (``client.subscribe``)
+    stopped before its end.
+
+    Carries what had been delivered: ``rows_delivered`` and ``pages_delivered``
+    (a stream), ``last_seq`` (the last page received, None before the first),
+    ``last_event_id`` (a subscription: the last event delivered, None before
+    the first) and ``reason``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "",
+        rows_delivered: int = 0,
+        pages_delivered: int = 0,
+        last_seq: int | None = None,
+        last_event_id: int | None = None,
+        resume_attempts: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.rows_delivered = rows_delivered
+        self.pages_delivered = pages_delivered
+        self.last_seq = last_seq
+        self.last_event_id = last_event_id
+        #: Resume attempts made since the last page (or event) arrived.
+        self.resume_attempts = resume_attempts
+
+
+class StreamCorrupted(StreamError):
+    """The node sent a stream that contradicts itself: a page out of sequence, a
+    row of the wrong width, more pages than the credit granted, a malformed
+    page, or a STREAM_END whose ``row_count`` or SHA-256 digest does not match
+    the rows received (docs/protocol.md section 12.4).
+
+    Never retried: rows this stream delivered must not be trusted. The driver
+    cancels the stream on the node.
+    """
+
+
+class StreamResumeFailed(StreamError):
+    """A broken stream could not be continued: the node no longer has it (its
+    resume token is unknown or expired: ``reason`` says which), every resume
+    attempt failed, or the stream's deadline passed.
+
+    The last failure is the ``__cause__``. Running the stream again from the
+    start may succeed (``retryable``).
+    """
+
+    retryable = True
+
+
+class SubscriptionLost(StreamError):
+    """A subscription could not be resumed after a lost connection or node
+    (every attempt failed, or the deadline passed).
+
+    ``last_event_id`` is the last event delivered: subscribe again with
+    ``from_event=last_event_id + 1`` to continue exactly after it.
+    """
+
+    retryable = True
+
+
+class SubscriptionGap(SubscriptionLost):
+    """The change log no longer holds the events after ``last_event_id`` (it was
+    trimmed: ``oldest_event_id`` is the oldest one kept), so the subscription
+    can't continue without missing changes. Not retryable: read the table again,
+    then subscribe from its current position.
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, *, oldest_event_id: int | None = None, **facts: Any) -> None:
+        super().__init__(message, **facts)
+        self.oldest_event_id = oldest_event_id

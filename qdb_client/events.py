@@ -29,7 +29,9 @@ HeartbeatFailed         qdb_client.cluster        INFO
 NodeStateChanged        qdb_client.cluster        INFO (WARNING to DOWN)
 BreakerStateChanged     qdb_client.cluster        INFO (WARNING to OPEN)
 MemberAdded             qdb_client.cluster        INFO
+MemberSkipped           qdb_client.cluster        WARNING
 MemberForgotten         qdb_client.cluster        INFO
+AuthenticationRefused   qdb_client.cluster        WARNING
 ======================  ========================  =======
 
 (docs/observability.md lists every event with its fields.)
@@ -44,6 +46,7 @@ from typing import Any, ClassVar
 import attrs
 
 __all__ = [
+    "AuthenticationRefused",
     "BreakerStateChanged",
     "ConnectionClosed",
     "ConnectionCreated",
@@ -57,6 +60,7 @@ __all__ = [
     "Listener",
     "MemberAdded",
     "MemberForgotten",
+    "MemberSkipped",
     "NodeStateChanged",
     "PoolCleared",
     "RequestFailed",
@@ -324,6 +328,35 @@ class MemberAdded(Event):
     at: float
     node: str
     node_id: str | None
+
+
+@attrs.frozen
+class MemberSkipped(Event):
+    """A member announced in a WELCOME was not added: ``reason`` says why (its
+    host is none of the configured hosts, so the client's credentials are not
+    sent there: ``trust_announced_members``; or ``max_members`` are known).
+    Reported once per address."""
+
+    logger_name: ClassVar[str] = "qdb_client.cluster"
+    base_level: ClassVar[int] = logging.WARNING
+    top_level: ClassVar[int] = logging.WARNING
+    at: float
+    node: str
+    node_id: str | None
+    reason: str
+
+
+@attrs.frozen
+class AuthenticationRefused(Event):
+    """``node`` refused the client's credentials (or its session token): it is
+    marked AUTH_FAILED and nothing is sent to it until ``reauthenticate``."""
+
+    logger_name: ClassVar[str] = "qdb_client.cluster"
+    base_level: ClassVar[int] = logging.WARNING
+    top_level: ClassVar[int] = logging.WARNING
+    at: float
+    node: str
+    reason: str
 
 
 @attrs.frozen

@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import attrs  # noqa: E402
+
 from qdb_client.protocol import (  # noqa: E402
     Cancel,
     ErrorCode,
@@ -99,6 +101,33 @@ VECTORS: list[tuple[str, str, Message]] = [
             idle_timeout_ms=30_000,
             members=(Member("n1", "10.0.0.1:7400"), Member("n2", "10.0.0.2:7400")),
             server_name="qdb-test",
+        ),
+    ),
+    (
+        "hello-session-token",
+        "HELLO resuming session `s-7f3a` with its session token, no password (section 7.4)",
+        Hello(
+            versions=(1,),
+            client_name="qdb_client",
+            client_version="0.1.0",
+            resume_session="s-7f3a",
+            session_token="tok-4JmW9qXbq2Vd0aY7nGzL1w",
+            max_frame_size=MIB,
+        ),
+    ),
+    (
+        "welcome-session-token",
+        "WELCOME to an authenticated HELLO: a new session token valid for 15 minutes",
+        Welcome(
+            version=1,
+            node_id="n2",
+            session_id="s-7f3a",
+            max_frame_size=MIB,
+            max_in_flight=256,
+            idle_timeout_ms=30_000,
+            server_name="qdb-test",
+            session_token="tok-9fKc2LrT5sPq8wYx3bNm0A",
+            session_expires_ms=900_000,
         ),
     ),
     (
@@ -233,14 +262,32 @@ VECTORS: list[tuple[str, str, Message]] = [
     ),
     (
         "request-subscribe",
-        "REQUEST `subscribe` to two topics",
-        Request(request_id=13, method="subscribe", args={"topics": ["topology", "node_status"]}),
+        "REQUEST `subscribe` to the changes of table `people` from event 42, 16 events of credit",
+        Request(
+            request_id=13,
+            method="subscribe",
+            args={"table": "people", "from_event": 42, "credit": 16},
+        ),
+    ),
+    (
+        "event-change",
+        "EVENT on subscription 13: a row of `people` was updated (section 13.1)",
+        Event(
+            request_id=13,
+            topic="change",
+            data={
+                "event_id": 42,
+                "kind": "update",
+                "table": "people",
+                "key": 7,
+                "row": {"id": 7, "name": "ada", "age": 37},
+            },
+        ),
     ),
     (
         "event-topology",
-        "EVENT on subscription 13: a member joined",
+        "Unsolicited EVENT (request id 0): a member joined (section 13.2, reserved)",
         Event(
-            request_id=13,
             topic="topology",
             data={"joined": [{"node_id": "n3", "address": "10.0.0.3:7400"}], "left": []},
         ),
@@ -415,6 +462,14 @@ def hex_lines(frame: bytes) -> list[str]:
     return lines
 
 
+def python_text(message: Message) -> str:
+    """The constructor call of ``message``, secrets included (its ``repr`` hides
+    passwords and session tokens; a vector must show what the frame holds)."""
+    fields = [f for f in attrs.fields(type(message)) if f.eq]  # what a message is compared by
+    args = ", ".join(f"{f.name}={getattr(message, f.name)!r}" for f in fields)
+    return f"{type(message).__name__}({args})"
+
+
 def render_vector(name: str, title: str, message: Message) -> str:
     frame = encode_message(message)
     lines = [
@@ -425,7 +480,7 @@ def render_vector(name: str, title: str, message: Message) -> str:
         f"kind:    0x{message.kind:02x} {message.kind.name}",
         f"request: {message.request_id}",
         f"body:    {diag(message.body())}",
-        f"python:  {message!r}",
+        f"python:  {python_text(message)}",
         f"length:  {len(frame)}",
         "frame:",
         *hex_lines(frame),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -28,14 +28,23 @@ from .._pool import NodePool, PoolLimits, PoolListener
 from .._transport import Connection, ConnectionListener
 from ..config import parse_address
 from ..errors import (
+    AuthenticationFailed,
     CircuitOpen,
     ClientClosed,
     ConfigError,
     InvalidArgument,
     NoAvailableNode,
     QdbError,
+    TlsError,
 )
-from ..events import BreakerStateChanged, EventBus, MemberAdded, MemberForgotten
+from ..events import (
+    AuthenticationRefused,
+    BreakerStateChanged,
+    EventBus,
+    MemberAdded,
+    MemberForgotten,
+    MemberSkipped,
+)
 from .balancer import Balancer
 from .health import HealthMonitor, HealthSettings
 from .health_state import HealthEvent
@@ -43,8 +52,12 @@ from .node import Node, NodeState
 
 __all__ = ["Cluster", "ClusterSettings"]
 
+E = TypeVar("E", bound=QdbError)
+
 #: Seconds between looks at a HALF_OPEN breaker whose probes are all out.
 _PROBE_POLL = 0.05
+#: Announced members reported as skipped (each once) at most.
+_MAX_SKIPPED_REPORTED = 256
 
 #: Opens a connection to an address; the listener hears what happens to it.
 Connect = Callable[[str, ConnectionListener | None], Awaitable[Connection]]
@@ -66,6 +79,9 @@ class ClusterSettings:
     max_members: int = 64
     #: Seconds a discovered member may stay DOWN and unannounced before it is forgotten.
     forget_after: float = 60.0
+    #: Hosts (lower case) an announced member must be on to be used: those of the
+    #: configured addresses, when the client has credentials to protect. None: any.
+    trusted_hosts: frozenset[str] | None = None
 
 
 class _NodeListener(PoolListener):
@@ -133,6 +149,10 @@ class Cluster:
         self.members_skipped = 0
         #: Discovered members forgotten after staying DOWN and unannounced.
         self.members_forgotten = 0
+        #: Announced members not used because their host is not trusted with the
+        #: credentials (``trust_announced_members``), by address (each reported once).
+        self.untrusted_members: dict[str, str | None] = {}
+        self._reported_skips: set[str] = set()
 
     # ------------------------------------------------------------ registry
 
@@ -151,7 +171,7 @@ class Cluster:
         pool = NodePool(
             address,
             self.settings.pool,
-            connect=functools.partial(self._connect, address),
+            connect=functools.partial(self.connect, address),
             nursery=self._nursery,
             acquire_timeout=self.settings.acquire_timeout,
             max_waiters=self.settings.max_waiters,
@@ -174,7 +194,7 @@ class Cluster:
         monitor = HealthMonitor(
             node,
             self.settings.health,
-            connect=functools.partial(self._connect, address, None),
+            connect=functools.partial(self.connect, address, None),
             rng=self._rng,
             on_change=self._on_health_change,
             events=self.events,
@@ -213,6 +233,62 @@ class Cluster:
         self._by_address[node.address] = alias_of
         self._changed()
 
+    async def connect(self, address: str, listener: ConnectionListener | None = None) -> Connection:
+        """Open a connection to ``address`` (every connection of the client goes
+        through here: pools, health probes, session refreshes).
+
+        A node marked AUTH_FAILED is not contacted at all: its refusal is
+        raised again at once, so refused credentials are never resent. A new
+        refusal marks the node.
+        """
+        node = self._by_address.get(address)
+        if node is not None and node.auth_failed is not None:
+            await trio.lowlevel.checkpoint()
+            raise _again(node.auth_failed)
+        try:
+            return await self._connect(address, listener)
+        except AuthenticationFailed as exc:
+            if node is not None and node in self.nodes:
+                self._mark_auth_failed(node, exc)
+            raise
+
+    def _mark_auth_failed(self, node: Node, error: AuthenticationFailed) -> None:
+        first = node.auth_failed is None
+        node.auth_failed = error
+        if first:
+            self.events.emit(AuthenticationRefused(trio.current_time(), node.address, str(error)))
+        self._changed()
+
+    def clear_auth_failures(self) -> list[Node]:
+        """Forget every AUTH_FAILED mark (new credentials); return the nodes that had one."""
+        cleared = [node for node in self.nodes if node.auth_failed is not None]
+        for node in cleared:
+            node.auth_failed = None
+            monitor = self._monitors.get(node.address)
+            if monitor is not None:
+                monitor.retry_now()
+        self._changed()
+        return cleared
+
+    def trusts(self, address: str) -> bool:
+        """Whether an announced member at ``address`` may get the client's credentials."""
+        hosts = self.settings.trusted_hosts
+        if hosts is None:
+            return True
+        try:
+            host = parse_address(address)[0]
+        except ConfigError:
+            return False
+        return host.lower() in hosts
+
+    def enforce_member_trust(self) -> None:
+        """Forget discovered members the trust policy no longer admits (the client
+        got credentials after they were added)."""
+        for node in list(self.nodes):
+            if not node.configured and not self.trusts(node.address):
+                self.untrusted_members.setdefault(node.address, node.node_id)
+                self._forget(node)
+
     def find(self, ref: str) -> Node:
         """The node with this address or node id."""
         if not isinstance(ref, str):
@@ -225,11 +301,14 @@ class Cluster:
             raise ConfigError(f"no node {ref!r}; known nodes: {known}")
         return node
 
-    def statistics_totals(self) -> dict[str, int]:
-        """Registry counters: members skipped by the cap, members forgotten."""
+    def statistics_totals(self) -> dict[str, Any]:
+        """Registry counters: members skipped by the cap, members forgotten, members
+        not trusted with the credentials (and their addresses)."""
         return {
             "members_skipped": self.members_skipped,
             "members_forgotten": self.members_forgotten,
+            "members_untrusted": len(self.untrusted_members),
+            "untrusted_members": sorted(self.untrusted_members),
         }
 
     def mark(self, ref: str, *, healthy: bool) -> None:
@@ -263,15 +342,36 @@ class Cluster:
             if known is not None:
                 known.announced_at = now
                 continue
-            if len(self.nodes) >= self.settings.max_members:
-                self.members_skipped += 1
-                continue
             try:
                 parse_address(member.address)
             except ConfigError:
                 continue  # a node announced something that isn't host:port
+            if not self.trusts(member.address):
+                # Credentials go only where the user said: an announcement is
+                # no proof (docs/security.md). Not used; reported once.
+                if len(self.untrusted_members) < _MAX_SKIPPED_REPORTED:
+                    self.untrusted_members.setdefault(member.address, member.node_id)
+                self._skipped(
+                    member,
+                    "its host is not one of the configured hosts, so the client's"
+                    " credentials are not sent there (trust_announced_members=False)",
+                )
+                continue
+            if len(self.nodes) >= self.settings.max_members:
+                self.members_skipped += 1
+                self._skipped(member, f"max_members ({self.settings.max_members}) are known")
+                continue
             by_id[member.node_id] = self.add_node(member.address, member.node_id)
             self.events.emit(MemberAdded(now, member.address, member.node_id))
+
+    def _skipped(self, member: Any, reason: str) -> None:
+        if member.address in self._reported_skips:
+            return
+        if len(self._reported_skips) < _MAX_SKIPPED_REPORTED:
+            self._reported_skips.add(member.address)
+            self.events.emit(
+                MemberSkipped(trio.current_time(), member.address, member.node_id, reason)
+            )
 
     def _breaker_moved(
         self, node: Node, previous: BreakerState, state: BreakerState, now: float
@@ -351,6 +451,19 @@ class Cluster:
                 if all(node.state is NodeState.DOWN for node in self.nodes):
                     break
                 await self._lot.park()
+        refused = [node.auth_failed for node in self.nodes if node.auth_failed is not None]
+        if refused:
+            # Wrong credentials are final: say so, not "no available node".
+            raise _again(refused[0])
+        tls_errors = [
+            e for node in self.nodes if isinstance(e := node.pool.last_open_error, TlsError)
+        ]
+        if (
+            self.nodes
+            and len(tls_errors) == len(self.nodes)
+            and not any(e.retryable for e in tls_errors)
+        ):  # a TLS configuration problem on every node: say which
+            raise _again(tls_errors[0])
         raise self._no_node()
 
     async def aclose(self) -> None:
@@ -399,6 +512,9 @@ class Cluster:
             node = self._admit(candidates, exclude)  # fast path, no timer
             if node is not None:
                 return node
+        refused = [n.auth_failed for n in self.nodes if n.auth_failed is not None]
+        if not candidates and refused and len(refused) == len(self.nodes):
+            raise _again(refused[0])  # every node refused us: waiting can't help
         busy_probes = False
         with trio.move_on_after(self.settings.selection_timeout):
             while True:
@@ -465,3 +581,12 @@ class Cluster:
         """Per-node snapshots."""
         now = trio.current_time()
         return [node.statistics(now) for node in self.nodes]
+
+
+def _again(error: E) -> E:
+    """A fresh copy of a recorded refusal for one more caller (the original as cause)."""
+    fresh = error.__class__.__new__(error.__class__)
+    fresh.__dict__.update(error.__dict__)
+    fresh.args = error.args
+    fresh.__cause__ = error
+    return fresh

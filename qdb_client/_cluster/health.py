@@ -20,6 +20,8 @@ events, and carries out the actions that come back.
   ``reconnect.delay(n)`` (exponential, jittered). Success makes it UP and
   re-enables the pool, whose warm-up is capped at two connections opening at
   once, so a recovering node isn't stampeded; failure waits longer.
+- AUTH_FAILED (the node refused the client's credentials): no probe, no
+  reconnect, until new credentials clear the mark (:meth:`HealthMonitor.retry_now`).
 
 Worst-case detection time of a node that stops answering, while UP:
 ``heartbeat_interval + failures_to_down * ping_timeout +
@@ -87,6 +89,7 @@ class HealthMonitor:
         self._on_change = on_change
         self._wake = trio.Event()
         self._probe_now = False
+        self._retry_now = False
         self._last_early_heartbeat = -math.inf
 
     # ------------------------------------------------------------ events
@@ -131,6 +134,11 @@ class HealthMonitor:
         """Opening a connection failed: the node is unreachable."""
         self.report(HealthEvent.OPEN_FAILED, reason)
 
+    def retry_now(self) -> None:
+        """New credentials: reconnect to a DOWN (or AUTH_FAILED) node at once."""
+        self._retry_now = True
+        self._wake.set()
+
     def force(self, healthy: bool, reason: str = "marked unhealthy by operator") -> None:
         """Operator override: DOWN until marked healthy, or UP now."""
         if healthy:
@@ -145,7 +153,8 @@ class HealthMonitor:
         """Probe forever (until cancelled by the client's shutdown)."""
         while True:
             node = self.node
-            if node.forced_down:
+            if node.forced_down or (node.auth_failed is not None and node.state is NodeState.DOWN):
+                # Refused credentials are never resent: wait for new ones.
                 await self._sleep_until(math.inf)
             elif node.state is NodeState.DOWN:
                 await self._reconnect_step()
@@ -252,13 +261,18 @@ class HealthMonitor:
     async def _reconnect_step(self) -> None:
         node = self.node
         delay = self.settings.reconnect.delay(node.reconnect_attempts, self._rng)
+        if self._retry_now:
+            delay, self._retry_now = 0.0, False
         node.next_reconnect_at = wake_at = trio.current_time() + delay
         # Other failure reports must not cut the backoff short; only a
-        # change of state (an operator's mark) does.
-        while trio.current_time() < wake_at:
+        # change of state (an operator's mark) or new credentials do.
+        while trio.current_time() < wake_at and not self._retry_now:
             await self._sleep_until(wake_at)
             if node.state is not NodeState.DOWN or node.forced_down:
                 return
+            if node.auth_failed is not None:
+                return
+        self._retry_now = False
         self._probe_now = False
         node.next_reconnect_at = None
         reason, _ = await self._probe()

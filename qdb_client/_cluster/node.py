@@ -15,6 +15,7 @@ import trio
 
 from .._policies import BreakerSettings, CircuitBreaker, LatencyTracker
 from .._pool import NodePool
+from ..errors import QdbError
 from .health_state import NodeHealth, NodeState
 
 __all__ = ["Node", "NodeState"]
@@ -49,6 +50,9 @@ class Node:
         self.announced_at: float | None = None
         #: Cancel scope of the node's background tasks (set once they run).
         self.tasks: trio.CancelScope | None = None
+        #: Set when the node refused the client's credentials (AUTH_FAILED):
+        #: nothing is sent to it until new credentials clear it.
+        self.auth_failed: QdbError | None = None
 
     # ------------------------------------------------------------- health
 
@@ -130,6 +134,8 @@ class Node:
     def describe(self, now: float) -> str:
         """Why this node can or can't take requests, for error messages."""
         text = self.state.value
+        if self.auth_failed is not None:
+            return f"AUTH_FAILED ({self.auth_failed})"
         if self.reason:
             text += f" ({self.reason})"
         if self.state is NodeState.DOWN and self.next_reconnect_at is not None:
@@ -145,6 +151,7 @@ class Node:
             "state": self.state.value,
             "reason": self.reason,
             "configured": self.configured,
+            "auth_failed": self.auth_failed is not None,
             "connections": {k: pool[k] for k in ("open", "idle", "leased", "opening", "retiring")},
             "in_flight": pool["in_flight"],
             "orphaned": pool["orphaned"],

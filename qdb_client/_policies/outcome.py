@@ -309,7 +309,7 @@ TABLE: tuple[Outcome, ...] = (
     ),
     _row(
         _K.HANDSHAKE_REFUSED,
-        "the node refused the handshake (version, credentials)",
+        "the node refused the handshake (version, credentials) or its TLS certificate was refused",
     ),
     _row(
         _K.POOL_BUSY,
@@ -389,7 +389,8 @@ def _kind_of(error: BaseException, sent: bool) -> OutcomeKind:
     if isinstance(error, HandshakeError):
         return _K.HANDSHAKE_REFUSED
     if isinstance(error, ConnectError):
-        return _K.CONNECT_FAILED
+        # A refused TLS certificate is a configuration problem: no retry.
+        return _K.CONNECT_FAILED if error.retryable else _K.HANDSHAKE_REFUSED
     if isinstance(error, (ConnectionLost, TransportError)):
         return _K.LOST_AFTER_SEND if sent or error.request_sent else _K.LOST_BEFORE_SEND
     if isinstance(error, FrameTooLarge):

@@ -319,6 +319,10 @@ class NodePool:
             # One event (the refused open, or the health verdict, that disabled
             # the pool) however many callers meet it: one failure id.
             last = self.last_open_error
+            if last is not None and not last.retryable:
+                # Refused for good (credentials, a TLS certificate, the version):
+                # that, not "not in service", is what the caller must hear.
+                raise _copy(last)
             failure_id = getattr(last, "failure_id", None) or self._disabled_id
             raise ConnectError(
                 f"{self.address} is not in service: {self._disabled}",

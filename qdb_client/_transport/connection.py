@@ -59,12 +59,15 @@ from ..protocol import (
     ProtocolConnection,
     Response,
     Role,
+    StreamCredit,
+    StreamEnd,
     Welcome,
     error_from_message,
     receive_event,
     receive_events,
 )
 from .direct import DirectWriter
+from .feeds import FEED_KINDS, Feed
 
 __all__ = ["ORPHAN_GRACE", "Connection", "ConnectionListener", "PendingRequest"]
 
@@ -219,6 +222,8 @@ class Connection:
         self._waiting: dict[int, PendingRequest] = {}
         #: Abandoned after their write, still holding a slot until confirmed.
         self._orphans: dict[int, PendingRequest] = {}
+        #: Receivers of the frames of streams and subscriptions, by request id (.feeds).
+        self._feeds: dict[int, Feed] = {}
         self._outbox: deque[PendingRequest | bytes] = deque()
         self._outbox_lot = trio.lowlevel.ParkingLot()
         self._slot_lot = trio.lowlevel.ParkingLot()
@@ -446,6 +451,28 @@ class Connection:
         if self._listener is not None:
             self._listener.orphaned(self, pending.expires + ORPHAN_GRACE)
 
+    def abandon(self, pending: PendingRequest) -> None:
+        """Stop waiting for ``pending`` (not cancelled by trio: a stream's owner
+        that ends it): withdraw it if unsent, else CANCEL it and keep it orphaned."""
+        self._abandon(pending)
+
+    def attach_feed(self, request_id: int, feed: Feed) -> None:
+        """Route the STREAM_PAGE, STREAM_END, EVENT, ERROR and RESPONSE frames of
+        ``request_id`` to ``feed`` (attach it before any checkpoint after the send)."""
+        self._feeds[request_id] = feed
+
+    def detach_feed(self, request_id: int) -> None:
+        """Stop routing ``request_id``'s frames to its feed; late ones are dropped."""
+        self._feeds.pop(request_id, None)
+
+    def send_control(self, message: Cancel | StreamCredit) -> bool:
+        """Queue a CANCEL or STREAM_CREDIT, which take no slot and get no reply of
+        their own; False (nothing queued) once the connection has failed."""
+        if self.error is not None:
+            return False
+        self._queue_bytes(self._protocol.send(message))
+        return True
+
     def expire_orphans(self, now: float) -> float:
         """Forget the orphans the node never confirmed within their deadline and
         grace; return when the next one is due (inf: none left)."""
@@ -531,6 +558,9 @@ class Connection:
         for pending in waiting.values():
             pending.holds_slot = False
             pending._finish(error=_copy_error(error, request_sent=pending.sent))
+        feeds, self._feeds = self._feeds, {}
+        for feed in feeds.values():
+            feed.failed(_copy_error(error, request_sent=True))
         self._outbox.clear()
         self._queued_bytes = 0
         self._in_flight = 0
@@ -664,6 +694,10 @@ class Connection:
                     )
 
     def _dispatch(self, event: Message | BadMessage) -> None:
+        if self._feeds and isinstance(event, FEED_KINDS):
+            feed = self._feeds.get(event.request_id)
+            if feed is not None and feed.frame(event):
+                return  # a page or an event, now in its feed's bounded buffer
         if isinstance(event, Response):
             if event.replayed:
                 pending = self._waiting.get(event.request_id)
@@ -691,8 +725,10 @@ class Connection:
                 self._deliver(event.request_id, error=event.error)
             elif event.request_id in self._orphans:
                 self._deliver(event.request_id)
-        # STREAM_* and EVENT frames belong to features built on top of this
-        # layer; without a subscriber they are ignored.
+        elif isinstance(event, StreamEnd):
+            self._deliver(event.request_id, result=event)  # the stream's request is over
+        # Other STREAM_PAGE and EVENT frames have no feed (a stream or subscription
+        # that ended, or unsolicited EVENTs): they are dropped.
 
     def _deliver(
         self, request_id: int, *, result: Any = None, error: QdbError | None = None
@@ -723,14 +759,16 @@ class Connection:
             pending = self._waiting.pop(request_id)
             pending.withdrawn = True
             self._release_slot(pending)
-            pending._finish(
-                error=ConnectionDraining(
-                    f"{self.address} is draining ({goaway.reason}); "
-                    f"request {request_id} was not processed",
-                    reason=goaway.reason,
-                    node=self.address,
-                )
+            error = ConnectionDraining(
+                f"{self.address} is draining ({goaway.reason}); "
+                f"request {request_id} was not processed",
+                reason=goaway.reason,
+                node=self.address,
             )
+            pending._finish(error=error)
+            feed = self._feeds.pop(request_id, None)
+            if feed is not None:
+                feed.failed(error)
         for request_id in [rid for rid in self._orphans if rid > goaway.last_request_id]:
             self._release_slot(
                 self._orphans.pop(request_id)

@@ -1,15 +1,37 @@
-"""Opening a ready connection: TCP connect, handshake, reader/writer started."""
+"""Opening a ready connection: TCP connect, TLS, handshake, reader/writer started."""
 
 from __future__ import annotations
 
+import ssl
+
+import attrs
 import trio
 
-from ..errors import ConnectError, ConnectTimeout, QdbError
+from ..errors import (
+    AuthenticationFailed,
+    ConnectError,
+    ConnectTimeout,
+    HandshakeError,
+    ParseError,
+    QdbError,
+    TlsError,
+)
 from ..protocol import Hello
+from .auth import Authenticator, HelloAuth
 from .connection import Connection, ConnectionListener
-from .connector import open_tcp
+from .connector import open_tcp, ssl_cause, start_tls, tls_error
 
-__all__ = ["establish"]
+__all__ = ["TlsSettings", "establish"]
+
+
+@attrs.frozen
+class TlsSettings:
+    """TLS for every connection of a client: the context (which decides what
+    certificates are trusted and whether host names are checked) and an
+    optional host name every certificate must name instead of the address's."""
+
+    context: ssl.SSLContext
+    server_hostname: str | None = None
 
 
 async def establish(
@@ -21,24 +43,58 @@ async def establish(
     max_frame_size: int,
     max_in_flight: int,
     listener: ConnectionListener | None = None,
+    tls: TlsSettings | None = None,
+    auth: Authenticator | None = None,
 ) -> Connection:
     """Connect to ``address`` and complete the handshake within ``connect_timeout``.
 
+    With ``tls``, the TLS handshake comes first: nothing is sent before the
+    node's certificate was accepted. With ``auth``, the HELLO carries the
+    client's session token, or its password (docs/protocol.md 7.3, 7.4); a
+    refused token is followed, within the same ``connect_timeout``, by one
+    login with the password on a new connection, if the password was kept.
+
     The connection's tasks run in ``nursery``. Raises ConnectError,
-    ConnectTimeout, HandshakeError (VersionMismatch) or the node's
-    ServerError (e.g. CapacityExceeded, Unauthenticated).
+    ConnectTimeout, TlsError, HandshakeError (VersionMismatch),
+    AuthenticationFailed or another of the node's ServerErrors (e.g.
+    CapacityExceeded).
     """
     try:
         with trio.fail_after(connect_timeout):
-            stream = await open_tcp(address)
-            connection = Connection(
-                stream,
-                address=address,
-                max_frame_size=max_frame_size,
-                max_in_flight=max_in_flight,
-                listener=listener,
-            )
-            await nursery.start(connection.run, hello)
+            for tries_left in (1, 0):
+                if auth is not None:
+                    auth.fields(trio.current_time())  # nothing left to log in with? no socket
+                stream = await _open_stream(address, tls)
+                login: HelloAuth | None = None
+                try:
+                    if auth is not None:
+                        login = await auth.begin()
+                    connection = await _handshake(
+                        stream,
+                        address,
+                        nursery=nursery,
+                        hello=hello if login is None else login.apply(hello),
+                        max_frame_size=max_frame_size,
+                        max_in_flight=max_in_flight,
+                        listener=listener,
+                        tls=tls is not None,
+                    )
+                except AuthenticationFailed:
+                    await trio.aclose_forcefully(stream)
+                    retry = auth is not None and login is not None and auth.refused(login)
+                    if retry and tries_left:
+                        continue  # the token is gone: log in with the password
+                    raise
+                except BaseException:
+                    await trio.aclose_forcefully(stream)  # a no-op once the connection owned it
+                    raise
+                finally:
+                    if auth is not None and login is not None:
+                        auth.end(login)
+                if auth is not None and login is not None and connection.welcome is not None:
+                    auth.succeeded(login, connection.welcome, trio.current_time())
+                return connection
+            raise AssertionError("unreachable")  # pragma: no cover
     except trio.TooSlowError as exc:
         raise ConnectTimeout(
             f"connecting to {address} took longer than {connect_timeout:g} s", node=address
@@ -47,4 +103,58 @@ async def establish(
         raise
     except Exception as exc:  # never let a surprise escape into a background task
         raise ConnectError(f"connecting to {address} failed: {exc!r}", node=address) from exc
+
+
+async def _open_stream(address: str, tls: TlsSettings | None) -> trio.abc.Stream:
+    stream: trio.abc.Stream = await open_tcp(address)
+    if tls is not None:
+        stream = await start_tls(stream, address, tls.context, server_hostname=tls.server_hostname)
+    return stream
+
+
+async def _handshake(
+    stream: trio.abc.Stream,
+    address: str,
+    *,
+    nursery: trio.Nursery,
+    hello: Hello,
+    max_frame_size: int,
+    max_in_flight: int,
+    listener: ConnectionListener | None,
+    tls: bool,
+) -> Connection:
+    connection = Connection(
+        stream,
+        address=address,
+        max_frame_size=max_frame_size,
+        max_in_flight=max_in_flight,
+        listener=listener,
+    )
+    try:
+        await nursery.start(connection.run, hello)
+    except ParseError as exc:
+        if exc.details.get("tls_required") is True:
+            raise TlsError(
+                f"{address} speaks TLS only: connect with tls=True (or an ssl.SSLContext)",
+                node=address,
+                tls_required=True,
+            ) from exc
+        raise
+    except (ConnectError, HandshakeError) as exc:
+        # Over TLS 1.3 the node checks a client certificate after the client's
+        # TLS handshake is done: a refusal shows on the first read, as a TLS
+        # alert or (the alert lost) as the node closing before any frame.
+        if not tls or isinstance(exc, (TlsError, ConnectTimeout)):
+            raise
+        cause = ssl_cause(exc)
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, ssl.SSLEOFError):
+            raise tls_error(address, exc, during="the QDB handshake") from exc
+        if isinstance(exc, ConnectError):
+            raise TlsError(
+                f"{address} closed the connection right after the TLS handshake, before"
+                " answering HELLO: it may require a client certificate that the client did"
+                " not present (tls=an ssl.SSLContext with load_cert_chain)",
+                node=address,
+            ) from exc
+        raise
     return connection

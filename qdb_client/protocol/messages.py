@@ -19,6 +19,7 @@ from .codec import decode_body, encode_body, encode_flat_body
 from .codes import ErrorCode
 from .errors import MessageError, ValueNotEncodable
 from .frames import MAX_REQUEST_ID, Frame, encode_frame
+from .stream_codec import decode_page_body
 
 __all__ = [
     "PROTOCOL_VERSIONS",
@@ -163,6 +164,20 @@ def _omit_none(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
 
+def _redacted(value: Any) -> str:
+    """``repr`` of a secret field: ``'***'`` (None shows as None)."""
+    return "None" if value is None else "'***'"
+
+
+def _redacted_auth(value: Any) -> str:
+    """``repr`` of HELLO ``auth``: the user shows, the password is ``'***'``."""
+    if value is None:
+        return "None"
+    if not isinstance(value, Mapping):
+        return "'***'"
+    return repr({k: ("***" if k != "user" else v) for k, v in value.items()})
+
+
 class Message:
     """Base of all message classes."""
 
@@ -201,10 +216,13 @@ class Hello(Message):
     versions: tuple[int, ...]
     client_name: str = "qdb_client"
     client_version: str = ""
-    credentials: Mapping[str, str] | None = None
+    #: ``{"user", "password"}``; the password never shows in ``repr``.
+    credentials: Mapping[str, str] | None = attrs.field(default=None, repr=_redacted_auth)
     resume_session: str | None = None
     max_frame_size: int | None = None
     request_id: int = 0
+    #: A session token from an earlier WELCOME (section 7.4); ``repr`` shows ``'***'``.
+    session_token: str | None = attrs.field(default=None, repr=_redacted)
 
     def body(self) -> dict[str, Any]:
         return _omit_none(
@@ -214,6 +232,7 @@ class Hello(Message):
                 "client_version": self.client_version,
                 "auth": dict(self.credentials) if self.credentials is not None else None,
                 "session": self.resume_session,
+                "session_token": self.session_token,
                 "max_frame": self.max_frame_size,
             }
         )
@@ -240,6 +259,7 @@ class Hello(Message):
             credentials=auth,
             resume_session=body.get("session", str, None),
             max_frame_size=body.frame_limit("max_frame", None),
+            session_token=body.get("session_token", str, None),
         )
 
 
@@ -253,6 +273,7 @@ class Welcome(Message):
         "max_frame_size": (MIN_FRAME_LIMIT, MAX_UINT),
         "max_in_flight": (0, MAX_UINT),
         "idle_timeout_ms": (0, MAX_UINT),
+        "session_expires_ms": (0, MAX_UINT),
     }
     version: int
     node_id: str
@@ -263,9 +284,13 @@ class Welcome(Message):
     members: tuple[Member, ...] = ()
     server_name: str = ""
     request_id: int = 0
+    #: A new secret token for ``session_id`` (section 7.4); ``repr`` shows ``'***'``.
+    session_token: str | None = attrs.field(default=None, repr=_redacted)
+    #: Milliseconds ``session_token`` stays valid from now (None without a token).
+    session_expires_ms: int | None = None
 
     def body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "version": self.version,
             "node_id": self.node_id,
             "session": self.session_id,
@@ -275,6 +300,11 @@ class Welcome(Message):
             "members": [{"node_id": m.node_id, "address": m.address} for m in self.members],
             "server": self.server_name,
         }
+        if self.session_token is not None:
+            body["session_token"] = self.session_token
+        if self.session_expires_ms is not None:
+            body["session_expires_ms"] = self.session_expires_ms
+        return body
 
     @classmethod
     def from_body(cls, frame: Frame, body: _Body) -> Welcome:
@@ -296,6 +326,8 @@ class Welcome(Message):
             idle_timeout_ms=body.count("idle_timeout_ms"),
             members=tuple(members),
             server_name=body.get("server", str, ""),
+            session_token=body.get("session_token", str, None),
+            session_expires_ms=body.count("session_expires_ms", None),
         )
 
 
@@ -490,7 +522,11 @@ class StreamPage(Message):
     """One page of the result stream opened by request ``request_id``.
 
     ``seq`` counts pages from 0. ``resume_token`` lets any node continue the
-    stream after this page. ``columns`` is sent with page 0 only.
+    stream after this page. ``columns`` and ``types`` (declared column types,
+    None where unknown) are sent with page 0 only. ``rows_encoding`` is, on a
+    received page, the bytes of its rows as they travelled (the stream
+    digest's input, section 12.4; see :mod:`.stream_codec`); it is not part
+    of the message's value.
     """
 
     kind: ClassVar[Kind] = Kind.STREAM_PAGE
@@ -500,6 +536,8 @@ class StreamPage(Message):
     rows: tuple[Any, ...]
     resume_token: bytes
     columns: tuple[str, ...] | None = None
+    types: tuple[str | None, ...] | None = None
+    rows_encoding: bytes = attrs.field(default=b"", eq=False, repr=False, kw_only=True)
 
     def body(self) -> dict[str, Any]:
         return _omit_none(
@@ -508,6 +546,7 @@ class StreamPage(Message):
                 "rows": list(self.rows),
                 "token": self.resume_token,
                 "columns": list(self.columns) if self.columns is not None else None,
+                "types": list(self.types) if self.types is not None else None,
             }
         )
 
@@ -516,6 +555,9 @@ class StreamPage(Message):
         columns = body.get("columns", list, None)
         if columns is not None and not all(isinstance(c, str) for c in columns):
             body.fail("'columns' must be a list of text")
+        types = body.get("types", list, None)
+        if types is not None and not all(t is None or isinstance(t, str) for t in types):
+            body.fail("'types' must be a list of text or null")
         rows = body.get("rows", list)
         if not all(isinstance(row, list) for row in rows):
             body.fail("'rows' must be a list of arrays")
@@ -525,6 +567,7 @@ class StreamPage(Message):
             rows=tuple(rows),
             resume_token=body.get("token", bytes),
             columns=tuple(columns) if columns is not None else None,
+            types=tuple(types) if types is not None else None,
         )
 
 
@@ -645,7 +688,12 @@ def encode_message(message: Message) -> bytes:
 
 #: Integer fields that may be None (then omitted from the body).
 _OPTIONAL_INTS = frozenset(
-    {(Kind.HELLO, "max_frame_size"), (Kind.REQUEST, "deadline_ms"), (Kind.ERROR, "retry_after_ms")}
+    {
+        (Kind.HELLO, "max_frame_size"),
+        (Kind.WELCOME, "session_expires_ms"),
+        (Kind.REQUEST, "deadline_ms"),
+        (Kind.ERROR, "retry_after_ms"),
+    }
 )
 
 
@@ -700,6 +748,12 @@ def decode_message(frame: Frame) -> Message:
         raise MessageError(
             f"unknown message kind {frame.kind:#04x}", request_id=frame.request_id, kind=frame.kind
         )
+    if cls is StreamPage:  # keeps the rows' bytes: the stream digest's input
+        raw, rows_encoding = decode_page_body(
+            frame.body, request_id=frame.request_id, kind=frame.kind
+        )
+        page = StreamPage.from_body(frame, _Body(raw, frame))
+        return attrs.evolve(page, rows_encoding=rows_encoding)
     raw = decode_body(frame.body, request_id=frame.request_id, kind=frame.kind)
     return cls.from_body(frame, _Body(raw, frame))
 

@@ -14,6 +14,7 @@ from .._error_base import QdbError
 from .messages import Error
 
 __all__ = [
+    "AuthenticationFailed",
     "CapacityExceeded",
     "Conflict",
     "ConstraintViolation",
@@ -103,6 +104,26 @@ class Unauthenticated(ServerError):
     """Credentials are missing or wrong."""
 
     wire_name = "UNAUTHENTICATED"
+
+
+class AuthenticationFailed(Unauthenticated):
+    """The node refused the client's credentials (or its session token with no
+    password left to fall back on): final, never retried.
+
+    What the driver raises for every ``UNAUTHENTICATED``. The node that
+    refused is marked ``AUTH_FAILED``: nothing is sent to it again, not even
+    by background reconnects, until ``client.reauthenticate(...)`` gives new
+    credentials (or a new client is opened). ``reason`` is the node's
+    ``details.reason``: ``"credentials"`` or ``"session"`` (docs/protocol.md
+    section 7.3).
+    """
+
+    wire_name = "UNAUTHENTICATED"
+
+    @property
+    def reason(self) -> str:
+        """``"session"`` when a session token alone was refused, else ``"credentials"``."""
+        return "session" if self.details.get("reason") == "session" else "credentials"
 
 
 class PermissionDenied(ServerError):
@@ -231,7 +252,7 @@ _BY_WIRE_NAME: dict[str, type[ServerError]] = {
         ParseError,
         InvalidRequest,
         MethodNotFound,
-        Unauthenticated,
+        AuthenticationFailed,
         PermissionDenied,
         ReadOnlyViolation,
         NotFound,

@@ -4,6 +4,13 @@ Once the node listens it prints one readiness line on stdout::
 
     QDB-NODE READY node_id=node-7000 address=127.0.0.1:7000 port=7000 pid=12345
 
+Credentials come from a file (``--credentials-file PATH``, lines
+``user:password``) or the environment (``QDB_NODE_CREDENTIALS``, the same
+lines), never from the command line, which every user of the machine can
+read (``/proc/PID/cmdline``, ``ps``): ``--credentials USER:PASSWORD`` still
+works but is deprecated and logs a warning. TLS: ``--tls-cert`` (and
+``--tls-key``; ``--tls-client-ca`` to require client certificates).
+
 and nothing else (logs go to stderr). SIGTERM or SIGINT shut it down
 gracefully: GOAWAY ``shutdown`` to every connection, in-flight requests get
 ``--grace`` seconds. Exit status 0 after a clean stop, 1 if it could not
@@ -30,13 +37,18 @@ from .config import ServerConfig
 from .server import QdbNode
 
 __all__ = [
+    "CREDENTIALS_ENV",
     "READY_PATTERN",
     "build_parser",
     "config_from_args",
     "main",
     "options_to_args",
+    "parse_credentials",
     "run_node",
 ]
+
+#: Environment variable holding the node's credentials (``user:password`` lines).
+CREDENTIALS_ENV = "QDB_NODE_CREDENTIALS"
 
 logger = logging.getLogger("qdb_client.testing")
 
@@ -59,7 +71,17 @@ _VALUE_FLAGS = {
     "max_frame_size": "--max-frame-size",
     "sqlite_pool_size": "--sqlite-pool-size",
     "idempotency_ttl": "--idempotency-ttl",
+    "stream_retention": "--stream-retention",
+    "change_retention": "--change-retention",
+    "transaction_idle_timeout": "--transaction-idle-timeout",
+    "max_transactions": "--max-transactions",
+    "max_prepared": "--max-prepared",
     "server_name": "--server-name",
+    "session_ttl": "--session-ttl",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
+    "tls_client_ca": "--tls-client-ca",
+    "tls_handshake_timeout": "--tls-handshake-timeout",
 }
 
 
@@ -97,13 +119,67 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.idempotency_ttl,
         help="seconds the outcome of a keyed write is kept (default %(default)s)",
     )
+    p.add_argument(
+        "--stream-retention",
+        type=float,
+        default=defaults.stream_retention,
+        help="seconds a spooled result stream is kept after its last page (default %(default)s)",
+    )
+    p.add_argument(
+        "--change-retention",
+        type=float,
+        default=defaults.change_retention,
+        help="seconds the change log keeps a change for subscriptions (default %(default)s)",
+    )
+    p.add_argument(
+        "--transaction-idle-timeout",
+        type=float,
+        default=defaults.transaction_idle_timeout,
+        help="seconds a transaction may stay idle between requests (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-transactions",
+        type=int,
+        default=defaults.max_transactions,
+        help="transactions open on the node at once (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-prepared",
+        type=int,
+        default=defaults.max_prepared,
+        help="prepared statements per session (default %(default)s)",
+    )
     p.add_argument("--server-name", default=defaults.server_name)
+    p.add_argument(
+        "--credentials-file",
+        metavar="PATH",
+        help="require authentication: a file of 'user:password' lines"
+        f" (or set {CREDENTIALS_ENV} to such lines)",
+    )
     p.add_argument(
         "--credentials",
         action="append",
         default=[],
         metavar="USER:PASSWORD",
-        help="require HELLO auth; repeat for several users",
+        help="deprecated: any user of the machine can read the command line;"
+        " use --credentials-file",
+    )
+    p.add_argument(
+        "--session-ttl",
+        type=float,
+        default=defaults.session_ttl,
+        help="seconds a session token stays valid (default %(default)s)",
+    )
+    p.add_argument("--tls-cert", help="PEM certificate (chain): the node speaks TLS only")
+    p.add_argument("--tls-key", help="PEM private key (if not in --tls-cert)")
+    p.add_argument(
+        "--tls-client-ca", help="PEM CA certificates: require client certificates signed by one"
+    )
+    p.add_argument(
+        "--tls-handshake-timeout",
+        type=float,
+        default=defaults.tls_handshake_timeout,
+        help="seconds a client gets to complete the TLS handshake (default %(default)s)",
     )
     p.add_argument(
         "--grace", type=float, default=5.0, help="seconds in-flight requests get on SIGTERM"
@@ -112,16 +188,72 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(ns: argparse.Namespace) -> ServerConfig:
-    """Build the :class:`ServerConfig` that parsed arguments describe (ConfigError if invalid)."""
-    credentials = None
+def parse_credentials(text: str, *, source: str) -> dict[str, str]:
+    """``user:password`` lines (blank lines and ``#`` comments skipped) as a dict.
+
+    The password is everything after the first ``:``. A malformed line or a
+    user named twice is a ConfigError that names the line, never its text.
+    """
+    credentials: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        user = user.strip()
+        if not sep or not user:
+            raise ConfigError(f"{source}, line {number}: not 'user:password'")
+        if user in credentials:
+            raise ConfigError(f"{source}, line {number}: user {user!r} is listed twice")
+        credentials[user] = password
+    return credentials
+
+
+def _credentials(ns: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str] | None:
+    found: list[tuple[str, dict[str, str]]] = []
+    if ns.credentials_file:
+        try:
+            with open(ns.credentials_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --credentials-file: {exc.strerror}") from None
+        found.append(("--credentials-file", parse_credentials(text, source=ns.credentials_file)))
+    if environ.get(CREDENTIALS_ENV, "").strip():
+        found.append(
+            (CREDENTIALS_ENV, parse_credentials(environ[CREDENTIALS_ENV], source=CREDENTIALS_ENV))
+        )
     if ns.credentials:
-        credentials = {}
+        logger.warning(
+            "--credentials puts passwords on the command line, which any user of this"
+            " machine can read: use --credentials-file or %s (deprecated)",
+            CREDENTIALS_ENV,
+        )
+        items: dict[str, str] = {}
         for item in ns.credentials:
             user, sep, password = item.partition(":")
             if not sep or not user:
-                raise ConfigError(f"--credentials {item!r} is not USER:PASSWORD")
-            credentials[user] = password
+                raise ConfigError("a --credentials value is not USER:PASSWORD")
+            items[user] = password
+        found.append(("--credentials", items))
+    if not found:
+        return None
+    merged: dict[str, str] = {}
+    for source, users in found:
+        for user, password in users.items():
+            if user in merged:
+                raise ConfigError(f"user {user!r} is given twice ({source} and before)")
+            merged[user] = password
+    return merged
+
+
+def config_from_args(
+    ns: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Build the :class:`ServerConfig` that parsed arguments describe (ConfigError if invalid).
+
+    Credentials come from ``--credentials-file``, ``QDB_NODE_CREDENTIALS`` in
+    ``environ`` (default ``os.environ``) and the deprecated ``--credentials``.
+    """
+    credentials = _credentials(ns, os.environ if environ is None else environ)
     return ServerConfig(
         host=ns.host,
         port=ns.port,
@@ -138,14 +270,26 @@ def config_from_args(ns: argparse.Namespace) -> ServerConfig:
         credentials=credentials,
         sqlite_pool_size=ns.sqlite_pool_size,
         idempotency_ttl=ns.idempotency_ttl,
+        stream_retention=ns.stream_retention,
+        change_retention=ns.change_retention,
         server_name=ns.server_name,
         foreign_keys=ns.foreign_keys,
+        transaction_idle_timeout=ns.transaction_idle_timeout,
+        max_transactions=ns.max_transactions,
+        max_prepared=ns.max_prepared,
+        session_ttl=ns.session_ttl,
+        tls_cert=ns.tls_cert,
+        tls_key=ns.tls_key,
+        tls_client_ca=ns.tls_client_ca,
+        tls_handshake_timeout=ns.tls_handshake_timeout,
     )
 
 
 def options_to_args(options: Mapping[str, Any]) -> list[str]:
-    """Command line flags for :class:`ServerConfig` field values (``peers``, ``credentials``,
-    ``test_mode`` included). ConfigError for a field the command line can't express.
+    """Command line flags for :class:`ServerConfig` field values (``peers`` and
+    ``test_mode`` included). ConfigError for a field the command line can't express,
+    and for ``credentials``: passwords never go on a command line (write them to
+    a file for ``--credentials-file``, as :class:`~.cluster.TestCluster` does).
     """
     args: list[str] = []
     for name, value in options.items():
@@ -160,8 +304,10 @@ def options_to_args(options: Mapping[str, Any]) -> list[str]:
         elif name == "foreign_keys":
             args += ["--foreign-keys"] if value else []
         elif name == "credentials":
-            for user, password in dict(value).items():
-                args += ["--credentials", f"{user}:{password}"]
+            raise ConfigError(
+                "credentials can't go on a command line (any user of the machine can read"
+                " it): write them to a file and pass --credentials-file"
+            )
         else:
             raise ConfigError(f"no command line option for {name!r}")
     return args

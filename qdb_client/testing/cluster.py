@@ -10,6 +10,14 @@
 Every node runs in test mode and announces the others in WELCOME
 ``members`` (through a peers file in the cluster directory, re-read on
 each handshake, because ephemeral ports are known only after start).
+
+Nodes with credentials and TLS: pass the :class:`ServerConfig` fields
+(``credentials={"ada": "pw"}``, ``tls_cert=..., tls_key=...``). Subprocess
+nodes get their credentials through a file in the cluster directory
+(``--credentials-file``, readable by its owner only), never on their
+command line. ``control_options`` are keyword arguments of every
+``control()`` connection (``tls=`` a client context for a TLS cluster,
+``credentials=``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any
 
 import trio
 
+from ..errors import ConfigError
 from ._nursery import owned_nursery
 from .cli import READY_PATTERN, options_to_args
 from .config import ServerConfig, format_address
@@ -88,9 +97,12 @@ class TestServer:
             raise RuntimeError(f"{self.address} is not a running in-process node; use control()")
         return self.node.faults
 
+    #: Keyword arguments of every ``control()`` connection (set by the cluster).
+    control_options: Mapping[str, Any] = {}
+
     def control(self, **kwargs: Any) -> AbstractAsyncContextManager[NodeControl]:
-        """``open_node_control(self.address, **kwargs)``."""
-        return open_node_control(self.address, **kwargs)
+        """``open_node_control(self.address, **control_options, **kwargs)``."""
+        return open_node_control(self.address, **{**self.control_options, **kwargs})
 
     async def _start(self, nursery: trio.Nursery) -> None:
         raise RuntimeError(f"cannot start {self.address}: the cluster is external")
@@ -316,6 +328,7 @@ class TestCluster:
         *,
         directory: str | os.PathLike[str] | None = None,
         host: str = "127.0.0.1",
+        control_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> AsyncIterator[TestCluster]:
         """Run ``n`` nodes in this trio run; ``options`` are :class:`ServerConfig` fields."""
@@ -328,7 +341,8 @@ class TestCluster:
                     "peers_file": path / "peers",
                 }
             )
-            nodes = [_InProcessServer(i, host, config) for i in range(n)]
+            nodes: list[TestServer] = [_InProcessServer(i, host, config) for i in range(n)]
+            _set_control_options(nodes, control_options)
             async with cls._running(nodes, "in_process", path, parallel=False) as cluster:
                 yield cluster
 
@@ -341,22 +355,30 @@ class TestCluster:
         directory: str | os.PathLike[str] | None = None,
         host: str = "127.0.0.1",
         python: str | None = None,
+        control_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> AsyncIterator[TestCluster]:
         """Run ``n`` nodes as ``python -m qdb_client.testing`` processes (always test mode).
 
         Each logs to ``node-<i>.log`` in the cluster directory. ``options``
-        are :class:`ServerConfig` fields passed as command line flags.
+        are :class:`ServerConfig` fields passed as command line flags, except
+        ``credentials``, written to ``credentials`` in the cluster directory
+        (mode 0600) and passed as ``--credentials-file``.
         """
         async with cls._directory(directory) as path:
+            options = dict(options)
+            credentials = options.pop("credentials", None)
             args = options_to_args(
                 {**options, "database": path / "qdb.sqlite3", "peers_file": path / "peers"}
             )
+            if credentials is not None:
+                args += ["--credentials-file", str(_write_credentials(path, credentials))]
             args.append("--test-mode")
-            nodes = [
+            nodes: list[TestServer] = [
                 _SubprocessServer(i, host, args, python or sys.executable, path / f"node-{i}.log")
                 for i in range(n)
             ]
+            _set_control_options(nodes, control_options)
             async with cls._running(nodes, "subprocess", path, parallel=True) as cluster:
                 yield cluster
 
@@ -428,3 +450,26 @@ class TestCluster:
                         await cluster.stop(grace=0.0)
                     for node in nodes:
                         await node._kill()
+
+
+def _set_control_options(nodes: Sequence[TestServer], options: Mapping[str, Any] | None) -> None:
+    for node in nodes:
+        node.control_options = dict(options or {})
+
+
+def _write_credentials(directory: Path, credentials: Mapping[str, Any]) -> Path:
+    """Write ``user:password`` lines to ``directory/credentials``, readable by its owner only."""
+    users = ServerConfig(credentials=credentials).credentials or {}
+    lines = []
+    for user, secret in users.items():
+        password = secret.reveal()
+        if ":" in user or any(c in user + password for c in "\r\n"):
+            raise ConfigError(
+                f"credentials of {user!r}: a user name can't hold ':', nor either one a line break"
+            )
+        lines.append(f"{user}:{password}\n")
+    path = directory / "credentials"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("".join(lines))
+    return path

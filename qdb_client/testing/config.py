@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 
+from ..config import Secret
 from ..errors import ConfigError
 from ..validation import boolean, int_in, parse_address, positive_seconds, text
 
@@ -72,14 +73,27 @@ def _to_path(value: Any) -> str | None:
     return str(path)
 
 
-def _to_credentials(value: Any) -> Mapping[str, str] | None:
+def _to_credentials(value: Any) -> Mapping[str, Secret] | None:
+    """User -> password, each password kept as a :class:`~qdb_client.config.Secret`
+    (so neither ``repr`` nor ``attrs.asdict`` of the config shows it)."""
     if value is None:
         return None
     if not isinstance(value, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        isinstance(k, str) and k and isinstance(v, (str, Secret)) for k, v in value.items()
     ):
         raise ConfigError("credentials must map user names (text) to passwords (text)")
-    return dict(value)
+    return {user: v if isinstance(v, Secret) else Secret(v) for user, v in value.items()}
+
+
+def _optional_file(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not os.path.isfile(value):
+        raise ConfigError(f"{attribute.name}: no such file: {value!r}")
+
+
+def _session_ttl(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    positive_seconds(instance, attribute, value)
+    if value < 1.0 or value > 7 * 24 * 3600:
+        raise ConfigError(f"session_ttl must be within 1 s .. 7 days (604800 s), not {value!r}")
 
 
 # ---------------------------------------------------------------------- config
@@ -95,12 +109,24 @@ class ServerConfig:
     the ``host:port`` addresses of the other members, announced in WELCOME;
     ``peers_file`` names a file of such addresses (one per line), re-read on
     every handshake, for clusters whose ports are only known after start.
-    ``credentials`` (user -> password), when set, makes HELLO ``auth``
-    mandatory. Control methods (``control.*``) exist only when ``test_mode``.
+    ``credentials`` (user -> password), when set, makes authentication
+    mandatory: HELLO ``auth``, or a session token that a WELCOME issued
+    (valid ``session_ttl`` seconds; docs/protocol.md 7.3, 7.4). ``tls_cert``
+    (and ``tls_key``, unless the key is in the certificate file) makes the
+    node speak TLS only; ``tls_client_ca`` also requires client
+    certificates signed by that authority; a TLS handshake must complete
+    within ``tls_handshake_timeout``. Control methods (``control.*``) exist
+    only when ``test_mode``.
     ``idempotency_ttl`` is how long (seconds) the outcome of a write with an
     idempotency key is kept for replay. ``foreign_keys`` switches SQLite's
     foreign key enforcement on for every pooled connection (a ``PRAGMA`` sent
     through ``execute`` only lasts for its own request).
+    ``transaction_idle_timeout`` is the default and cap (seconds) of how long
+    a ``begin`` transaction may stay idle between requests before the node
+    rolls it back; ``max_transactions`` bounds the transactions open on the
+    node at once (each holds a SQLite connection of its own); ``max_prepared``
+    bounds the prepared statements of one session (least recently used
+    dropped).
     """
 
     host: str = attrs.field(default="127.0.0.1", validator=text)
@@ -117,13 +143,36 @@ class ServerConfig:
     )
     max_in_flight: int = attrs.field(default=256, validator=int_in(1, 1_000_000))
     test_mode: bool = attrs.field(default=False, validator=boolean)
-    credentials: Mapping[str, str] | None = attrs.field(
+    credentials: Mapping[str, Secret] | None = attrs.field(
         default=None, converter=_to_credentials, eq=False, repr=False
     )
+    session_ttl: float = attrs.field(default=900.0, validator=_session_ttl)
+    tls_cert: str | None = attrs.field(default=None, converter=_to_path, validator=_optional_file)
+    tls_key: str | None = attrs.field(default=None, converter=_to_path, validator=_optional_file)
+    tls_client_ca: str | None = attrs.field(
+        default=None, converter=_to_path, validator=_optional_file
+    )
+    tls_handshake_timeout: float = attrs.field(default=10.0, validator=positive_seconds)
     sqlite_pool_size: int = attrs.field(default=4, validator=int_in(1, 64))
     idempotency_ttl: float = attrs.field(default=3600.0, validator=positive_seconds)
     server_name: str = attrs.field(default=DEFAULT_SERVER_NAME, validator=text)
     foreign_keys: bool = attrs.field(default=False, validator=boolean)
+    transaction_idle_timeout: float = attrs.field(default=30.0, validator=positive_seconds)
+    max_transactions: int = attrs.field(default=64, validator=int_in(1, 10_000))
+    max_prepared: int = attrs.field(default=256, validator=int_in(1, 100_000))
+    #: Seconds a spooled result stream is kept after its last page or resume (section 12).
+    stream_retention: float = attrs.field(default=300.0, validator=positive_seconds)
+    #: Seconds the change log keeps a change for subscriptions (section 13).
+    change_retention: float = attrs.field(default=3600.0, validator=positive_seconds)
+
+    def __attrs_post_init__(self) -> None:
+        if self.tls_cert is None and (self.tls_key is not None or self.tls_client_ca is not None):
+            raise ConfigError("tls_key and tls_client_ca need tls_cert (the node's certificate)")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the node speaks TLS (only)."""
+        return self.tls_cert is not None
 
     def evolve(self, **changes: Any) -> ServerConfig:
         """A copy with ``changes`` applied (and validated)."""

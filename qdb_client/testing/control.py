@@ -18,6 +18,7 @@ node closed it (idle timeout, restart). Every failure is a
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,6 +34,7 @@ from ..errors import (
     QdbError,
     RequestTimeout,
     ServerError,
+    TlsError,
     VersionMismatch,
 )
 from ..protocol import (
@@ -75,7 +77,9 @@ class NodeControl:
     """A control connection to one test node (which must run in test mode).
 
     Prefer :func:`open_node_control`, which closes it. ``call_timeout``
-    bounds each call, connecting included (None: unbounded).
+    bounds each call, connecting included (None: unbounded). ``tls``: an
+    ``ssl.SSLContext`` for a TLS node (``tls_server_hostname``: the name its
+    certificate must have, default the address's host).
     """
 
     def __init__(
@@ -84,6 +88,8 @@ class NodeControl:
         *,
         call_timeout: float | None = 10.0,
         credentials: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+        tls_server_hostname: str | None = None,
     ) -> None:
         self._host, self._port = parse_address(address)
         #: The node's ``host:port``.
@@ -91,6 +97,8 @@ class NodeControl:
         #: Seconds each call may take (None: unbounded).
         self.call_timeout = call_timeout
         self._credentials = dict(credentials) if credentials is not None else None
+        self._tls = tls
+        self._tls_server_hostname = tls_server_hostname
         self._stream: trio.abc.Stream | None = None
         self._proto: ProtocolConnection | None = None
         self._next_id = 1
@@ -140,11 +148,27 @@ class NodeControl:
 
     async def _connect(self) -> None:
         try:
-            stream = await trio.open_tcp_stream(self._host, self._port)
+            stream: trio.abc.Stream = await trio.open_tcp_stream(self._host, self._port)
         except OSError as exc:
             raise ConnectError(
                 f"cannot connect to {self.address}: {exc}", node=self.address
             ) from exc
+        if self._tls is not None:
+            tls = trio.SSLStream(
+                stream, self._tls, server_hostname=self._tls_server_hostname or self._host
+            )
+            try:
+                await tls.do_handshake()
+            except (trio.BrokenResourceError, OSError) as exc:
+                await trio.aclose_forcefully(tls)
+                raise TlsError(
+                    f"TLS handshake with {self.address} failed: {exc.__cause__ or exc!r}",
+                    node=self.address,
+                ) from exc
+            except BaseException:
+                await trio.aclose_forcefully(tls)
+                raise
+            stream = tls
         self._stream = stream
         self._proto = ProtocolConnection(Role.CLIENT)
         hello = Hello(
@@ -319,13 +343,22 @@ async def open_node_control(
     call_timeout: float | None = 10.0,
     credentials: Mapping[str, str] | None = None,
     connect: bool = True,
+    tls: ssl.SSLContext | None = None,
+    tls_server_hostname: str | None = None,
 ) -> AsyncIterator[NodeControl]:
     """A :class:`NodeControl` for ``address``, closed when the block exits.
 
     With ``connect`` (the default) the connection is opened up front, so an
-    unreachable node fails here with ConnectError.
+    unreachable node fails here with ConnectError. ``tls`` and
+    ``tls_server_hostname`` as for :class:`NodeControl`.
     """
-    control = NodeControl(address, call_timeout=call_timeout, credentials=credentials)
+    control = NodeControl(
+        address,
+        call_timeout=call_timeout,
+        credentials=credentials,
+        tls=tls,
+        tls_server_hostname=tls_server_hostname,
+    )
     try:
         if connect:
             try:

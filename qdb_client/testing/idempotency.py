@@ -1,12 +1,13 @@
 """Idempotency keys of the test node: key format, request hashes, stored outcomes.
 
-A write (``execute``, ``batch``) carrying REQUEST ``idem_key`` is executed at
-most once per key within the TTL (docs/protocol.md, section 8.5). The
-outcome lives in the table ``qdb_idempotency`` of the node's SQLite file, so
-every node of a cluster (in-process or separate processes) sees the same
-keys. :mod:`.storage` runs the keyed transaction; this module holds what
-needs no database: validating a key, hashing a request, and the types that
-describe a keyed outcome.
+A write (``execute``, ``batch``, ``executemany``, and a transaction's
+``commit``) carrying REQUEST ``idem_key`` is executed at most once per key
+within the TTL (docs/protocol.md, section 8.5). The outcome lives in the
+table ``qdb_idempotency`` of the node's SQLite file, so every node of a
+cluster (in-process or separate processes) sees the same keys.
+:mod:`.storage` runs the keyed transaction; this module holds what needs no
+database: validating a key, hashing a request, and the types that describe a
+keyed outcome.
 
 A key is stored per *scope*: the authenticated user, or ``""`` on a node
 without credentials, so two users never see each other's keys.
@@ -24,6 +25,7 @@ import cbor2
 
 from ..protocol import ErrorCode
 from ._failure import RequestFailed
+from .typed import identity_default
 
 __all__ = [
     "DEFAULT_TTL",
@@ -70,12 +72,16 @@ def check_key(key: Any) -> str:
 def request_hash(method: str, payload: Any) -> bytes:
     """SHA-256 of the canonical CBOR of ``[method, payload]``.
 
-    ``payload`` is ``[sql, params]`` for ``execute`` and the list of
-    ``[sql, params]`` pairs for ``batch``, after argument validation (so
-    absent, null and empty ``params`` hash alike). Canonical CBOR sorts map
-    keys, so named parameters hash the same in any order.
+    ``payload`` is ``[sql, params]`` for ``execute`` (``[sql, params,
+    expect_rows]`` with an expected row count), the list of ``[sql, params]``
+    pairs for ``batch``, ``[sql, rows]`` for ``executemany`` and ``[tx]`` for
+    ``commit``, after argument validation (so absent, null and empty
+    ``params`` hash alike, and a prepared statement's id counts as its text).
+    Canonical CBOR sorts map keys, so named parameters hash the same in any
+    order; a typed parameter counts as its tag and stored text.
     """
-    return hashlib.sha256(cbor2.dumps([method, payload], canonical=True)).digest()
+    data = cbor2.dumps([method, payload], canonical=True, default=identity_default)
+    return hashlib.sha256(data).digest()
 
 
 @attrs.frozen

@@ -29,7 +29,8 @@ import trio.testing
 
 from ..protocol import ErrorCode
 from ._failure import RequestFailed
-from .statements import BatchFailure, Control, Stopped
+from .statements import Control, Stopped
+from .writes import BatchFailure
 
 __all__ = ["BUSY_TIMEOUT_MS", "Job", "result_of", "virtual_time", "wait_for_thread"]
 
@@ -57,6 +58,7 @@ class Job:
         *,
         control: Control | None = None,
         reopen: Callable[[], sqlite3.Connection] | None = None,
+        keep_transaction: bool = False,
     ) -> None:
         self.conn = conn
         self.fn = fn
@@ -65,6 +67,10 @@ class Job:
         self.real_deadline = 0.0
         self.timed_out = False
         self._reopen = reopen
+        #: The work runs inside a transaction that outlives it (a ``begin``
+        #: transaction's): nothing is rolled back at the end, and a lock that
+        #: can't be had is a write conflict.
+        self.keep_transaction = keep_transaction
 
     @property
     def cancelled(self) -> bool:
@@ -94,11 +100,18 @@ class Job:
         busy_ms = max(1, min(BUSY_TIMEOUT_MS, int(self.budget * 1000)))
         try:
             conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            # WAL with synchronous NORMAL: a commit survives the node's process dying
+            # (kill -9), not the machine losing power, and needs no fsync. Set here,
+            # not when the connection opens: this pragma loads the schema, which a
+            # connection opened at start would then hold stale. (A transaction's
+            # connection got it before its BEGIN: it can't change inside one.)
+            if not conn.in_transaction:
+                conn.execute("PRAGMA synchronous = NORMAL")
             conn.set_progress_handler(self._progress, _PROGRESS_STEPS)
             return self.fn(conn)
         finally:
             conn.set_progress_handler(None, 0)
-            if conn.in_transaction:
+            if conn.in_transaction and not self.keep_transaction:
                 try:
                     conn.execute("ROLLBACK")
                 except sqlite3.OperationalError:
@@ -139,9 +152,11 @@ def _sqlite_name(exc: BaseException) -> str:
     return getattr(exc, "sqlite_errorname", None) or type(exc).__name__
 
 
-def _translate(exc: BaseException, job: Job, index: int | None = None) -> RequestFailed | None:
+def _translate(
+    exc: BaseException, job: Job, index: int | None = None, field: str = "statement_index"
+) -> RequestFailed | None:
     """The structured error for an exception from a statement; None if unexpected."""
-    details: dict[str, Any] = {} if index is None else {"statement_index": index}
+    details: dict[str, Any] = {} if index is None else {field: index}
     if isinstance(exc, RequestFailed):  # decided by the statement code (READ_ONLY, ...)
         exc.details.update(details)
         return exc
@@ -162,6 +177,17 @@ def _translate(exc: BaseException, job: Job, index: int | None = None) -> Reques
     if isinstance(exc, sqlite3.OperationalError) and name.startswith(
         ("SQLITE_BUSY", "SQLITE_LOCKED")
     ):
+        if job.keep_transaction:
+            why = (
+                "another transaction committed since this one read (its snapshot is stale)"
+                if name == "SQLITE_BUSY_SNAPSHOT"
+                else "another transaction held the write lock until the deadline"
+            )
+            return RequestFailed(
+                ErrorCode.WRITE_CONFLICT,
+                f"{why}: {text}; the transaction was rolled back and may run again",
+                details={**details, "executed": False, "sqlite_error": name},
+            )
         if job.past_deadline():
             return RequestFailed(
                 ErrorCode.TIMEOUT,
@@ -211,7 +237,7 @@ def result_of(job: Job, ok: bool, value: Any) -> Any:
     if ok:
         return value
     if isinstance(value, BatchFailure):
-        failure = _translate(value.error, job, value.index)
+        failure = _translate(value.error, job, value.index, value.field)
         if failure is None:
             raise value.error
         if failure is value.error:

@@ -23,13 +23,17 @@ from typing import Any
 
 import trio
 
-from ..protocol import ErrorCode, Member, ProtocolConnection, Role, error_message
+from ..protocol import ErrorCode, Hello, Member, ProtocolConnection, Role, error_message
+from . import sessions
 from ._nursery import owned_nursery
 from .config import ServerConfig, format_address, parse_address, peer_node_id
 from .faults import Faults
+from .handshake import HelloAnswer, answer_hello
 from .session import COURTESY_SECONDS, ServerConnection, close_stream
 from .stats import NodeStatistics
 from .storage import Storage
+from .tls import accept_tls, server_context
+from .transactions import NodeTransactions
 
 __all__ = ["QdbNode", "open_node"]
 
@@ -77,6 +81,14 @@ class QdbNode:
             idempotency_ttl=config.idempotency_ttl,
             foreign_keys=config.foreign_keys,
         )
+        #: ``begin`` transactions of every session: their limit, ids and count.
+        self.transactions = NodeTransactions(config.max_transactions, self.stats)
+        #: Server-issued sessions (a node with credentials), in the same database.
+        self.sessions = sessions.SessionStore(self.storage)
+        #: What the handshakes did: logins by password or token, refusals, sessions.
+        self.auth_stats = sessions.AuthCounters()
+        #: The TLS context (None: plain TCP); a bad certificate is a ConfigError here.
+        self._tls_context = server_context(config)
         self._port = config.port
         self._listen_sock: trio.socket.SocketType | None = None
         self._listen_changed = trio.Event()
@@ -142,15 +154,37 @@ class QdbNode:
     def statistics(self) -> dict[str, Any]:
         """Counters and gauges as a plain dict (see :class:`NodeStatistics`).
 
-        Adds ``node_id``, ``in_flight`` (requests being processed) and
-        ``faults`` (the active faults) to the counters.
+        Adds ``node_id``, ``in_flight`` (requests being processed),
+        ``faults`` (the active faults), ``tls`` (whether the node speaks TLS)
+        and ``auth`` (what its handshakes did: ``password_hellos``,
+        ``password_refused``, ``token_hellos``, ``token_refused``,
+        ``sessions_created``, ``sessions_resumed``, ``tokens_issued``,
+        ``store_errors``) to the counters, and ``transactions_open`` (``begin``
+        transactions open now).
         """
         clients = [c for c in self._connections if not c.is_control_client]
         return self.stats.snapshot(
             connections_open=len(clients),
             node_id=self.node_id,
             in_flight=sum(c.in_flight for c in clients),
+            transactions_open=self.transactions.open,
             faults=self.faults.describe(),
+            tls=self.config.tls,
+            auth=self.auth_stats.snapshot(),
+        )
+
+    async def answer_hello(self, hello: Hello) -> HelloAnswer:
+        """The node's answer to a HELLO (the connection calls it; docs/protocol.md 7)."""
+        if self.config.credentials is None:
+            await trio.lowlevel.checkpoint()
+            return answer_hello(hello, self.config, node_id=self.node_id, members=self.members)
+        return await sessions.answer(
+            hello,
+            self.config,
+            self.sessions,
+            self.auth_stats,
+            node_id=self.node_id,
+            members=self.members,
         )
 
     def mark_control_client(self, conn: ServerConnection) -> None:
@@ -230,7 +264,14 @@ class QdbNode:
             peer = format_address(host, port)
         except OSError:
             peer = "unknown peer"
-        await self.serve_connection(trio.SocketStream(sock), peer=peer)
+        if self._tls_context is None:
+            await self.serve_connection(trio.SocketStream(sock), peer=peer)
+            return
+        stream = await accept_tls(
+            sock, self._tls_context, within=self.config.tls_handshake_timeout, peer=peer
+        )
+        if stream is not None:
+            await self.serve_connection(stream, peer=peer)
 
     # --------------------------------------------------------------- serving
 
@@ -256,6 +297,7 @@ class QdbNode:
         finally:
             self._nursery = None
             self._close_listener()
+            self.sessions.close()
             self.storage.close()
             self._stopped.set()
 
@@ -327,6 +369,7 @@ class QdbNode:
         this itself when it ends).
         """
         await self.shutdown(grace=0.0)
+        self.sessions.close()
         self.storage.close()
 
     def start_shutdown(self, grace: float) -> None:

@@ -43,19 +43,19 @@ from ..protocol import (
     Message,
     Ping,
     Pong,
-    ProtocolConnection,
     ProtocolViolation,
     Request,
     Response,
-    Role,
     State,
+    StreamCredit,
     ValueNotEncodable,
     Welcome,
     error_message,
     receive_event,
 )
 from ._failure import RequestFailed
-from .handshake import answer_hello
+from .context import SessionState
+from .feeds import FEED_METHODS, ConnectionFeeds
 from .ledger import RequestLedger, Slot
 from .methods import MethodContext, Outcome, is_control_method, run_method
 from .outgoing import (
@@ -68,6 +68,7 @@ from .outgoing import (
     fewer_members,
     minimal_error,
 )
+from .wire import NodeProtocol
 
 if TYPE_CHECKING:
     from .server import QdbNode
@@ -88,7 +89,15 @@ class ServerConnection:
         #: Who is at the other end (``host:port`` or a description).
         self.peer = peer
         self.config = node.config
-        self.proto = ProtocolConnection(Role.SERVER, max_frame_size=node.config.max_frame_size)
+        self.proto = NodeProtocol(max_frame_size=node.config.max_frame_size)
+        #: The session's transactions and prepared statements (docs/protocol.md 10.2, 10.3).
+        self.state = SessionState(
+            node_transactions=node.transactions,
+            close_connection=node.storage.close_connection,
+            max_prepared=node.config.max_prepared,
+            transaction_idle_timeout=node.config.transaction_idle_timeout,
+            spawn=self._spawn,
+        )
         #: True once HELLO named the control tool; its traffic is not counted.
         self.is_control_client = False
         #: The user HELLO authenticated as (None on a node without credentials).
@@ -106,6 +115,8 @@ class ServerConnection:
         self._linger = False
         self._draining = False
         self._client_goaway = False
+        #: Its result streams and subscriptions (.feeds).
+        self.feeds = ConnectionFeeds(self)
 
     @property
     def in_flight(self) -> int:
@@ -127,9 +138,16 @@ class ServerConnection:
         except Exception:
             logger.exception("%s: connection from %s failed", self.node.node_id, self.peer)
         finally:
+            # Every request is over (the nursery waited): roll back what is still open.
+            self.state.close()
             await close_stream(self.stream, linger=self._linger)
             self.closed.set()
             logger.debug("%s: connection from %s closed", self.node.node_id, self.peer)
+
+    def _spawn(self, fn: Any) -> None:
+        """Start ``fn()`` in the connection's nursery (a transaction's idle timer)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)
 
     def abort(self) -> None:
         """Close abruptly: no GOAWAY, in-flight requests are abandoned."""
@@ -155,6 +173,7 @@ class ServerConnection:
                     await self._send(GoAway(reason, self.last_request_id, message))
                 elif self.proto.state is State.HANDSHAKE:
                     await self._send(error_message(0, ErrorCode.SHUTTING_DOWN, message))
+            self.feeds.drain(reason)  # streams and subscriptions go on elsewhere
             with trio.move_on_at(deadline):
                 await self._requests.wait_answered()
             self._close_gracefully()
@@ -211,6 +230,20 @@ class ServerConnection:
                 self.node.stats.errors_sent[message.name] += 1
             try:
                 await self.stream.send_all(data)
+            except _TRANSPORT_ERRORS as exc:
+                logger.debug("%s: write to %s failed: %r", self.node.node_id, self.peer, exc)
+                self.abort()
+                return False
+        return True
+
+    async def send_frame(self, frame: Message | bytes) -> bool:
+        """Write a message, or a frame already encoded (a stream's page, .feeds);
+        False if the connection can no longer carry it."""
+        if not isinstance(frame, bytes):
+            return await self._send(frame)
+        async with self._write_lock:
+            try:
+                await self.stream.send_all(frame)
             except _TRANSPORT_ERRORS as exc:
                 logger.debug("%s: write to %s failed: %r", self.node.node_id, self.peer, exc)
                 self.abort()
@@ -312,7 +345,10 @@ class ServerConnection:
         if isinstance(event, Request):
             await self._on_request(event)
         elif isinstance(event, Cancel):
-            if not self._requests.cancel(event.request_id):  # answered, or never accepted
+            # A finished stream's or a subscription's first (.feeds), else a running request's.
+            if not (await self.feeds.cancel(event.request_id)) and not self._requests.cancel(
+                event.request_id
+            ):  # answered, or never accepted
                 logger.debug(
                     "%s: ignoring CANCEL of %d from %s: not in flight",
                     self.node.node_id,
@@ -324,6 +360,8 @@ class ServerConnection:
                 if not self.is_control_client:
                     self.node.stats.pings_answered += 1
                 await self._send(Pong(event.request_id))
+        elif isinstance(event, StreamCredit):
+            self.feeds.credit(event)
         elif isinstance(event, GoAway):
             self._client_goaway = True
             if not self._requests.unanswered:
@@ -337,7 +375,7 @@ class ServerConnection:
 
     async def _handshake(self, hello: Hello) -> bool:
         node = self.node
-        answer = answer_hello(hello, self.config, node_id=node.node_id, members=node.members)
+        answer = await node.answer_hello(hello)  # version, credentials, session (.sessions)
         if not answer.accepted:
             await self._send(answer.reply)
             self._linger = True
@@ -388,9 +426,26 @@ class ServerConnection:
             budget = min(budget, request.deadline_ms / 1000)
         self.last_request_id = max(self.last_request_id, rid)
         slot = self._requests.accept(rid)
+        self.state.arrived(request.method, request.args, rid)  # a transaction's order
         self._idle_scope.deadline = math.inf
         assert self._nursery is not None
+        if request.method in FEED_METHODS:  # a result stream or a subscription (.feeds)
+            self._nursery.start_soon(self._run_feed, request, slot, now + budget)
+            return
         self._nursery.start_soon(self._run_request, request, slot, now + budget, count)
+
+    async def _run_feed(self, request: Request, slot: Slot, deadline: float) -> None:
+        """A stream or subscription: it writes its own frames; its slot is freed at
+        its end (a subscription's once its RESPONSE is out), the request answered then."""
+        rid = request.request_id
+        try:
+            await self.feeds.serve(request, slot, deadline, lambda: self._requests.free(rid, slot))
+        finally:
+            self._requests.free(rid, slot)
+            if self._requests.answered():
+                self._idle_scope.deadline = trio.current_time() + self.config.client_idle_timeout
+                if self._client_goaway:
+                    self._close_gracefully()
 
     def _method_context(self) -> MethodContext:
         """What this connection's method handlers see (built once, after the handshake)."""
@@ -410,6 +465,7 @@ class ServerConnection:
                 start_shutdown=node.start_shutdown,
                 statistics=node.statistics,
                 max_frame=self.proto.peer_max_frame_size,
+                session=self.state,
             )
         return self._context
 
@@ -419,6 +475,8 @@ class ServerConnection:
         rid = request.request_id
         try:
             reply, outcome = await self._decide(request, slot, deadline)
+            # The transaction's next request may run (or the transaction ends).
+            self.state.finished(rid, reply.name if isinstance(reply, Error) else None)
             self._requests.free(rid, slot)  # before the write (see .ledger)
             if reply is None:
                 return
@@ -426,9 +484,12 @@ class ServerConnection:
                 self.node.stats.requests_cancelled += 1
             applied = outcome is not None and outcome.applied
             sent = await self._send_reply(reply, count=count, applied=applied)
+            if applied:
+                self.feeds.node.committed()  # subscriptions look at the change log now
             if sent and outcome is not None and outcome.after_reply is not None:
                 outcome.after_reply()
         finally:
+            self.state.finished(rid)
             self._requests.free(rid, slot)
             if self._requests.answered():
                 self._idle_scope.deadline = trio.current_time() + self.config.client_idle_timeout
@@ -474,7 +535,7 @@ class ServerConnection:
                 )
                 self.abort()
                 return None, None
-            return Response(rid, outcome.result), outcome
+            return Response(rid, outcome.result, replayed=outcome.replayed), outcome
         if slot.cancel_requested:
             logger.debug("%s: request %d from %s cancelled", self.node.node_id, rid, self.peer)
             text = f"request {rid} was cancelled by the client and stopped; nothing was applied"

@@ -15,9 +15,17 @@ connection):
   query_only`` and a :class:`~.authorizers.ReadGuard` (a refusal is
   READ_ONLY, raised before anything ran), with SQLite's length limit set
   to the client's maximum frame; both are switched off again afterwards.
-- :func:`run_batch` / :func:`run_statements`: statements in order, in one
-  transaction or inside the caller's.
-- :func:`run_keyed`: a write at most once per idempotency key.
+- :func:`commit_now`: COMMIT once the work is done.
+
+Batches, ``executemany`` and keyed writes are in :mod:`.writes`; the SQL of
+``begin`` transactions in :mod:`.txsql`.
+
+A statement that produces rows reports each column's declared type
+(``types``) and its values converted by that type (:mod:`.typed`), as
+described by the storage's :class:`~.decltypes.StatementProbe`. ``execute``
+and batch statements may carry an expected row count (``expect_rows``):
+another count raises CONFLICT, and the write is rolled back with its
+transaction.
 
 Results are fetched row by row and their size counted as they come: a
 result that can't fit the client's maximum frame stops with
@@ -34,33 +42,27 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import cbor2
-
 from ..protocol import HEADER_SIZE, ErrorCode
 from ._failure import RequestFailed
 from .authorizers import ReadGuard, WriteGuard
-from .idempotency import IdempotencyKey, KeyedOutcome, KeyedResult
+from .decltypes import ProbeError, StatementProbe
+from .typed import converters, encoded_at_least, type_name
 
 __all__ = [
-    "PURGE_LIMIT",
     "ROWID_MARK",
     "ROWID_MARK_TABLE",
-    "BatchFailure",
     "Control",
     "Params",
     "Statement",
     "Stopped",
+    "commit_now",
     "execute_one",
+    "expect_conflict",
     "is_insert",
     "query_one",
-    "run_batch",
+    "refused_statement",
     "run_execute",
-    "run_keyed",
-    "run_statements",
 ]
-
-#: Most expired idempotency entries deleted by one keyed write.
-PURGE_LIMIT = 100
 
 Params = Sequence[Any] | Mapping[str, Any]
 #: One statement of a batch: SQL text and its parameters.
@@ -73,15 +75,6 @@ ROWID_MARK_TABLE = "qdb_last_insert"
 
 _RETURNING = re.compile(r"returning", re.IGNORECASE)
 _NO_ROWS: dict[str, Any] = {"rows_affected": 0, "last_insert_id": None}
-
-
-class BatchFailure(Exception):
-    """Statement ``index`` of a batch raised ``error``."""
-
-    def __init__(self, index: int, error: BaseException) -> None:
-        super().__init__(str(error))
-        self.index = index
-        self.error = error
 
 
 class Stopped(Exception):
@@ -99,31 +92,73 @@ class Control:
     storage replaces the pooled connection.
     """
 
-    def __init__(self, result_limit: int | None = None, *, writes: bool = False) -> None:
+    def __init__(
+        self,
+        result_limit: int | None = None,
+        *,
+        writes: bool = False,
+        probe: StatementProbe | None = None,
+    ) -> None:
         self.result_limit = result_limit
         self.writes = writes
+        #: Describes statements (declared types); None: no types, values as stored.
+        self.probe = probe
         #: Set (from the event loop) when the request is to stop.
         self.cancelled = False
         #: Set when a statement changed the pooled connection.
         self.connection_changed = False
         self._size = HEADER_SIZE  # a lower bound of the RESPONSE frame so far
 
+    def column_types(
+        self, conn: sqlite3.Connection, sql: str, count: int
+    ) -> tuple[list[str | None], list[Callable[[Any], Any] | None] | None]:
+        """The declared type names of the ``count`` result columns of ``sql`` and
+        their value conversions (None: none); all None when unknown."""
+        unknown: list[str | None] = [None] * count
+        probe = self.probe
+        if probe is None or not probe.available:
+            return unknown, None
+        try:
+            version = conn.execute("PRAGMA schema_version").fetchone()[0]
+            description = probe.describe(sql, version)
+        except (ProbeError, sqlite3.Error):
+            return unknown, None
+        if len(description.decltypes) != count:
+            return unknown, None
+        return [type_name(d) for d in description.decltypes], converters(description.decltypes)
+
     def checkpoint(self) -> None:
         """Raise :class:`Stopped` if the request was cancelled (thread side)."""
         if self.cancelled:
             raise Stopped("cancelled by the client")
 
-    def fetch(self, cursor: sqlite3.Cursor) -> list[list[Any]]:
-        """Every row of ``cursor``, one at a time; FRAME_TOO_LARGE once past the limit."""
+    def fetch(
+        self,
+        cursor: sqlite3.Cursor,
+        convert: Sequence[Callable[[Any], Any] | None] | None = None,
+    ) -> list[list[Any]]:
+        """Every row of ``cursor``, one at a time, each value converted by its column's
+        ``convert`` entry; FRAME_TOO_LARGE once past the limit."""
         rows: list[list[Any]] = []
         limit = self.result_limit
-        for row in cursor:
+        for raw in cursor:
+            row = list(raw)
+            if convert is not None:
+                pairs = zip(convert, row, strict=True)
+                row = [v if c is None or v is None else c(v) for c, v in pairs]
             if limit is not None:
-                self._size += 1 + sum(_encoded_at_least(value) for value in row)
+                self._size += 1 + sum(encoded_at_least(value) for value in row)
                 if self._size > limit:
                     raise self._too_large(f"result of more than {self._size} bytes", self._size)
-            rows.append(list(row))
+            rows.append(row)
         return rows
+
+    def rows_of(self, conn: sqlite3.Connection, sql: str, cursor: sqlite3.Cursor) -> dict[str, Any]:
+        """``{"columns", "rows", "types"}`` of a statement that produces rows."""
+        assert cursor.description is not None
+        columns = [d[0] for d in cursor.description]
+        types, convert = self.column_types(conn, sql, len(columns))
+        return {"columns": columns, "rows": self.fetch(cursor, convert), "types": types}
 
     def too_big_value(self) -> RequestFailed:
         """FRAME_TOO_LARGE for a string or blob above SQLite's length limit (the frame)."""
@@ -146,11 +181,14 @@ class Control:
         return RequestFailed(ErrorCode.FRAME_TOO_LARGE, text, details=details)
 
 
-def _encoded_at_least(value: Any) -> int:
-    """A lower bound of the size of ``value`` in CBOR (text counts one byte a character)."""
-    if isinstance(value, (bytes, str)):
-        return len(value) + 1
-    return 1
+def expect_conflict(expected: int, affected: int) -> RequestFailed:
+    """CONFLICT for a statement that affected ``affected`` rows instead of ``expected``."""
+    return RequestFailed(
+        ErrorCode.CONFLICT,
+        f"the statement affected {affected} row(s), not the {expected} expected;"
+        " it was rolled back",
+        details={"expected": expected, "rows_affected": affected, "executed": False},
+    )
 
 
 # ------------------------------------------------------------------ execute
@@ -190,7 +228,8 @@ def is_insert(sql: str) -> bool:
     return _first_word(sql) in ("insert", "replace")
 
 
-def _refused(what: str, *, in_batch: bool) -> RequestFailed:
+def refused_statement(what: str, *, in_batch: bool) -> RequestFailed:
+    """SQL_ERROR (SQLITE_AUTH, nothing executed) for a statement a write guard refused."""
     if what in ("ATTACH", "DETACH"):
         why = "it would change the node's pooled connection (and may create files)"
     elif what.startswith("PRAGMA"):
@@ -242,9 +281,10 @@ def execute_one(
     control: Control | None = None,
     *,
     in_batch: bool = False,
+    expect_rows: int | None = None,
 ) -> dict[str, Any]:
     """Run one statement: ``{"rows_affected", "last_insert_id"}``, plus
-    ``"columns"`` and ``"rows"`` when it produces rows (``... RETURNING``).
+    ``"columns"``, ``"rows"`` and ``"types"`` when it produces rows (``... RETURNING``).
 
     A statement without a result keeps exactly the two keys, so results of
     plain writes are the same bytes as before RETURNING rows were returned.
@@ -255,7 +295,9 @@ def execute_one(
     must have changed. (A row inserted with the rowid -2**63 itself is
     reported as null.)
     ``in_batch``: the statement is part of a batch, whose transaction the
-    node owns (see :class:`~.authorizers.WriteGuard`).
+    node owns (see :class:`~.authorizers.WriteGuard`). ``expect_rows``: the
+    rows it must affect; another count raises CONFLICT (the caller's
+    transaction rolls the statement back).
     """
     control = control if control is not None else Control()
     mark = _mark_rowid(conn)
@@ -270,14 +312,12 @@ def execute_one(
             if guard is not None and guard.skipped is not None:
                 return dict(_NO_ROWS)  # BEGIN/COMMIT in a batch: the node commits it
             if guard is not None and guard.refused is not None:
-                raise _refused(guard.refused, in_batch=in_batch) from exc
+                raise refused_statement(guard.refused, in_batch=in_batch) from exc
             raise
         try:
-            columns = None
-            rows: list[list[Any]] = []
+            rows = None
             if cursor.description is not None:
-                columns = [d[0] for d in cursor.description]
-                rows = control.fetch(cursor)  # also finishes the statement
+                rows = control.rows_of(conn, sql, cursor)  # also finishes the statement
             affected = max(cursor.rowcount, 0)
             rowid = cursor.lastrowid
         finally:
@@ -286,34 +326,41 @@ def execute_one(
         if guard is not None:
             conn.set_authorizer(None)
             control.connection_changed |= guard.changes_connection
+    if expect_rows is not None and affected != expect_rows:
+        raise expect_conflict(expect_rows, affected)
     inserted = affected and rowid is not None and rowid != mark and is_insert(sql)
     result: dict[str, Any] = {
         "rows_affected": affected,
         "last_insert_id": rowid if inserted else None,
     }
-    if columns is not None:
-        result["columns"] = columns
-        result["rows"] = rows
+    if rows is not None:
+        result.update(rows)
     return result
 
 
 def run_execute(
-    conn: sqlite3.Connection, sql: str, params: Params, control: Control | None = None
+    conn: sqlite3.Connection,
+    sql: str,
+    params: Params,
+    control: Control | None = None,
+    *,
+    expect_rows: int | None = None,
 ) -> dict[str, Any]:
     """``execute`` without an idempotency key.
 
-    A statement that mentions RETURNING runs in a transaction of its own
-    (``BEGIN IMMEDIATE``), so that a result too large for the client, or a
-    CANCEL, rolls its write back; any other statement runs in autocommit mode.
+    A statement that mentions RETURNING, or has an expected row count, runs
+    in a transaction of its own (``BEGIN IMMEDIATE``), so that a result too
+    large for the client, another row count, or a CANCEL, rolls its write
+    back; any other statement runs in autocommit mode.
     """
     control = control if control is not None else Control()
-    if not _RETURNING.search(sql):
+    if expect_rows is None and not _RETURNING.search(sql):
         return execute_one(conn, sql, params, control)
     conn.execute("BEGIN IMMEDIATE")
     control.checkpoint()
-    result = execute_one(conn, sql, params, control)
+    result = execute_one(conn, sql, params, control, expect_rows=expect_rows)
     control.checkpoint()
-    _commit(conn)
+    commit_now(conn)
     return result
 
 
@@ -334,13 +381,20 @@ def _sqlite_name(exc: BaseException) -> str:
 
 
 def query_one(
-    conn: sqlite3.Connection, sql: str, params: Params, control: Control | None = None
+    conn: sqlite3.Connection,
+    sql: str,
+    params: Params,
+    control: Control | None = None,
+    *,
+    stay_read_only: bool = False,
 ) -> dict[str, Any]:
-    """Run one read-only statement and fetch its rows: ``{"columns", "rows"}``.
+    """Run one read-only statement and fetch its rows: ``{"columns", "rows", "types"}``.
 
     Raises RequestFailed READ_ONLY for a statement that writes; SQLite refuses
     it before executing anything. With a ``control.result_limit``, no string
     or blob longer than it can be built or read (FRAME_TOO_LARGE).
+    ``stay_read_only``: leave ``query_only`` on afterwards (a read-only
+    transaction's connection).
     """
     control = control if control is not None else Control()
     guard = ReadGuard()
@@ -352,8 +406,10 @@ def query_one(
         try:
             cursor = conn.execute(sql, params)
             try:
-                columns = [d[0] for d in cursor.description or ()]
-                rows = control.fetch(cursor)
+                if cursor.description is not None:
+                    result = control.rows_of(conn, sql, cursor)
+                else:
+                    result = {"columns": [], "rows": control.fetch(cursor), "types": []}
             finally:
                 cursor.close()
         except sqlite3.Error as exc:
@@ -367,11 +423,11 @@ def query_one(
     finally:
         if previous is not None:
             conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, previous)
-        _writable_again(conn)
-    return {"columns": columns, "rows": rows}
+        _writable_again(conn, stay_read_only=stay_read_only)
+    return result
 
 
-def _writable_again(conn: sqlite3.Connection) -> None:
+def _writable_again(conn: sqlite3.Connection, *, stay_read_only: bool = False) -> None:
     """Undo what :func:`query_one` set, so the pooled connection can write again.
 
     The statement is over, so the deadline check is switched off first. A
@@ -381,33 +437,18 @@ def _writable_again(conn: sqlite3.Connection) -> None:
     """
     conn.set_authorizer(None)
     conn.set_progress_handler(None, 0)
+    if stay_read_only:
+        return
     try:
         conn.execute("PRAGMA query_only = OFF")
     except sqlite3.OperationalError:
         conn.execute("PRAGMA query_only = OFF")
 
 
-# -------------------------------------------------------------------- batch
+# ------------------------------------------------------------------ commit
 
 
-def run_statements(
-    conn: sqlite3.Connection, statements: Sequence[Statement], control: Control | None = None
-) -> dict[str, Any]:
-    """Run ``statements`` in order (in the caller's transaction): ``{"results": [...]}``.
-
-    Each result is :func:`execute_one`'s. A failure raises BatchFailure.
-    """
-    control = control if control is not None else Control()
-    results = []
-    for index, (sql, params) in enumerate(statements):
-        try:
-            results.append(execute_one(conn, sql, params, control, in_batch=True))
-        except Exception as exc:
-            raise BatchFailure(index, exc) from exc
-    return {"results": results}
-
-
-def _commit(conn: sqlite3.Connection) -> None:
+def commit_now(conn: sqlite3.Connection) -> None:
     """COMMIT the open transaction, with the deadline check switched off.
 
     Once every statement ran the write is finished: answering TIMEOUT now
@@ -416,65 +457,3 @@ def _commit(conn: sqlite3.Connection) -> None:
     """
     conn.set_progress_handler(None, 0)
     conn.execute("COMMIT")
-
-
-def run_batch(
-    conn: sqlite3.Connection, statements: Sequence[Statement], control: Control | None = None
-) -> dict[str, Any]:
-    """:func:`run_statements` in one transaction of its own: all apply or none."""
-    control = control if control is not None else Control()
-    conn.execute("BEGIN IMMEDIATE")
-    control.checkpoint()  # the lock may have taken long to come
-    result = run_statements(conn, statements, control)
-    control.checkpoint()
-    _commit(conn)
-    return result
-
-
-# ------------------------------------------------------------ idempotency
-
-
-def run_keyed(
-    conn: sqlite3.Connection,
-    key: IdempotencyKey,
-    work: Callable[[sqlite3.Connection], Any],
-    *,
-    clock: Callable[[], float],
-    ttl: float,
-    control: Control | None = None,
-) -> KeyedResult:
-    """Run ``work`` at most once for ``key``, in one transaction (thread side).
-
-    ``conn`` must be in autocommit mode with no transaction open. Exceptions
-    from ``work`` propagate with the transaction still open; the caller
-    rolls it back (the storage's job runner does), so a failure stores
-    nothing. The stored result is the whole result, RETURNING rows included,
-    so a replay is identical to the first answer.
-    """
-    control = control if control is not None else Control()
-    conn.execute("BEGIN IMMEDIATE")
-    control.checkpoint()  # the lock may have taken long to come
-    now = clock()  # read once the write lock is held: waiting for it takes time
-    row = conn.execute(
-        "SELECT request_hash, result, created_at FROM qdb_idempotency WHERE scope = ? AND key = ?",
-        (key.scope, key.key),
-    ).fetchone()
-    if row is not None and now < row[2] + ttl:
-        conn.execute("ROLLBACK")
-        if bytes(row[0]) != key.request_hash:
-            return KeyedResult(KeyedOutcome.CONFLICT)
-        return KeyedResult(KeyedOutcome.REPLAYED, cbor2.loads(row[1]))
-    conn.execute(
-        "DELETE FROM qdb_idempotency WHERE rowid IN"
-        " (SELECT rowid FROM qdb_idempotency WHERE created_at <= ? LIMIT ?)",
-        (now - ttl, PURGE_LIMIT),
-    )
-    result = work(conn)
-    conn.execute(
-        "INSERT OR REPLACE INTO qdb_idempotency"
-        " (scope, key, request_hash, result, created_at) VALUES (?, ?, ?, ?, ?)",
-        (key.scope, key.key, key.request_hash, cbor2.dumps(result), now),
-    )
-    control.checkpoint()
-    _commit(conn)
-    return KeyedResult(KeyedOutcome.STORED, result)

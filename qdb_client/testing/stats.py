@@ -30,7 +30,14 @@ class NodeStatistics:
     ``idempotent_stored``: keyed writes executed with their result stored
     under the key; ``idempotent_hits``: keyed writes answered with a stored
     result instead of executing; ``idempotent_conflicts``: keyed writes
-    refused because the key was stored for a different request.
+    refused because the key was stored for a different request (a
+    ``commit`` is a keyed write too). ``transactions_begun`` /
+    ``_committed`` / ``_rolled_back`` (by ``rollback``) / ``_aborted`` (any
+    other end: write conflict, deadline, cancel, idle timeout, connection
+    closed, a commit that did not apply): ``begin`` transactions and how they
+    ended; ``write_conflicts``: requests answered WRITE_CONFLICT;
+    ``commit_fences``: commits asked again that found no outcome and stored
+    "not committed"; ``statements_prepared``: ``prepare`` requests answered.
     """
 
     def __init__(self) -> None:
@@ -42,6 +49,13 @@ class NodeStatistics:
         self.idempotent_stored = 0
         self.idempotent_hits = 0
         self.idempotent_conflicts = 0
+        self.transactions_begun = 0
+        self.transactions_committed = 0
+        self.transactions_rolled_back = 0
+        self.transactions_aborted = 0
+        self.write_conflicts = 0
+        self.commit_fences = 0
+        self.statements_prepared = 0
         self.requests_by_method: Counter[str] = Counter()
         self.errors_sent: Counter[str] = Counter()
 
@@ -63,5 +77,12 @@ class NodeStatistics:
             "idempotent_stored": self.idempotent_stored,
             "idempotent_hits": self.idempotent_hits,
             "idempotent_conflicts": self.idempotent_conflicts,
+            "transactions_begun": self.transactions_begun,
+            "transactions_committed": self.transactions_committed,
+            "transactions_rolled_back": self.transactions_rolled_back,
+            "transactions_aborted": self.transactions_aborted,
+            "write_conflicts": self.write_conflicts,
+            "commit_fences": self.commit_fences,
+            "statements_prepared": self.statements_prepared,
             **extra,
         }

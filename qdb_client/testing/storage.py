@@ -1,7 +1,8 @@
 """SQLite storage of a test node: a small pool of connections used from worker threads.
 
 All nodes of a cluster open the same database file (WAL mode, busy timeout
-5 s), so a write through one node is visible through every other. Each
+5 s, ``synchronous = NORMAL``: a commit survives a killed node process, not a
+power cut), so a write through one node is visible through every other. Each
 statement runs in a worker thread on one pooled connection at a time.
 
 Deadlines: waiting for a pooled connection is bounded by the request
@@ -40,6 +41,14 @@ entries count as absent and are purged, a bounded number per stored key.
 What runs on a connection (the SQL of each method, read-only queries,
 the keyed transaction) is in :mod:`.statements`.
 
+Transactions (``begin``, docs/protocol.md section 10.2) each hold a SQLite
+connection of their own for their whole life, outside the pool:
+:meth:`Storage.open_connection` opens one, :meth:`Storage.run_on` runs a
+request's work on it (the transaction stays open), and
+:meth:`Storage.close_connection` closes it. The storage's
+:class:`~.decltypes.StatementProbe` describes statements (declared types,
+parameters) for typed results and ``prepare``.
+
 Under a ``trio.testing.MockClock`` statements run inline on the event loop
 instead of in a worker thread: a thread wait looks idle to the clock, so
 autojump would fire unrelated timers (the test's own ``fail_after``, a
@@ -62,18 +71,16 @@ import trio
 
 from ..protocol import ErrorCode
 from ._failure import RequestFailed
+from .decltypes import Description, ProbeError, StatementProbe, scan_parameters
 from .idempotency import DEFAULT_TTL, SCHEMA, IdempotencyKey, KeyedResult
 from .jobs import BUSY_TIMEOUT_MS, Job, result_of, virtual_time, wait_for_thread
-from .statements import (
+from .statements import Control, Params, Statement, execute_one, query_one, run_execute
+from .writes import (
     PURGE_LIMIT,
-    Control,
-    Params,
-    Statement,
-    execute_one,
-    query_one,
     run_batch,
-    run_execute,
+    run_executemany,
     run_keyed,
+    run_rows,
     run_statements,
 )
 
@@ -130,6 +137,9 @@ class Storage:
         self._free_receive: trio.MemoryReceiveChannel[sqlite3.Connection] | None = None
         self._open_lock = trio.Lock()
         self._closed = False
+        #: Describes statements (declared types, parameters); set when the storage opens.
+        self.probe: StatementProbe | None = None
+        self._dedicated: set[sqlite3.Connection] = set()
 
     @property
     def path(self) -> str | None:
@@ -167,6 +177,7 @@ class Storage:
             for conn in connections:
                 conn.close()
             raise
+        self.probe = StatementProbe(self._path)
         logger.debug("storage opened %s with %d connections", self._path, len(connections))
         return connections
 
@@ -191,12 +202,15 @@ class Storage:
     def close(self) -> None:
         """Close every connection and delete a temporary database (idempotent)."""
         self._closed = True
-        for conn in self._connections:
+        for conn in [*self._connections, *self._dedicated]:
             try:
                 conn.close()
             except sqlite3.Error:  # pragma: no cover - best effort
                 logger.debug("closing a sqlite connection failed", exc_info=True)
         self._connections = []
+        self._dedicated.clear()
+        if self.probe is not None:
+            self.probe.close()
         self._free_send = self._free_receive = None
         if self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
@@ -204,22 +218,37 @@ class Storage:
 
     # --------------------------------------------------------------- requests
 
+    def control(self, result_limit: int | None = None, *, writes: bool = False) -> Control:
+        """A :class:`~.statements.Control` for one request on this storage."""
+        return Control(result_limit, writes=writes, probe=self.probe)
+
     async def execute(
-        self, sql: str, params: Params, *, deadline: float, result_limit: int | None = None
+        self,
+        sql: str,
+        params: Params,
+        *,
+        deadline: float,
+        result_limit: int | None = None,
+        expect_rows: int | None = None,
     ) -> dict[str, Any]:
         """Run one statement; ``{"rows_affected", "last_insert_id"}`` (plus
-        ``"columns"`` and ``"rows"`` when it produces rows, e.g. RETURNING)."""
-        control = Control(result_limit, writes=True)
-        return await self._run(lambda c: run_execute(c, sql, params, control), deadline, control)
+        ``"columns"``, ``"rows"`` and ``"types"`` when it produces rows, e.g. RETURNING).
+        ``expect_rows``: another row count is CONFLICT, rolled back."""
+        control = self.control(result_limit, writes=True)
+        return await self._run(
+            lambda c: run_execute(c, sql, params, control, expect_rows=expect_rows),
+            deadline,
+            control,
+        )
 
     async def query(
         self, sql: str, params: Params, *, deadline: float, result_limit: int | None = None
     ) -> dict[str, Any]:
-        """Run one read-only statement and fetch its rows; ``{"columns", "rows"}``.
+        """Run one read-only statement and fetch its rows; ``{"columns", "rows", "types"}``.
 
         A statement that writes is READ_ONLY, refused before it executes.
         """
-        control = Control(result_limit)
+        control = self.control(result_limit)
         return await self._run(lambda c: query_one(c, sql, params, control), deadline, control)
 
     async def batch(
@@ -228,13 +257,26 @@ class Storage:
         *,
         deadline: float,
         result_limit: int | None = None,
+        expects: Sequence[int | None] | None = None,
     ) -> dict[str, Any]:
         """Run statements in one transaction: all apply or none; ``{"results": [...]}``.
 
         A failure names the statement in ``details["statement_index"]``.
         """
-        control = Control(result_limit, writes=True)
-        return await self._run(lambda c: run_batch(c, statements, control), deadline, control)
+        control = self.control(result_limit, writes=True)
+        return await self._run(
+            lambda c: run_batch(c, statements, control, expects), deadline, control
+        )
+
+    async def executemany(
+        self, sql: str, rows: Sequence[Params], *, deadline: float
+    ) -> dict[str, Any]:
+        """Run ``sql`` once per parameter row in one transaction: ``{"rows_affected"}``.
+
+        A failure names the row in ``details["row_index"]``; nothing applies.
+        """
+        control = self.control(writes=True)
+        return await self._run(lambda c: run_executemany(c, sql, rows, control), deadline, control)
 
     async def execute_keyed(
         self,
@@ -244,10 +286,11 @@ class Storage:
         *,
         deadline: float,
         result_limit: int | None = None,
+        expect_rows: int | None = None,
     ) -> KeyedResult:
         """:meth:`execute` at most once for ``key`` (see :func:`run_keyed`)."""
-        control = Control(result_limit, writes=True)
-        work = lambda c: execute_one(c, sql, params, control)  # noqa: E731
+        control = self.control(result_limit, writes=True)
+        work = lambda c: execute_one(c, sql, params, control, expect_rows=expect_rows)  # noqa: E731
         return await self._run_keyed(key, work, deadline, control)
 
     async def batch_keyed(
@@ -257,11 +300,94 @@ class Storage:
         *,
         deadline: float,
         result_limit: int | None = None,
+        expects: Sequence[int | None] | None = None,
     ) -> KeyedResult:
         """:meth:`batch` at most once for ``key`` (see :func:`run_keyed`)."""
-        control = Control(result_limit, writes=True)
-        work = lambda c: run_statements(c, statements, control)  # noqa: E731
+        control = self.control(result_limit, writes=True)
+        work = lambda c: run_statements(c, statements, control, expects)  # noqa: E731
         return await self._run_keyed(key, work, deadline, control)
+
+    async def executemany_keyed(
+        self, sql: str, rows: Sequence[Params], key: IdempotencyKey, *, deadline: float
+    ) -> KeyedResult:
+        """:meth:`executemany` at most once for ``key`` (see :func:`run_keyed`)."""
+        control = self.control(writes=True)
+        work = lambda c: run_rows(c, sql, rows, control)  # noqa: E731
+        return await self._run_keyed(key, work, deadline, control)
+
+    async def store_outcome(
+        self, key: IdempotencyKey, outcome: Any, *, deadline: float
+    ) -> KeyedResult:
+        """Store ``outcome`` under ``key`` unless a live one is stored already
+        (a keyed transaction that executes nothing: the commit fence)."""
+        control = self.control(writes=True)
+        return await self._run_keyed(key, lambda c: outcome, deadline, control)
+
+    async def describe(self, sql: str) -> Description:
+        """What SQLite makes of ``sql`` without running it (see :mod:`.decltypes`).
+
+        SQL_ERROR if it can't be prepared. Without a probe, only the
+        parameters are found (by scanning the text) and there are no columns.
+        """
+        await self.open()
+        probe = self.probe
+        if probe is None or not probe.available:
+            await trio.lowlevel.checkpoint()
+            count, names = scan_parameters(sql)
+            return Description((), (), count, names)
+        try:
+            if virtual_time():
+                await trio.lowlevel.checkpoint()
+                return probe.describe(sql)
+            return await trio.to_thread.run_sync(probe.describe, sql)
+        except ProbeError as exc:
+            raise RequestFailed(ErrorCode.SQL_ERROR, str(exc), details={"executed": False}) from exc
+
+    # ---------------------------------------------------- dedicated connections
+
+    async def open_connection(self) -> sqlite3.Connection:
+        """A new connection outside the pool (for a transaction); close it with
+        :meth:`close_connection`."""
+        await self.open()
+        if virtual_time():
+            await trio.lowlevel.checkpoint()
+            conn = self._connect()
+        else:
+            conn = await trio.to_thread.run_sync(self._connect)
+        self._dedicated.add(conn)
+        return conn
+
+    def close_connection(self, conn: sqlite3.Connection) -> None:
+        """Close a connection of :meth:`open_connection` (whatever it holds is rolled back)."""
+        self._dedicated.discard(conn)
+        try:
+            conn.close()
+        except sqlite3.Error:  # pragma: no cover - best effort
+            logger.debug("closing a sqlite connection failed", exc_info=True)
+
+    async def run_on(
+        self,
+        conn: sqlite3.Connection,
+        fn: Callable[[sqlite3.Connection], T],
+        deadline: float,
+        control: Control,
+    ) -> T:
+        """Run ``fn`` on a connection of :meth:`open_connection`, leaving its
+        transaction open (see :class:`~.jobs.Job` ``keep_transaction``)."""
+        budget = deadline - trio.current_time()
+        if budget <= 0:
+            raise RequestFailed(
+                ErrorCode.TIMEOUT,
+                "request deadline passed before the statement started",
+                details={"executed": False},
+            )
+        job = Job(conn, fn, budget, control=control, keep_transaction=True)
+        if virtual_time():
+            await trio.lowlevel.checkpoint()
+            ok, value = job.capture()
+        else:
+            ok, value = await wait_for_thread(job)
+        return result_of(job, ok, value)
 
     async def _run_keyed(
         self,

@@ -33,7 +33,7 @@ from qdb_client.protocol import (
     Role,
     Welcome,
 )
-from qdb_client.testing import open_node, parse_address, statements
+from qdb_client.testing import open_node, parse_address, writes
 
 from ..common.fixtures import node_config
 from ..common.raw_client import raw_client
@@ -54,6 +54,7 @@ async def test_cancel_interrupts_a_running_statement_and_is_acknowledged(tmp_pat
             assert await client.call("query", {"sql": "select 2"}) == {
                 "columns": ["2"],
                 "rows": [[2]],
+                "types": [None],
             }
         stats = node.statistics()
         assert stats["requests_cancelled"] == 1 and stats["errors_sent"] == {"CANCELLED": 1}
@@ -75,6 +76,7 @@ async def test_keyed_write_cancelled_mid_statement_stores_nothing(tmp_path: Path
             assert await client.call("query", {"sql": "select count(*) from t"}) == {
                 "columns": ["count(*)"],
                 "rows": [[0]],
+                "types": [None],
             }
             keys = await client.call("query", {"sql": "select key from qdb_idempotency"})
             assert keys["rows"] == []
@@ -181,13 +183,13 @@ async def test_a_cancel_arriving_after_the_commit_does_not_disown_the_write(
     # The worker thread is descheduled right after COMMIT returned (simulated
     # with a sleep): the write is durable, so the only honest answers are the
     # RESPONSE (the CANCEL crossed the completion) or at least executed != false.
-    real_commit = statements._commit
+    real_commit = writes.commit_now
 
     def commit_then_stall(conn: sqlite3.Connection) -> None:
         real_commit(conn)
         time.sleep(0.5)
 
-    monkeypatch.setattr(statements, "_commit", commit_then_stall)
+    monkeypatch.setattr(writes, "commit_now", commit_then_stall)
     async with (
         open_node(node_config(tmp_path, request_timeout=30.0)) as node,
         raw_client(node.address) as client,

@@ -50,7 +50,7 @@ async def test_malformed_message_gets_parse_error_and_connection_keeps_serving(
         assert reply.request_id == 77  # echoes the frame's request id
         assert reply.retryable is False
         result = await client.call("query", {"sql": "select ? + 1", "params": [41]})
-        assert result == {"columns": ["? + 1"], "rows": [[42]]}
+        assert result == {"columns": ["? + 1"], "rows": [[42]], "types": [None]}
     assert node.statistics()["bad_frames"] == 1
 
 

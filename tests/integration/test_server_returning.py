@@ -44,11 +44,12 @@ async def test_execute_returns_the_rows_of_insert_update_delete_returning(pair: 
             "last_insert_id": 3,
             "columns": ["id", "x"],
             "rows": [[1, 1.5], [2, b"\x00\xff"], [3, None]],
+            "types": ["INTEGER", None],
         }
         updated = await client.call(
             "execute", {"sql": "update t set x = id * 10 where id < 3 returning id, x as tens"}
         )
-        assert updated["columns"] == ["id", "tens"]
+        assert updated["columns"] == ["id", "tens"] and updated["types"] == ["INTEGER", None]
         assert sorted(updated["rows"]) == [[1, 10], [2, 20]]
         assert (updated["rows_affected"], updated["last_insert_id"]) == (2, None)
         deleted = await client.call("execute", {"sql": "delete from t where id = 3 returning *"})
@@ -57,9 +58,16 @@ async def test_execute_returns_the_rows_of_insert_update_delete_returning(pair: 
             "last_insert_id": None,
             "columns": ["id", "x"],
             "rows": [[3, None]],
+            "types": ["INTEGER", None],
         }
         none = await client.call("execute", {"sql": "delete from t where id > 99 returning id"})
-        assert none == {"rows_affected": 0, "last_insert_id": None, "columns": ["id"], "rows": []}
+        assert none == {
+            "rows_affected": 0,
+            "last_insert_id": None,
+            "columns": ["id"],
+            "rows": [],
+            "types": ["INTEGER"],
+        }
 
 
 async def test_results_without_returning_are_byte_identical_to_before(pair: Pair):
@@ -90,7 +98,13 @@ async def test_batch_results_carry_returning_rows_per_statement(pair: Pair):
         ]
         result = await client.call("batch", {"statements": statements})
     first, second, third = result["results"]
-    assert first == {"rows_affected": 1, "last_insert_id": 1, "columns": ["id"], "rows": [[1]]}
+    assert first == {
+        "rows_affected": 1,
+        "last_insert_id": 1,
+        "columns": ["id"],
+        "rows": [[1]],
+        "types": ["INTEGER"],
+    }
     assert second == {"rows_affected": 1, "last_insert_id": 2}
     assert third["columns"] == ["x"] and sorted(third["rows"]) == [["A"], ["B"]]
 

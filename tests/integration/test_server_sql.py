@@ -32,9 +32,11 @@ async def test_execute_and_query_round_trip_every_value_type(node: QdbNode):
         result = await client.call(
             "query", {"sql": "select id, i, f, s, b, n from t where id = ?", "params": [1]}
         )
-        assert result == {"columns": ["id", "i", "f", "s", "b", "n"], "rows": [[1, *row[:4], 0]]}
+        columns = ["id", "i", "f", "s", "b", "n"]
+        types = ["INTEGER", None, None, None, None, None]
+        assert result == {"columns": columns, "rows": [[1, *row[:4], 0]], "types": types}
         empty = await client.call("query", {"sql": "select * from t where id < 0"})
-        assert empty == {"columns": ["id", "i", "f", "s", "b", "n"], "rows": []}
+        assert empty == {"columns": columns, "rows": [], "types": types}
 
 
 async def test_storage_is_sqlite_in_wal_mode(node: QdbNode):

@@ -137,7 +137,7 @@ async def test_fifty_concurrent_requests_reply_out_of_order_each_to_its_request(
             method, i = sent.pop(reply.request_id)
             order.append(reply.request_id)
             if method == "query":
-                assert reply.result == {"columns": ["?"], "rows": [[i]]}
+                assert reply.result == {"columns": ["?"], "rows": [[i]], "types": [None]}
             elif method == "execute":
                 assert reply.result == {"rows_affected": 1, "last_insert_id": 1000 + i}
             elif method == "batch":

@@ -79,6 +79,8 @@ async def _serve(network: FakeNetwork, address: str, node: FakeNode, handler: Ha
                 await node.send(Pong(message.request_id))
         elif isinstance(message, Request):
             await handler(node, message)
+        elif hasattr(handler, "frame"):  # a handler that also wants CANCEL, STREAM_CREDIT...
+            await handler.frame(node, message)
     node.finished = True
 
 

@@ -144,6 +144,7 @@ LAYERS: list[set[str]] = [
     {"_pool"},
     {"_cluster"},
     {"_request"},
+    {"_streams"},
     {"_transaction", "_prepared"},
     {"_client"},
     {"__init__"},

@@ -26,11 +26,9 @@ from qdb_client.testing.statements import (
     execute_one,
     is_insert,
     query_one,
-    run_batch,
     run_execute,
-    run_keyed,
-    run_statements,
 )
+from qdb_client.testing.writes import run_batch, run_keyed, run_statements
 
 #: What ``is_insert`` decides, as a regular expression: fine on short inputs. (The one
 #: used before, ``/\*.*?\*/`` for a comment, was exponential on ``/**//**/...`` and,
@@ -122,17 +120,25 @@ def test_execute_returns_the_rows_of_returning(conn: sqlite3.Connection):
         "last_insert_id": 2,
         "columns": ["id", "x"],
         "rows": [[1, "a"], [2, b"\x00"]],
+        "types": [None, None],  # no probe here (a bare connection): types unknown
     }
-    assert list(inserted) == ["rows_affected", "last_insert_id", "columns", "rows"]
+    assert list(inserted) == ["rows_affected", "last_insert_id", "columns", "rows", "types"]
     updated = execute_one(conn, "update t set x = x || '' where id = 1 returning x", ())
     assert updated == {
         "rows_affected": 1,
         "last_insert_id": None,
         "columns": ["x"],
         "rows": [["a"]],
+        "types": [None],
     }
     none = execute_one(conn, "delete from t where id > 5 returning id", ())
-    assert none == {"rows_affected": 0, "last_insert_id": None, "columns": ["id"], "rows": []}
+    assert none == {
+        "rows_affected": 0,
+        "last_insert_id": None,
+        "columns": ["id"],
+        "rows": [],
+        "types": [None],
+    }
 
 
 def test_results_without_rows_keep_exactly_their_two_keys(conn: sqlite3.Connection):
@@ -147,7 +153,13 @@ def test_batch_results_carry_returning_rows_per_statement(conn: sqlite3.Connecti
     )
     assert results == {
         "results": [
-            {"rows_affected": 1, "last_insert_id": 1, "columns": ["id"], "rows": [[1]]},
+            {
+                "rows_affected": 1,
+                "last_insert_id": 1,
+                "columns": ["id"],
+                "rows": [[1]],
+                "types": [None],
+            },
             {"rows_affected": 1, "last_insert_id": None},
         ]
     }
@@ -183,7 +195,11 @@ def test_query_refuses_a_write_before_running_it(conn: sqlite3.Connection, sql: 
 
 
 def test_query_leaves_the_connection_writable_after_any_ending(conn: sqlite3.Connection):
-    assert query_one(conn, "select 1 as one", ()) == {"columns": ["one"], "rows": [[1]]}
+    assert query_one(conn, "select 1 as one", ()) == {
+        "columns": ["one"],
+        "rows": [[1]],
+        "types": [None],
+    }
     assert _writable(conn)
     with pytest.raises(sqlite3.OperationalError):
         query_one(conn, "select * from missing", ())

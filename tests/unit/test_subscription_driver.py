@@ -1,0 +1,204 @@
+"""Subscriptions in the driver, over scripted nodes in virtual time."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+import qdb_client
+from qdb_client.errors import (
+    InvalidArgument,
+    InvalidRequest,
+    StreamCorrupted,
+    SubscriptionGap,
+    SubscriptionLost,
+)
+from qdb_client.protocol import ErrorCode, Event, error_message
+
+from .fake_streams import FakeChanges, change
+
+FAST = {"retry_jitter": "none", "heartbeat_interval": 60.0, "subscription_credit": 4}
+
+
+def changes(network, nursery, **options) -> FakeChanges:
+    fake = FakeChanges(nursery, **options)
+    for address in ("a:1", "b:2"):
+        network.handlers[address] = fake
+    return fake
+
+
+async def take(events, n: int) -> list:
+    got = []
+    async for event in events:
+        got.append(event)
+        if len(got) == n:
+            break
+    return got
+
+
+async def test_events_arrive_in_order_as_change_events(network, nursery, autojump_clock):
+    fake = changes(network, nursery, newest=41)
+    fake.scripts.append([change(42, "insert", 7, id=7, name="ada"), change(43, "update", 7)])
+    async with qdb_client.open_client("a:1", **FAST) as client:
+        async with client.subscribe("t", where="id > 5") as events:
+            got = await take(events, 2)
+            assert events.last_event_id == 43 and events.subscription_id is not None
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(fake.cancels) == 1  # leaving the block ends the subscription on the node
+    assert [(e.kind, e.key, e.event_id) for e in got] == [("insert", 7, 42), ("update", 7, 43)]
+    assert got[0]["name"] == "ada" and got[0].table == "t"
+    args = fake.requests[0][1]
+    assert args == {"table": "t", "credit": 4, "where": "id > 5"}
+
+
+async def test_a_lost_node_resumes_after_the_last_event_received(network, nursery, autojump_clock):
+    fake = changes(network, nursery, newest=9)
+    fake.scripts.append([change(10), change(11), "drop"])
+    fake.scripts.append([change(11), change(12)])  # a node that repeats one: dropped
+    async with (
+        qdb_client.open_client(["a:1", "b:2"], **FAST) as client,
+        client.subscribe("t") as events,
+    ):
+        got = await take(events, 3)
+        assert events.resumes == 1 and events.duplicates_dropped == 1
+    assert [e.event_id for e in got] == [10, 11, 12]
+    first, second = fake.requests
+    assert "from_event" not in first[1] and second[1]["from_event"] == 12
+    assert first[0] != second[0]  # another node
+
+
+async def test_a_loss_before_any_event_resumes_from_the_subscription_point(
+    network, nursery, autojump_clock
+):
+    fake = changes(network, nursery, newest=100)
+    fake.scripts.append(["drop"])
+    fake.scripts.append([change(101)])
+    async with (
+        qdb_client.open_client(["a:1", "b:2"], **FAST) as client,
+        client.subscribe("t") as events,
+    ):
+        got = await take(events, 1)
+    assert got[0].event_id == 101
+    assert fake.requests[1][1]["from_event"] == 101  # nothing after 100 can be missed
+
+
+async def test_a_trimmed_log_is_a_gap_naming_the_last_event(network, nursery, autojump_clock):
+    fake = changes(network, nursery, newest=5)
+    fake.scripts.append([change(6), "drop"])
+    fake.scripts.append(
+        error_message(
+            0, ErrorCode.NOT_FOUND, "trimmed", details={"reason": "trimmed", "oldest_event_id": 50}
+        )
+    )
+    async with (
+        qdb_client.open_client(["a:1", "b:2"], **FAST) as client,
+        client.subscribe("t") as events,
+    ):
+        with pytest.raises(SubscriptionGap) as info:
+            await take(events, 2)
+    gap = info.value
+    assert gap.last_event_id == 6 and gap.oldest_event_id == 50 and not gap.retryable
+    assert "past event 6" in str(gap)
+
+
+async def test_resuming_stops_after_the_maximum_attempts(network, nursery, autojump_clock):
+    fake = changes(network, nursery)
+    fake.scripts.append([change(1), "drop"])
+    unavailable = error_message(0, ErrorCode.UNAVAILABLE, "busy", details={"executed": False})
+    fake.scripts.extend([unavailable] * 10)
+    async with (
+        qdb_client.open_client(["a:1", "b:2"], stream_max_resumes=2, **FAST) as client,
+        client.subscribe("t") as events,
+    ):
+        with pytest.raises(SubscriptionLost) as info:
+            await take(events, 2)
+    assert info.value.last_event_id == 1 and info.value.resume_attempts == 2
+    assert len(fake.requests) == 3  # the first, then 2 attempts that failed
+
+
+async def test_more_events_than_credit_are_stream_corrupted(network, nursery, autojump_clock):
+    fake = changes(network, nursery)
+    fake.scripts.append([change(i) for i in range(1, 7)])  # 6 events, 4 of credit
+    async with (
+        qdb_client.open_client("a:1", **FAST) as client,
+        client.subscribe("t") as events,
+    ):
+        await trio.sleep(1)
+        with pytest.raises(StreamCorrupted, match="more events than the 4"):
+            await take(events, 6)
+
+
+async def test_a_malformed_event_is_stream_corrupted(network, nursery, autojump_clock):
+    fake = changes(network, nursery)
+    fake.scripts.append([change(1), {"event_id": "two", "kind": "insert"}])
+    async with (
+        qdb_client.open_client("a:1", **FAST) as client,
+        client.subscribe("t") as events,
+    ):
+        with pytest.raises(StreamCorrupted, match="malformed change event"):
+            await take(events, 2)
+
+
+async def test_other_topics_on_the_subscription_are_ignored(network, nursery, autojump_clock):
+    fake = changes(network, nursery)
+    fake.scripts.append([Event("node_status", {"status": "ok"}), change(1)])
+    async with (
+        qdb_client.open_client("a:1", **FAST) as client,
+        client.subscribe("t") as events,
+    ):
+        assert [e.event_id for e in await take(events, 1)] == [1]
+
+
+async def test_a_refused_subscription_raises_its_own_error(network, nursery, autojump_clock):
+    fake = changes(network, nursery)
+    fake.scripts.append(error_message(0, ErrorCode.INVALID_REQUEST, "no table named 'nope'"))
+    async with qdb_client.open_client("a:1", **FAST) as client:
+        with pytest.raises(InvalidRequest):
+            async with client.subscribe("nope"):
+                pytest.fail("not subscribed")
+        assert client.statistics()["in_progress"] == 0
+
+
+async def test_arguments_are_checked_before_sending(network, nursery):
+    changes(network, nursery)
+    async with qdb_client.open_client("a:1", **FAST) as client:
+        for bad in ({"table": ""}, {"table": "t", "where": " "}, {"table": "t", "from_event": -1}):
+            with pytest.raises(InvalidArgument):
+                client.subscribe(**bad)
+
+
+async def test_credit_is_granted_back_as_events_are_taken(network, nursery, autojump_clock):
+    fake = changes(network, nursery)
+    fake.scripts.append([change(i) for i in range(1, 5)])
+    async with qdb_client.open_client("a:1", **FAST) as client:
+        async with client.subscribe("t") as events:
+            await take(events, 4)
+            await trio.testing.wait_all_tasks_blocked()
+            rid = next(iter(fake.credit))
+            assert fake.credit[rid] == 4 + 4  # the window, granted again once emptied
+            node = client.statistics()["nodes"][0]
+            assert node["in_flight"] == 1  # the subscription keeps its connection busy
+        await trio.testing.wait_all_tasks_blocked()
+        assert client.statistics()["nodes"][0]["in_flight"] == 0
+
+
+async def test_a_node_found_down_by_its_health_checks_is_left(network, nursery, autojump_clock):
+    fake = changes(network, nursery)
+    fake.scripts.append([change(1)])  # then silence: the node freezes
+    fake.scripts.append([change(2)])
+    options = {**FAST, "heartbeat_interval": 1.0, "ping_timeout": 0.5, "suspect_interval": 0.5}
+    async with (
+        qdb_client.open_client(["a:1", "b:2"], **options) as client,
+        client.subscribe("t") as events,
+    ):
+        first = await events.__anext__()
+        frozen = events.node
+        network.muted.add(frozen)  # it answers no PING any more
+        started = trio.current_time()
+        with trio.fail_after(30):
+            second = await events.__anext__()
+        assert events.node != frozen and events.resumes == 1
+    assert (first.event_id, second.event_id) == (1, 2)
+    assert fake.requests[1][1]["from_event"] == 2
+    assert trio.current_time() - started < 10
