@@ -7,8 +7,6 @@ public tree (which re-exports them).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import attrs
 
 __all__ = ["Attempt", "InvalidArgument", "QdbError"]
@@ -61,7 +59,7 @@ class QdbError(Exception):
       applies it exactly once.
     """
 
-    retryable: ClassVar[bool] = False
+    retryable: bool = False  # each class's default; some errors set it per instance
     attempts: tuple[Attempt, ...] = ()
     request_sent: bool = False
     maybe_applied: bool = False

@@ -10,7 +10,7 @@ import os
 import re
 import ssl
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 
@@ -513,7 +513,7 @@ def option_from_text(name: str, value: str, *, source: str = "text") -> Any:
         raise ConfigError(f"{exc} (from {source})") from None
 
 
-def _not_a_text_option(name: str, *, source: str) -> Any:
+def _not_a_text_option(name: str, *, source: str) -> NoReturn:
     if name in _NOT_TEXT_OPTIONS:
         raise ConfigError(
             f"{name} cannot be set as an option of {source}: {_NOT_TEXT_OPTIONS[name]}"

@@ -229,7 +229,7 @@ class TlsError(ConnectError):
         super().__init__(message, node=node)
         self.verification_failed = verification_failed
         self.tls_required = tls_required
-        self.retryable = retryable and not verification_failed  # type: ignore[misc]
+        self.retryable = retryable and not verification_failed
 
 
 class HandshakeError(TransportError):

@@ -82,6 +82,8 @@ class Event:
     base_level: ClassVar[int] = logging.DEBUG
     #: The highest level an event of this class logs at.
     top_level: ClassVar[int] = logging.DEBUG
+    #: Set by attrs on every concrete event class (all are ``@attrs.frozen``).
+    __attrs_attrs__: ClassVar[tuple[attrs.Attribute[Any], ...]]
     at: float
 
     @property

@@ -224,7 +224,7 @@ class QdbCollector:
 
 def _cumulative(buckets: Mapping[str, int]) -> list[tuple[str, float]]:
     """Per-bucket counts (upper bound -> count) as Prometheus' cumulative ``le`` buckets."""
-    out = []
+    out: list[tuple[str, float]] = []
     running = 0
     for bound, count in buckets.items():
         running += count

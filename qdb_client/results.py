@@ -8,7 +8,7 @@ the node sent (and the message describing it is short, whatever its size).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, overload
+from typing import Any, TypeGuard, overload
 
 import attrs
 
@@ -335,7 +335,7 @@ class ExecuteResult:
         return text + ")"
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -399,7 +399,14 @@ def _render(value: Any, parts: list[str], budget: list[int], depth: int, path: s
         _emit(_object_preview(value, budget[0]), parts, budget)
 
 
-_BRACKETS = {list: "[]", tuple: "()", dict: "{}", set: "{}", frozenset: "{}"}
+#: Each container type with its opening and closing bracket (checked in this order).
+_BRACKETS: dict[type[Any], tuple[str, str]] = {
+    list: ("[", "]"),
+    tuple: ("(", ")"),
+    dict: ("{", "}"),
+    set: ("{", "}"),
+    frozenset: ("{", "}"),
+}
 
 
 def _render_container(

@@ -538,7 +538,10 @@ class NodePool:
 
     def slot_freed(self, connection: Connection) -> None:
         """A request slot on ``connection`` became free (its ledger says so)."""
-        record = self.state.connections.get(connection.tag)  # type: ignore[arg-type]
+        connection_id = connection.tag  # an int once the pool has opened it
+        record = None
+        if isinstance(connection_id, int):
+            record = self.state.connections.get(connection_id)
         if record is None:
             return  # not (or no longer) one of ours
         record.last_used = trio.current_time()

@@ -35,7 +35,7 @@ import logging
 import math
 import random
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 import trio
 
@@ -64,13 +64,24 @@ from .types import PageIterator, ResultPage, rows_of
 if TYPE_CHECKING:
     from .._cluster import Cluster, Node
 
-__all__ = ["ResultStream", "StreamHost", "resume_policy"]
+__all__ = ["DeliveredFacts", "ResultStream", "StreamHost", "resume_policy"]
 
 logger = logging.getLogger("qdb_client.streams")
 
 _MAX_PAGE_ROWS = 100_000
 #: Outcomes that end a plain call but only delay a stream (see ResumePolicy).
 _NOT_NOW = (OutcomeKind.NO_NODE, OutcomeKind.CIRCUIT_OPEN)
+
+
+class DeliveredFacts(TypedDict, total=False):
+    """What a stopped stream or subscription had delivered: the keyword
+    arguments of :class:`~qdb_client.errors.StreamError` besides ``reason``."""
+
+    rows_delivered: int
+    pages_delivered: int
+    last_seq: int | None
+    last_event_id: int | None
+    resume_attempts: int
 
 
 class StreamHost(Protocol):
@@ -391,7 +402,7 @@ class ResultStream:
         """The error that ends the stream: the query's own refusal as is (before
         page 0), else StreamResumeFailed with what was delivered."""
         ledger = self._ledger
-        facts = {
+        facts: DeliveredFacts = {
             "rows_delivered": ledger.rows_received,
             "pages_delivered": ledger.pages_received,
             "last_seq": ledger.last_seq,
@@ -464,6 +475,7 @@ class ResultStream:
                 self._corrupted = exc
             self._lot.unpark_all()
             return False  # the request is over: the connection frees its slot
+        error: QdbError
         if isinstance(message, Error):
             error = error_from_message(message, node=attempt.address)
             self._fail_attempt(attempt, error, classify(error, sent=True))
@@ -471,7 +483,7 @@ class ResultStream:
         if isinstance(message, BadMessage):
             # A page lost in transit: this request can't go on, and stopping it
             # with CANCEL would delete the spool, so its connection goes.
-            error: QdbError = MessageError(f"a stream frame was corrupted: {message.error}")
+            error = MessageError(f"a stream frame was corrupted: {message.error}")
             self._fail_attempt(attempt, error, classify(error, sent=True))
             attempt.abort_connection(f"stream frame corrupted: {message.error}")
             return True

@@ -42,7 +42,7 @@ from ..errors import (
 from ..protocol import BadMessage, Error, Event, Message, Response, error_from_message
 from . import attempt as attempts
 from .attempt import Attempt
-from .stream import StreamHost, resume_policy
+from .stream import DeliveredFacts, StreamHost, resume_policy
 from .types import CHANGE_KINDS, ChangeEvent
 
 __all__ = ["Subscription", "parse_change"]
@@ -275,7 +275,10 @@ class Subscription:
         last = self._received_id
         if last is None and self._next_from is not None:
             last = self._next_from - 1  # the position it was to continue after
-        facts = {"last_event_id": last, "resume_attempts": self._failures_since_progress}
+        facts: DeliveredFacts = {
+            "last_event_id": last,
+            "resume_attempts": self._failures_since_progress,
+        }
         if isinstance(error, NotFound) and error.details.get("reason") == "trimmed":
             oldest = error.details.get("oldest_event_id")
             gap = SubscriptionGap(
@@ -328,6 +331,7 @@ class Subscription:
         if isinstance(message, Response):
             self._on_subscribed(attempt, message.result)
             return False  # the connection delivers it: the request's slot is freed
+        error: QdbError
         if isinstance(message, Error):
             error = error_from_message(message, node=attempt.address)
             self._fail(attempt, error, classify(error, sent=True))

@@ -110,7 +110,7 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Append received bytes."""
         if self._broken is None:
             self._buffer += data

@@ -69,7 +69,7 @@ class ServerError(QdbError):
         self.code = code
         self.name = name
         self.message = message
-        self.retryable = retryable  # type: ignore[misc]  # instance overrides class default
+        self.retryable = retryable  # the instance's own, over the class default
         self.retry_after_ms = retry_after_ms
         self.details = dict(details or {})
         self.node = node
