@@ -220,7 +220,10 @@ async def test_a_lost_node_is_resumed_elsewhere_from_the_last_token(
         assert rows.resumes == 1 and rows.digest_ok
     (first, *_), (node, method, args) = fake.requests, fake.requests[-1]
     assert first[0] == "fake-a:1" and node == "fake-b:2"
-    assert method == "resume_stream" and args["token"] == token(3)
+    # Page 3 was sent before the drop, but it is lost with the connection when
+    # the client's credit write meets the closed peer before its reader takes
+    # the page in; the resume starts from the last page actually received.
+    assert method == "resume_stream" and args["token"] in (token(2), token(3))
     assert args["credit"] >= 1
 
 
