@@ -14,18 +14,33 @@
 #   TEST_PROXY_CONTROL_PORT  its JSON-lines control port (default: first proxy port + 100)
 # It prints the proxied addresses the driver should use.
 #
-# Nodes run `python -m qdb_client.testing --test-mode` on one shared SQLite file.
-# Idempotent: nodes (and a proxy process) whose pid file names a live one are left alone.
+# With --tls, the nodes speak TLS only, with a throwaway authority made on first use
+# (scripts/make-test-certs.py, needs trustme): $QDB_CLUSTER_DIR/tls/ca.pem is what
+# clients trust. With --auth, they require credentials: $QDB_CLUSTER_DIR/credentials
+# (user:password lines, mode 0600; made on first use with the user $QDB_CLUSTER_USER,
+# default "demo", and a random password) is what clients log in with.
+#
+# Nodes run `python -m qdb_client.testing --test-mode --state-dir $QDB_CLUSTER_DIR` on
+# one shared SQLite file; each writes its control token to node-<port>.control-token
+# there (control tools find it through QDB_CLUSTER_DIR). Every file of the state
+# directory is readable by its owner only.
+# Idempotent: nodes (and a proxy process) whose pid file names a live one are left alone,
+# so running it again restarts only the nodes that stopped (a rolling restart's step).
 # Stop with scripts/stop-test-cluster.sh.
 set -euo pipefail
 
 PROXIES=0
+TLS=0
+AUTH=0
 for arg in "$@"; do
     case "$arg" in
         --proxies) PROXIES=1 ;;
-        *) echo "usage: start-test-cluster.sh [--proxies]" >&2; exit 2 ;;
+        --tls) TLS=1 ;;
+        --auth) AUTH=1 ;;
+        *) echo "usage: start-test-cluster.sh [--proxies] [--tls] [--auth]" >&2; exit 2 ;;
     esac
 done
+umask 077
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${QDB_CLUSTER_DIR:-$ROOT/.qdb-cluster}"
@@ -65,6 +80,24 @@ fi
 mkdir -p "$STATE"
 touch "$STATE/.qdb-test-cluster"   # marks the directory as ours for stop-test-cluster.sh
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export QDB_CLUSTER_DIR="$STATE"    # where the nodes' control tokens are (for the waits)
+
+NODE_FLAGS=(--test-mode --state-dir "$STATE")
+WAIT_FLAGS=()
+if (( TLS )); then
+    "$PY" "$ROOT/scripts/make-test-certs.py" "$STATE/tls" "$HOST"
+    NODE_FLAGS+=(--tls-cert "$STATE/tls/node.pem" --tls-key "$STATE/tls/node.key")
+    WAIT_FLAGS+=(--tls-ca "$STATE/tls/ca.pem")
+fi
+if (( AUTH )); then
+    if [[ ! -s "$STATE/credentials" ]]; then
+        password="$("$PY" -c 'import secrets; print(secrets.token_urlsafe(18))')"
+        printf '%s:%s\n' "${QDB_CLUSTER_USER:-demo}" "$password" >"$STATE/credentials"
+        unset password
+    fi
+    NODE_FLAGS+=(--credentials-file "$STATE/credentials")
+    WAIT_FLAGS+=(--credentials-file "$STATE/credentials")  # through proxies: no token
+fi
 
 is_our_node() {  # pid -> true if it is a live test node (not a zombie, not a reused pid)
     local args
@@ -93,7 +126,7 @@ for port in "${PORTS[@]}"; do
         --host "$HOST" --port "$port" \
         --db "$STATE/qdb.sqlite3" \
         ${peer_list:+--peers "$peer_list"} \
-        --test-mode \
+        "${NODE_FLAGS[@]}" \
         >"$STATE/node-$port.out" 2>"$STATE/node-$port.log" </dev/null &
     echo $! >"$pidfile"
     started+=("$!:$port")
@@ -125,7 +158,7 @@ give_up() {  # leave nothing half-started behind
 }
 
 all_addresses="$(IFS=','; echo "${addresses[*]}")"
-"$PY" -m qdb_client.testing.wait "$all_addresses" --timeout "$TIMEOUT" &
+"$PY" -m qdb_client.testing.wait "$all_addresses" --timeout "$TIMEOUT" "${WAIT_FLAGS[@]+"${WAIT_FLAGS[@]}"}" &
 waiter=$!
 died=""
 while kill -0 "$waiter" 2>/dev/null; do
@@ -150,7 +183,10 @@ if [[ -n "$died" ]] || ! wait "$waiter"; then
     show_logs
     give_up
 fi
-echo "start-test-cluster: ${#PORTS[@]} node(s) ready on $all_addresses (state in $STATE)"
+security="plain TCP"
+(( TLS )) && security="TLS (trust $STATE/tls/ca.pem)"
+(( AUTH )) && security="$security, credentials in $STATE/credentials"
+echo "start-test-cluster: ${#PORTS[@]} node(s) ready on $all_addresses, $security (state in $STATE)"
 (( PROXIES )) || exit 0
 
 # ---------------------------------------------------------------- proxies
@@ -184,7 +220,7 @@ else
         sleep 0.1
     done
 fi
-if ! "$PY" -m qdb_client.testing.wait "$all_proxies" --timeout "$TIMEOUT"; then
+if ! "$PY" -m qdb_client.testing.wait "$all_proxies" --timeout "$TIMEOUT" "${WAIT_FLAGS[@]+"${WAIT_FLAGS[@]}"}"; then
     echo "start-test-cluster: the nodes do not answer through the proxies" >&2
     show_proxy_log
     give_up

@@ -210,7 +210,7 @@ def run_start(ns: argparse.Namespace, out: Output) -> int:
         command = [ns.python, "-m", "qdb_client.testing", "--host", ns.host, "--port", str(port)]
         command += ["--db", str(state / "qdb.sqlite3")]
         command += ["--peers", peers] if peers else []
-        command.append("--test-mode")
+        command += ["--test-mode", "--state-dir", str(state)]  # its control token goes there
         process = spawn(command, state / f"node-{port}.out", state / f"node-{port}.log")
         pidfile.write_text(f"{process.pid}\n")
         nodes.append(_Started(port, address, process.pid, process))
@@ -273,7 +273,7 @@ def _wait_ready(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=child_env(),
+        env={**child_env(), "QDB_CLUSTER_DIR": str(state)},  # where the control tokens are
     )
     logs = [state / f"node-{addr.rsplit(':', 1)[1]}.log" for addr in addresses]
     while waiter.poll() is None:
@@ -420,7 +420,7 @@ def run_status(ns: argparse.Namespace, out: Output) -> int:
     """
     state = Path(ns.state_dir).resolve()
     timeout = seconds_option(ns.timeout, "--timeout")
-    entries = []
+    entries: list[dict[str, Any]] = []  # one record per node (the JSON output)
     for pidfile in sorted(state.glob("node-*.pid"), key=lambda p: _port_of(p.name)):
         port = _port_of(pidfile.name)
         pid = read_pid(pidfile)

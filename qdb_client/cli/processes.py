@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from .common import EXIT_USAGE, CliError
 
@@ -100,9 +101,18 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def _private(path: Path) -> BinaryIO:
+    """``path`` opened for writing (truncated), readable by its owner only: a node's
+    stdout holds its control token."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
+
+
 def spawn(command: list[str], out: Path, log: Path) -> subprocess.Popen[bytes]:
-    """Start ``command`` in the background: stdout to ``out``, stderr to ``log``."""
-    with out.open("wb") as stdout, log.open("wb") as stderr:
+    """Start ``command`` in the background: stdout to ``out``, stderr to ``log`` (both
+    readable by their owner only)."""
+    with _private(out) as stdout, _private(log) as stderr:
         return subprocess.Popen(
             command,
             stdout=stdout,

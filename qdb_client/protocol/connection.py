@@ -189,7 +189,7 @@ class ProtocolConnection:
 
     # --------------------------------------------------------------- receive
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Take bytes read from the peer."""
         self._decoder.feed(data)
 
@@ -216,24 +216,27 @@ class ProtocolConnection:
             message = decode_message(frame)
         except MessageError as exc:
             return BadMessage(exc)
+        # A fault is answered with the id of the frame it came in: a HELLO or
+        # WELCOME decodes with request id 0 (its sender must write 0), but the
+        # answer to a stray one goes to the id its frame carried.
         if message.kind not in _SENT_BY[self._peer]:
             return BadMessage(
                 MessageError(
                     f"a {self._peer.value} cannot send {message.kind.name}",
-                    request_id=message.request_id,
+                    request_id=frame.request_id,
                     kind=message.kind,
                 )
             )
-        return self._after_receive(message)
+        return self._after_receive(message, frame.request_id)
 
-    def _after_receive(self, message: Message) -> Message | BadMessage:
+    def _after_receive(self, message: Message, frame_id: int) -> Message | BadMessage:
         if self.state is State.HANDSHAKE:
             return self._handshake_receive(message)
         if isinstance(message, (Hello, Welcome)):
             return BadMessage(
                 MessageError(
                     f"{message.kind.name} after the handshake",
-                    request_id=message.request_id,
+                    request_id=frame_id,
                     kind=message.kind,
                 )
             )

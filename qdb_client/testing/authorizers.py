@@ -21,6 +21,24 @@ two here answer for the node.
   pragma setting a value, a TEMP object) so that the storage replaces that
   connection once the request is over.
 
+Both also keep the client's SQL away from the node's own tables
+(:data:`INTERNAL_TABLES`: idempotency keys, sessions, the change log and its
+tables, the stream spool) and from the change log's triggers: no read, write,
+schema change, index or trigger on an internal table, and no trigger named
+``qdb_change_...`` created or dropped (:func:`internal_access`). The one
+exception is what those triggers do themselves: a write to a subscribed
+table fires its trigger, which inserts into ``qdb_changes``; SQLite names
+the trigger as the source of that insert, and an insert into ``qdb_changes``
+whose source is a trigger named ``qdb_change_<16 hex digits>_insert``
+(``_update``, ``_delete``) passes. A client can't create a trigger with such
+a name, so only the node's own do. The node's own SQL (key lookups, session
+rows, the log's upkeep) runs with no authorizer at all.
+
+:class:`VacuumGuard` (``VACUUM``, which attaches a scratch database and
+runs a transaction of its own): refuses ``VACUUM INTO 'file'``, which would
+copy the whole database, every user's rows and the internal tables
+included, to a path the client chooses.
+
 A refused statement fails to prepare, so nothing of it runs, and SQLite
 caches nothing for it. Neither guard ever answers SQLITE_IGNORE: a statement
 compiled as a no-op would stay in the connection's statement cache.
@@ -32,11 +50,34 @@ import sqlite3
 
 __all__ = [
     "ACTING_PRAGMAS",
+    "CHANGE_TRIGGER_PREFIX",
     "DAMAGING_PRAGMAS",
+    "INTERNAL_TABLES",
     "READING_PRAGMAS",
     "ReadGuard",
+    "VacuumGuard",
     "WriteGuard",
+    "internal_access",
+    "is_change_trigger",
 ]
+
+#: The node's own tables, which the client's SQL must never reach: idempotency keys,
+#: sessions, the change log and its tables (in the database file), the stream
+#: spool (in a file of its own, which the client's SQL can't attach anyway).
+INTERNAL_TABLES = frozenset(
+    {
+        "qdb_idempotency",
+        "qdb_sessions",
+        "qdb_changes",
+        "qdb_change_tables",
+        "qdb_stream_spools",
+        "qdb_stream_pages",
+    }
+)
+#: Prefix of the change log's trigger names (``changelog.trigger_names``).
+CHANGE_TRIGGER_PREFIX = "qdb_change_"
+_TRIGGER_KINDS = ("insert", "update", "delete")
+_HEX = frozenset("0123456789abcdef")
 
 #: Pragmas that take an argument and still only read (``PRAGMA table_info(t)``).
 READING_PRAGMAS = frozenset(
@@ -55,8 +96,21 @@ READING_PRAGMAS = frozenset(
 )
 #: Pragmas that act even without an argument (on the file, not on the connection's settings).
 ACTING_PRAGMAS = frozenset({"incremental_vacuum", "optimize", "shrink_memory", "wal_checkpoint"})
-#: Pragmas whose assignment changes the shared file for every node, or can corrupt it.
-DAMAGING_PRAGMAS = frozenset({"journal_mode", "schema_version", "writable_schema"})
+#: Pragmas whose assignment changes the shared file for every node or can corrupt it
+#: (``journal_mode``, ``schema_version``, ``writable_schema``), or changes the whole
+#: node process rather than one connection (memory limits, where temporary files go),
+#: which replacing the connection would not undo.
+DAMAGING_PRAGMAS = frozenset(
+    {
+        "data_store_directory",
+        "hard_heap_limit",
+        "journal_mode",
+        "schema_version",
+        "soft_heap_limit",
+        "temp_store_directory",
+        "writable_schema",
+    }
+)
 #: Pragmas whose assignment is a write to the file itself, like any other data.
 _FILE_PRAGMAS = frozenset({"application_id", "user_version"})
 
@@ -82,17 +136,96 @@ _CREATES = frozenset(
 )
 
 
+#: Actions whose first argument is a table name.
+_TABLE_FIRST = frozenset(
+    {
+        sqlite3.SQLITE_READ,
+        sqlite3.SQLITE_INSERT,
+        sqlite3.SQLITE_UPDATE,
+        sqlite3.SQLITE_DELETE,
+        sqlite3.SQLITE_CREATE_TABLE,
+        sqlite3.SQLITE_CREATE_TEMP_TABLE,
+        sqlite3.SQLITE_DROP_TABLE,
+        sqlite3.SQLITE_DROP_TEMP_TABLE,
+        sqlite3.SQLITE_CREATE_VTABLE,
+        sqlite3.SQLITE_DROP_VTABLE,
+    }
+)
+#: Actions whose second argument is a table name (an index's, a trigger's table).
+_TABLE_SECOND = frozenset(
+    {
+        sqlite3.SQLITE_ALTER_TABLE,
+        sqlite3.SQLITE_CREATE_INDEX,
+        sqlite3.SQLITE_CREATE_TEMP_INDEX,
+        sqlite3.SQLITE_DROP_INDEX,
+        sqlite3.SQLITE_DROP_TEMP_INDEX,
+        sqlite3.SQLITE_CREATE_TRIGGER,
+        sqlite3.SQLITE_CREATE_TEMP_TRIGGER,
+        sqlite3.SQLITE_DROP_TRIGGER,
+        sqlite3.SQLITE_DROP_TEMP_TRIGGER,
+    }
+)
+_TRIGGER_ACTIONS = frozenset(
+    {
+        sqlite3.SQLITE_CREATE_TRIGGER,
+        sqlite3.SQLITE_CREATE_TEMP_TRIGGER,
+        sqlite3.SQLITE_DROP_TRIGGER,
+        sqlite3.SQLITE_DROP_TEMP_TRIGGER,
+    }
+)
+
+
+def is_change_trigger(name: str | None) -> bool:
+    """Whether ``name`` is a change-log trigger's: ``qdb_change_<16 hex>_insert``
+    (``_update``, ``_delete``), exactly (no pattern matching: fixed positions)."""
+    if name is None or not name.startswith(CHANGE_TRIGGER_PREFIX):
+        return False
+    tag, sep, kind = name[len(CHANGE_TRIGGER_PREFIX) :].partition("_")
+    return sep == "_" and len(tag) == 16 and _HEX.issuperset(tag) and kind in _TRIGGER_KINDS
+
+
+def internal_access(
+    action: int, arg1: str | None, arg2: str | None, source: str | None
+) -> str | None:
+    """What of the node's internals an action of the client's SQL touches (its name,
+    for the error), or None: an internal table, or a ``qdb_change_...`` trigger.
+
+    An insert into ``qdb_changes`` by a change-log trigger (``source``) is the node's.
+    """
+    if action in _TRIGGER_ACTIONS and (arg1 or "").lower().startswith(CHANGE_TRIGGER_PREFIX):
+        return f"trigger {arg1}"
+    if action in _TABLE_FIRST:
+        table = arg1
+    elif action in _TABLE_SECOND:
+        table = arg2
+    else:
+        return None
+    name = (table or "").lower()
+    if name not in INTERNAL_TABLES:
+        return None
+    if action == sqlite3.SQLITE_INSERT and name == "qdb_changes" and is_change_trigger(source):
+        return None
+    return table
+
+
 class ReadGuard:
-    """Authorizer of a read: refuses ATTACH, DETACH and acting pragmas."""
+    """Authorizer of a read: refuses ATTACH, DETACH, acting pragmas and the node's
+    internals (:attr:`internal`)."""
 
     def __init__(self) -> None:
         #: What was refused, for the error message (None: nothing).
         self.refused: str | None = None
+        #: The internal table (or trigger) the statement tried to use (None: none).
+        self.internal: str | None = None
 
     def __call__(
         self, action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
     ) -> int:
         """SQLite's authorizer callback."""
+        internal = internal_access(action, arg1, arg2, source)
+        if internal is not None:
+            self.internal = internal
+            return sqlite3.SQLITE_DENY
         if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
             self.refused = "ATTACH" if action == sqlite3.SQLITE_ATTACH else "DETACH"
         elif action == sqlite3.SQLITE_PRAGMA:
@@ -122,11 +255,17 @@ class WriteGuard:
         self.skipped: str | None = None
         #: Whether the statement changed a setting of the connection or made a TEMP object.
         self.changes_connection = False
+        #: The internal table (or trigger) the statement tried to use (None: none).
+        self.internal: str | None = None
 
     def __call__(
         self, action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
     ) -> int:
         """SQLite's authorizer callback."""
+        internal = internal_access(action, arg1, arg2, source)
+        if internal is not None:
+            self.internal = internal
+            return sqlite3.SQLITE_DENY
         if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
             self.refused = "ATTACH" if action == sqlite3.SQLITE_ATTACH else "DETACH"
         elif action == sqlite3.SQLITE_PRAGMA:
@@ -152,3 +291,26 @@ class WriteGuard:
             self.refused = f"PRAGMA {name}"
         elif name not in _FILE_PRAGMAS:
             self.changes_connection = True
+
+
+class VacuumGuard:
+    """Authorizer of a ``VACUUM``: refuses ``VACUUM INTO`` a file (:attr:`refused`).
+
+    A VACUUM attaches a scratch database (its ATTACH names no file: ``''``)
+    and copies everything into it, internal tables included, inside a
+    transaction of its own; all of that is let through. ``VACUUM INTO
+    'path'`` attaches the path the client chose instead, and is refused.
+    """
+
+    def __init__(self) -> None:
+        #: What was refused, for the error message (None: nothing).
+        self.refused: str | None = None
+
+    def __call__(
+        self, action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
+    ) -> int:
+        """SQLite's authorizer callback."""
+        if action == sqlite3.SQLITE_ATTACH and arg1 != "":
+            self.refused = "VACUUM INTO"
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK

@@ -2,7 +2,12 @@
 
 Once the node listens it prints one readiness line on stdout::
 
-    QDB-NODE READY node_id=node-7000 address=127.0.0.1:7000 port=7000 pid=12345
+    QDB-NODE READY node_id=node-7000 address=127.0.0.1:7000 port=7000 pid=12345 control_token=...
+
+(``control_token`` only in test mode: the secret a control connection's HELLO
+must carry; with ``--state-dir DIR`` it is also written to
+``DIR/node-<port>.control-token``, readable by its owner only, and removed at
+a clean stop).
 
 Credentials come from a file (``--credentials-file PATH``, lines
 ``user:password``) or the environment (``QDB_NODE_CREDENTIALS``, the same
@@ -32,6 +37,7 @@ from typing import Any, TextIO
 import trio
 
 from ..errors import ConfigError
+from . import control_token
 from ._nursery import owned_nursery
 from .config import ServerConfig
 from .server import QdbNode
@@ -52,9 +58,11 @@ CREDENTIALS_ENV = "QDB_NODE_CREDENTIALS"
 
 logger = logging.getLogger("qdb_client.testing")
 
-#: Matches the readiness line; groups ``node_id``, ``address`` and ``port``.
+#: Matches the readiness line; groups ``node_id``, ``address``, ``port``, ``pid`` and
+#: ``control_token`` (None outside test mode).
 READY_PATTERN = re.compile(
     r"^QDB-NODE READY node_id=(?P<node_id>\S+) address=(?P<address>\S+) port=(?P<port>\d+)"
+    r"(?: pid=(?P<pid>\d+))?(?: control_token=(?P<control_token>\S+))?"
 )
 
 # ServerConfig field -> command line flag, for options that take a value.
@@ -82,6 +90,12 @@ _VALUE_FLAGS = {
     "tls_key": "--tls-key",
     "tls_client_ca": "--tls-client-ca",
     "tls_handshake_timeout": "--tls-handshake-timeout",
+    "handshake_timeout": "--handshake-timeout",
+    "max_pending_handshakes": "--max-pending-handshakes",
+    "max_connections_per_address": "--max-connections-per-address",
+    "write_timeout": "--write-timeout",
+    "max_queued_reply_bytes": "--max-queued-reply-bytes",
+    "max_result_size": "--max-result-size",
 }
 
 
@@ -180,6 +194,48 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=defaults.tls_handshake_timeout,
         help="seconds a client gets to complete the TLS handshake (default %(default)s)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=defaults.handshake_timeout,
+        help="seconds from accept until the handshake (TLS, HELLO) is done (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-pending-handshakes",
+        type=int,
+        default=defaults.max_pending_handshakes,
+        help="connections in their handshake at once (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections-per-address",
+        type=int,
+        default=None,
+        help="open connections from one client host (default: no limit)",
+    )
+    p.add_argument(
+        "--write-timeout",
+        type=float,
+        default=defaults.write_timeout,
+        help="seconds a write to a client may block before it is disconnected"
+        " (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-queued-reply-bytes",
+        type=int,
+        default=defaults.max_queued_reply_bytes,
+        help="bytes of replies waiting to be written per connection (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-result-size",
+        type=int,
+        default=defaults.max_result_size,
+        help="largest result, and string or blob a statement builds (default %(default)s)",
+    )
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="write the control token to DIR/node-<port>.control-token (mode 0600)",
     )
     p.add_argument(
         "--grace", type=float, default=5.0, help="seconds in-flight requests get on SIGTERM"
@@ -282,6 +338,12 @@ def config_from_args(
         tls_key=ns.tls_key,
         tls_client_ca=ns.tls_client_ca,
         tls_handshake_timeout=ns.tls_handshake_timeout,
+        handshake_timeout=ns.handshake_timeout,
+        max_pending_handshakes=ns.max_pending_handshakes,
+        max_connections_per_address=ns.max_connections_per_address,
+        write_timeout=ns.write_timeout,
+        max_queued_reply_bytes=ns.max_queued_reply_bytes,
+        max_result_size=ns.max_result_size,
     )
 
 
@@ -313,19 +375,33 @@ def options_to_args(options: Mapping[str, Any]) -> list[str]:
     return args
 
 
-async def run_node(config: ServerConfig, *, grace: float = 5.0, out: TextIO | None = None) -> None:
+async def run_node(
+    config: ServerConfig,
+    *,
+    grace: float = 5.0,
+    out: TextIO | None = None,
+    state_dir: str | None = None,
+) -> None:
     """Serve ``config`` until SIGTERM/SIGINT (graceful shutdown) or ``control.shutdown``.
 
-    Prints the readiness line to ``out`` (default stdout) once listening.
+    Prints the readiness line to ``out`` (default stdout) once listening; in
+    test mode it carries the control token, which ``state_dir`` also receives
+    (``node-<port>.control-token``, removed when the node stops).
     """
     out = sys.stdout if out is None else out
     node = QdbNode(config)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with owned_nursery() as nursery:
             await nursery.start(node.serve)
+            token = ""
+            if config.test_mode:
+                token = f" control_token={node.control_token}"
+                if state_dir is not None:
+                    control_token.write_token_file(state_dir, node.port, node.control_token)
+                    nursery.start_soon(_remove_token_at_stop, node, state_dir)
             print(
                 f"QDB-NODE READY node_id={node.node_id} address={node.address}"
-                f" port={node.port} pid={os.getpid()}",
+                f" port={node.port} pid={os.getpid()}{token}",
                 file=out,
                 flush=True,
             )
@@ -338,6 +414,13 @@ async def run_node(config: ServerConfig, *, grace: float = 5.0, out: TextIO | No
 
             nursery.start_soon(on_signal)
             await node.wait_stopped()
+
+
+async def _remove_token_at_stop(node: QdbNode, state_dir: str) -> None:
+    try:
+        await node.wait_stopped()
+    finally:
+        control_token.remove_token_file(state_dir, node.port, node.control_token)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -354,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(functools.partial(run_node, config, grace=ns.grace))
+        trio.run(functools.partial(run_node, config, grace=ns.grace, state_dir=ns.state_dir))
     except OSError as exc:
         logger.error("cannot start the node: %s", exc)
         return 1

@@ -100,9 +100,19 @@ class TestServer:
     #: Keyword arguments of every ``control()`` connection (set by the cluster).
     control_options: Mapping[str, Any] = {}
 
+    @property
+    def control_token(self) -> str | None:
+        """The running node's control token (None when the harness does not know it:
+        an external node, whose token is found as :func:`open_node_control` finds it)."""
+        return None
+
     def control(self, **kwargs: Any) -> AbstractAsyncContextManager[NodeControl]:
-        """``open_node_control(self.address, **control_options, **kwargs)``."""
-        return open_node_control(self.address, **{**self.control_options, **kwargs})
+        """``open_node_control(self.address, **control_options, **kwargs)``, with the
+        node's control token."""
+        options = {**self.control_options, **kwargs}
+        if self.control_token is not None:
+            options.setdefault("control_token", self.control_token)
+        return open_node_control(self.address, **options)
 
     async def _start(self, nursery: trio.Nursery) -> None:
         raise RuntimeError(f"cannot start {self.address}: the cluster is external")
@@ -130,6 +140,10 @@ class _InProcessServer(TestServer):
     @property
     def node(self) -> QdbNode | None:
         return self._node if self.running else None
+
+    @property
+    def control_token(self) -> str | None:
+        return self._node.control_token if self._node is not None else None
 
     async def _start(self, nursery: trio.Nursery) -> None:
         node = QdbNode(self._config.evolve(host=self.host, port=self.port))
@@ -168,10 +182,15 @@ class _SubprocessServer(TestServer):
         self._python = python
         self.log_path = log_path
         self._process: trio.Process | None = None
+        self._control_token: str | None = None
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self.running and self._process is not None else None
+
+    @property
+    def control_token(self) -> str | None:
+        return self._control_token
 
     async def _start(self, nursery: trio.Nursery) -> None:
         command = [
@@ -196,7 +215,7 @@ class _SubprocessServer(TestServer):
         self._process = process
         try:
             with trio.fail_after(STARTUP_TIMEOUT):
-                port = await self._read_ready_line(process)
+                port, self._control_token = await self._read_ready_line(process)
         except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await self._kill()
@@ -208,7 +227,7 @@ class _SubprocessServer(TestServer):
         self.port = port
         self.running = True
 
-    async def _read_ready_line(self, process: trio.Process) -> int:
+    async def _read_ready_line(self, process: trio.Process) -> tuple[int, str | None]:
         assert process.stdout is not None
         buffer = b""
         while b"\n" not in buffer:
@@ -220,7 +239,7 @@ class _SubprocessServer(TestServer):
         match = READY_PATTERN.match(line)
         if match is None:
             raise EOFError(f"unexpected first line {line!r}")
-        return int(match["port"])
+        return int(match["port"]), match["control_token"]
 
     def _log_tail(self, lines: int = 20) -> str:
         try:
@@ -299,8 +318,10 @@ class TestCluster:
         node = self.nodes[index]
         if node.running:
             await node._kill()
-        assert self._nursery is not None or self.mode == "external"
-        await node._start(self._nursery)  # type: ignore[arg-type]
+        if self._nursery is None:  # only an external cluster has none: it starts nothing
+            assert self.mode == "external"
+            raise RuntimeError(f"cannot start {node.address}: the cluster is external")
+        await node._start(self._nursery)
 
     async def stop(self, index: int | None = None, *, grace: float = 1.0) -> None:
         """Shut node ``index`` (default: every node) down gracefully, killing after a timeout."""

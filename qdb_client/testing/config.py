@@ -90,6 +90,16 @@ def _optional_file(instance: Any, attribute: attrs.Attribute, value: Any) -> Non
         raise ConfigError(f"{attribute.name}: no such file: {value!r}")
 
 
+def _optional_int_in(low: int, high: int) -> Any:
+    check = int_in(low, high)
+
+    def optional(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None:
+            check(instance, attribute, value)
+
+    return optional
+
+
 def _session_ttl(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     positive_seconds(instance, attribute, value)
     if value < 1.0 or value > 7 * 24 * 3600:
@@ -127,6 +137,14 @@ class ServerConfig:
     node at once (each holds a SQLite connection of its own); ``max_prepared``
     bounds the prepared statements of one session (least recently used
     dropped).
+
+    Limits against clients that misbehave (docs/security.md): a socket must
+    complete its handshake within ``handshake_timeout`` (at most
+    ``max_pending_handshakes`` at once); ``max_connections_per_address``
+    bounds the connections of one client host; a write that blocks for
+    ``write_timeout``, or replies beyond ``max_queued_reply_bytes`` waiting
+    to be written, disconnect a client that does not read; no result is
+    larger than ``max_result_size``, nor any string or blob a statement builds.
     """
 
     host: str = attrs.field(default="127.0.0.1", validator=text)
@@ -164,6 +182,25 @@ class ServerConfig:
     stream_retention: float = attrs.field(default=300.0, validator=positive_seconds)
     #: Seconds the change log keeps a change for subscriptions (section 13).
     change_retention: float = attrs.field(default=3600.0, validator=positive_seconds)
+    #: Seconds from accepting a socket until its handshake is done (TLS included, HELLO
+    #: answered); then it is closed.
+    handshake_timeout: float = attrs.field(default=5.0, validator=positive_seconds)
+    #: Connections whose handshake is not done yet, at once; more are turned away.
+    max_pending_handshakes: int = attrs.field(default=128, validator=int_in(1, 1_000_000))
+    #: Open connections from one client address (host); None: no limit.
+    max_connections_per_address: int | None = attrs.field(
+        default=None, validator=_optional_int_in(1, 1_000_000)
+    )
+    #: Seconds one write to a client may block (it does not read); then it is disconnected.
+    write_timeout: float = attrs.field(default=10.0, validator=positive_seconds)
+    #: Bytes of replies waiting to be written on one connection; beyond, it is disconnected.
+    max_queued_reply_bytes: int = attrs.field(
+        default=16 * 1024 * 1024, validator=int_in(MIN_FRAME_SIZE, 2**40)
+    )
+    #: Largest result the node builds and largest string or blob a statement may make.
+    max_result_size: int = attrs.field(
+        default=16 * 1024 * 1024, validator=int_in(MIN_FRAME_SIZE, 2**31 - 1)
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.tls_cert is None and (self.tls_key is not None or self.tls_client_ca is not None):

@@ -127,7 +127,8 @@ class Outcome:
     """
 
     result: Any
-    after_reply: Callable[[], None] | None = None
+    #: Called once the RESPONSE is written (its return value is ignored).
+    after_reply: Callable[[], object] | None = None
     replayed: bool = False
     drop_connection: bool = False
     applied: bool = False

@@ -8,7 +8,10 @@
         stats = await ctl.stats()
 
 One connection, one request at a time, reconnecting on the next call if the
-node closed it (idle timeout, restart). Every failure is a
+node closed it (idle timeout, restart). Its HELLO carries the node's control
+token (``auth`` ``control_token``, found by
+:func:`~.control_token.find_token` unless given): without it a node in test
+mode refuses ``control.*`` (PERMISSION_DENIED). Every failure is a
 :mod:`qdb_client.errors` type: :class:`~qdb_client.errors.ConnectError` /
 :class:`~qdb_client.errors.ConnectTimeout` when the node can't be reached,
 :class:`~qdb_client.errors.ConnectionLost` when it went away mid-call,
@@ -55,6 +58,7 @@ from ..protocol import (
     receive_event,
 )
 from .config import parse_address
+from .control_token import find_token
 from .stats import CONTROL_CLIENT_NAME
 
 __all__ = ["NodeControl", "open_node_control", "wait_for_nodes"]
@@ -79,7 +83,12 @@ class NodeControl:
     Prefer :func:`open_node_control`, which closes it. ``call_timeout``
     bounds each call, connecting included (None: unbounded). ``tls``: an
     ``ssl.SSLContext`` for a TLS node (``tls_server_hostname``: the name its
-    certificate must have, default the address's host).
+    certificate must have, default the address's host). ``control_token``:
+    the node's control token (default: :func:`~.control_token.find_token`
+    when connecting: a node of this process, ``$QDB_CLUSTER_DIR``,
+    ``$QDB_CONTROL_TOKEN``); ``credentials`` log in as a user as well (a node
+    that requires credentials lets the control tool in with the token alone,
+    for ``control.*`` and ``ping``).
     """
 
     def __init__(
@@ -90,6 +99,7 @@ class NodeControl:
         credentials: Mapping[str, str] | None = None,
         tls: ssl.SSLContext | None = None,
         tls_server_hostname: str | None = None,
+        control_token: str | None = None,
     ) -> None:
         self._host, self._port = parse_address(address)
         #: The node's ``host:port``.
@@ -99,6 +109,7 @@ class NodeControl:
         self._credentials = dict(credentials) if credentials is not None else None
         self._tls = tls
         self._tls_server_hostname = tls_server_hostname
+        self._control_token = control_token
         self._stream: trio.abc.Stream | None = None
         self._proto: ProtocolConnection | None = None
         self._next_id = 1
@@ -171,10 +182,14 @@ class NodeControl:
             stream = tls
         self._stream = stream
         self._proto = ProtocolConnection(Role.CLIENT)
+        auth = dict(self._credentials or {})
+        token = self._control_token or find_token(self.address)
+        if token is not None:
+            auth["control_token"] = token
         hello = Hello(
             versions=PROTOCOL_VERSIONS,
             client_name=CONTROL_CLIENT_NAME,
-            credentials=self._credentials,
+            credentials=auth or None,
         )
         try:
             await stream.send_all(self._proto.send(hello))
@@ -345,12 +360,13 @@ async def open_node_control(
     connect: bool = True,
     tls: ssl.SSLContext | None = None,
     tls_server_hostname: str | None = None,
+    control_token: str | None = None,
 ) -> AsyncIterator[NodeControl]:
     """A :class:`NodeControl` for ``address``, closed when the block exits.
 
     With ``connect`` (the default) the connection is opened up front, so an
-    unreachable node fails here with ConnectError. ``tls`` and
-    ``tls_server_hostname`` as for :class:`NodeControl`.
+    unreachable node fails here with ConnectError. ``tls``,
+    ``tls_server_hostname`` and ``control_token`` as for :class:`NodeControl`.
     """
     control = NodeControl(
         address,
@@ -358,6 +374,7 @@ async def open_node_control(
         credentials=credentials,
         tls=tls,
         tls_server_hostname=tls_server_hostname,
+        control_token=control_token,
     )
     try:
         if connect:
@@ -380,20 +397,26 @@ RETRY_INTERVAL = 0.05
 
 
 async def wait_for_nodes(
-    addresses: Sequence[str], *, last_errors: dict[str, QdbError] | None = None
+    addresses: Sequence[str],
+    *,
+    last_errors: dict[str, QdbError] | None = None,
+    **control_options: Any,
 ) -> None:
     """Return once every node at ``addresses`` has answered ``ping``.
 
     Retries forever: bound it with ``trio.fail_after``. ``last_errors``, if
     given, receives each still-failing node's latest error (and loses the
-    entry once the node answers).
+    entry once the node answers). ``control_options`` are keyword arguments
+    of :func:`open_node_control` (``tls=``, ``credentials=``, ...).
     """
     errors = {} if last_errors is None else last_errors
 
     async def wait_one(address: str) -> None:
         while True:
             try:
-                async with open_node_control(address, call_timeout=2.0) as ctl:
+                async with open_node_control(
+                    address, **{"call_timeout": 2.0, **control_options}
+                ) as ctl:
                     await ctl.ping()
             except QdbError as exc:
                 errors[address] = exc

@@ -172,7 +172,7 @@ class StatementProbe:
             if not self.available:
                 raise ProbeError("statements can't be described on this platform")
             version, description = self._prepare(sql)
-            if version == schema_version and len(sql) <= _CACHE_MAX_SQL:
+            if version is not None and version == schema_version and len(sql) <= _CACHE_MAX_SQL:
                 self._cache[sql] = (version, description)
                 if len(self._cache) > CACHE_SIZE:
                     self._cache.popitem(last=False)

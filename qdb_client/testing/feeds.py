@@ -146,8 +146,8 @@ class ConnectionFeeds:
         return self._connection.user or ""
 
     def max_frame(self) -> int:
-        """The largest frame the client accepts."""
-        return self._connection.proto.peer_max_frame_size
+        """The largest frame the client accepts, at most the node's ``max_result_size``."""
+        return self._connection.reply_limit
 
     def session_state(self) -> Any:
         """The connection's session state (its transactions), if the node keeps one."""
@@ -260,5 +260,9 @@ class ConnectionFeeds:
         error = RequestFailed(
             ErrorCode.SHUTTING_DOWN, f"the node is draining ({reason}); resume elsewhere"
         )
-        for target in [*self._streams.values(), *self._subscriptions.values()]:
+        targets: list[ServedStream | ServedSubscription] = [
+            *self._streams.values(),
+            *self._subscriptions.values(),
+        ]
+        for target in targets:
             target.stop(error)

@@ -255,9 +255,10 @@ async def _batch(ctx: MethodContext, call: Call) -> Outcome:
                 return {"results": results}
 
         else:
-            work = lambda c: in_savepoint(  # noqa: E731
-                c, lambda c: run_statements(c, statements, control, expects)
-            )
+
+            def work(conn: Any) -> dict[str, Any]:
+                return in_savepoint(conn, lambda c: run_statements(c, statements, control, expects))
+
         return Outcome(await _in(ctx, call, tx, work, control, writes=True))
     if key is None:
         result = await storage.batch(

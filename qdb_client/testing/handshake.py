@@ -27,12 +27,13 @@ from ..protocol import (
     error_message,
 )
 from .config import ServerConfig
-from .stats import CONTROL_CLIENT_NAME
+from .control_token import tokens_match
 
 __all__ = [
     "HelloAnswer",
     "answer_hello",
     "authenticated",
+    "control_identity",
     "password_user",
     "unauthenticated",
     "version_refusal",
@@ -47,8 +48,9 @@ _SHOWN_VERSIONS = 8
 class HelloAnswer:
     """What to send for a HELLO, and who the client turned out to be.
 
-    ``user``: the authenticated user (None on a node without credentials);
-    ``control_client``: the HELLO named the control tool.
+    ``user``: the authenticated user (None on a node without credentials, and
+    for the control tool without credentials);
+    ``control_client``: the HELLO carried the node's control token.
     """
 
     reply: Welcome | Error
@@ -103,6 +105,8 @@ def unauthenticated(reason: str) -> Error:
     refused session token with no password beside it (``session``)."""
     if reason == "session":
         text = "the session token is unknown, expired or revoked: log in with the password"
+    elif reason == "control_token":
+        text = "wrong control token (see the node's readiness line or its state directory)"
     else:
         text = "bad or missing credentials"
     return error_message(0, ErrorCode.UNAUTHENTICATED, text, details={"reason": reason})
@@ -134,28 +138,49 @@ def welcome_for(
     )
 
 
+def control_identity(hello: Hello, config: ServerConfig, control_token: str | None) -> bool | Error:
+    """Whether ``hello`` comes from the control tool: True when its ``auth`` carries
+    the node's control token (a node in test mode only), UNAUTHENTICATED
+    (reason ``control_token``) when it carries another one, else False.
+
+    A node outside test mode has no control methods: it ignores the key.
+    """
+    offered = (hello.credentials or {}).get("control_token")
+    if offered is None or not config.test_mode or control_token is None:
+        return False
+    if tokens_match(offered, control_token):
+        return True
+    return unauthenticated("control_token")
+
+
 def answer_hello(
     hello: Hello,
     config: ServerConfig,
     *,
     node_id: str,
     members: Callable[[], tuple[Member, ...]],
+    control_token: str | None = None,
 ) -> HelloAnswer:
     """Answer ``hello`` without the session store.
 
     No common version: VERSION_MISMATCH with ``details.supported_versions``;
-    wrong or missing credentials: UNAUTHENTICATED; otherwise a WELCOME with a
-    fresh session id (no token) and ``members()`` (called only then).
+    a wrong control token (:func:`control_identity`), wrong or missing
+    credentials: UNAUTHENTICATED; otherwise a WELCOME with a fresh session
+    id (no token) and ``members()`` (called only then). The control tool
+    (``control_token``) needs no credentials.
     """
     refusal = version_refusal(hello)
     if refusal is not None:
         return HelloAnswer(refusal)
+    control = control_identity(hello, config, control_token)
+    if isinstance(control, Error):
+        return HelloAnswer(control)
     user = None
-    if config.credentials is not None:
+    if config.credentials is not None and (not control or "password" in (hello.credentials or {})):
         user = password_user(config.credentials, hello)
         if user is None:
             return HelloAnswer(unauthenticated("credentials"))
     welcome = welcome_for(
         hello, config, node_id=node_id, members=members(), session_id=uuid.uuid4().hex
     )
-    return HelloAnswer(welcome, user=user, control_client=hello.client_name == CONTROL_CLIENT_NAME)
+    return HelloAnswer(welcome, user=user, control_client=control)

@@ -22,7 +22,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 import trio.testing
@@ -32,7 +32,14 @@ from ._failure import RequestFailed
 from .statements import Control, Stopped
 from .writes import BatchFailure
 
-__all__ = ["BUSY_TIMEOUT_MS", "Job", "result_of", "virtual_time", "wait_for_thread"]
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "Job",
+    "ThreadJob",
+    "result_of",
+    "virtual_time",
+    "wait_for_thread",
+]
 
 logger = logging.getLogger("qdb_client.testing")
 
@@ -209,7 +216,19 @@ def virtual_time() -> bool:
     return isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
 
 
-async def wait_for_thread(job: Job) -> tuple[bool, Any]:
+class ThreadJob(Protocol):
+    """What :func:`wait_for_thread` runs (a :class:`Job`, a stream's spool job)."""
+
+    def capture(self) -> tuple[bool, Any]:
+        """Run the job (in the worker thread): ``(ok, value)``, an exception returned."""
+        ...
+
+    def cancel(self) -> None:
+        """Ask the running job to stop (from the trio thread)."""
+        ...
+
+
+async def wait_for_thread(job: ThreadJob) -> tuple[bool, Any]:
     """Run ``job.capture`` in a worker thread and wait for it, whatever happens.
 
     Cancellation does not end the wait: it stops the job (:meth:`Job.cancel`)

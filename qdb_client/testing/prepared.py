@@ -63,10 +63,10 @@ class PreparedStatement:
             return
         count = len(params)
         if (isinstance(params, Mapping) and params) or count != self.params:
-            given = "named ones" if isinstance(params, Mapping) and params else count
+            shown = "named ones" if isinstance(params, Mapping) and params else count
             raise RequestFailed(
                 ErrorCode.INVALID_REQUEST,
-                f"statement {self.id} takes {self.params} positional parameter(s), not {given}",
+                f"statement {self.id} takes {self.params} positional parameter(s), not {shown}",
                 details={"stmt": self.id},
             )
 

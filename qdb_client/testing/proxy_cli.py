@@ -134,8 +134,10 @@ def _dispatch(proxies: Sequence[FaultProxy], request: Any) -> dict[str, Any]:
         clash = sorted(set(attributes) & {"kind", "direction", "toxicity", "name"})
         if clash:
             raise ConfigError(f"{clash[0]!r} is a field of the request, not an attribute")
+        # Any JSON value (None when absent): add_toxic checks it (a ConfigError).
+        kind: Any = request.get("kind")
         handle = proxy.add_toxic(
-            request.get("kind"),
+            kind,
             direction=request.get("direction", "downstream"),
             toxicity=request.get("toxicity", 1.0),
             name=request.get("name"),
@@ -144,7 +146,9 @@ def _dispatch(proxies: Sequence[FaultProxy], request: Any) -> dict[str, Any]:
         return {"id": handle.id, "toxic": handle.describe()}
     if op == "remove":
         (proxy,) = _selected(proxies, request, one=True)
-        if not proxy.remove_toxic(request.get("id")):
+        # Any JSON value (None when absent): one that names no toxic removes nothing.
+        toxic_id: Any = request.get("id")
+        if not proxy.remove_toxic(toxic_id):
             raise ConfigError(f"no toxic {request.get('id')!r} on proxy {proxy.address}")
         return {}
     selected = _selected(proxies, request, one=False)

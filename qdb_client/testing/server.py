@@ -17,14 +17,15 @@ from __future__ import annotations
 import errno
 import logging
 import socket as stdlib_socket
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
-from ..protocol import ErrorCode, Hello, Member, ProtocolConnection, Role, error_message
-from . import sessions
+from ..protocol import Error, ErrorCode, Hello, Member, ProtocolConnection, Role, error_message
+from . import control_token, sessions
 from ._nursery import owned_nursery
 from .config import ServerConfig, format_address, parse_address, peer_node_id
 from .faults import Faults
@@ -48,6 +49,43 @@ _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 def _is_resource_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS
+
+
+class _Admission:
+    """One accepted connection's places: a pending handshake, one of its address's.
+
+    Released once each (:meth:`handshake_done` when the WELCOME went out,
+    :meth:`release` when the connection is over). ``scope`` wraps the
+    connection's serving, so a connection still in its handshake can be
+    evicted to make room for a newer one.
+    """
+
+    __slots__ = ("_handshaking", "_node", "host", "scope")
+
+    def __init__(self, node: QdbNode, host: str) -> None:
+        self._node = node
+        self.host = host
+        self._handshaking = True
+        self.scope = trio.CancelScope()
+        node._handshaking[self] = None
+        node._per_address[host] += 1
+
+    def handshake_done(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            del self._node._handshaking[self]
+
+    def evict(self) -> None:
+        """Close this connection, which has not finished its handshake."""
+        self.handshake_done()
+        self.scope.cancel()
+
+    def release(self) -> None:
+        self.handshake_done()
+        node, host = self._node, self.host
+        node._per_address[host] -= 1
+        if node._per_address[host] <= 0:
+            del node._per_address[host]
 
 
 class QdbNode:
@@ -80,6 +118,7 @@ class QdbNode:
             pool_size=config.sqlite_pool_size,
             idempotency_ttl=config.idempotency_ttl,
             foreign_keys=config.foreign_keys,
+            max_value_size=config.max_result_size,
         )
         #: ``begin`` transactions of every session: their limit, ids and count.
         self.transactions = NodeTransactions(config.max_transactions, self.stats)
@@ -89,6 +128,13 @@ class QdbNode:
         self.auth_stats = sessions.AuthCounters()
         #: The TLS context (None: plain TCP); a bad certificate is a ConfigError here.
         self._tls_context = server_context(config)
+        #: The secret a HELLO's ``auth`` must carry to be the control tool (test mode):
+        #: fresh for every node (see :mod:`.control_token`). Never logged.
+        self.control_token = control_token.new_token()
+        #: Connections in their handshake, oldest first (evicted first at the cap).
+        self._handshaking: dict[_Admission, None] = {}
+        self._per_address: Counter[str] = Counter()
+        self._registered: str | None = None
         self._port = config.port
         self._listen_sock: trio.socket.SocketType | None = None
         self._listen_changed = trio.Event()
@@ -171,24 +217,40 @@ class QdbNode:
             faults=self.faults.describe(),
             tls=self.config.tls,
             auth=self.auth_stats.snapshot(),
+            pending_handshakes=len(self._handshaking),
+            queued_reply_bytes=sum(c.queued_reply_bytes for c in clients),
         )
 
     async def answer_hello(self, hello: Hello) -> HelloAnswer:
         """The node's answer to a HELLO (the connection calls it; docs/protocol.md 7)."""
         if self.config.credentials is None:
             await trio.lowlevel.checkpoint()
-            return answer_hello(hello, self.config, node_id=self.node_id, members=self.members)
-        return await sessions.answer(
-            hello,
-            self.config,
-            self.sessions,
-            self.auth_stats,
-            node_id=self.node_id,
-            members=self.members,
-        )
+            answer = answer_hello(
+                hello,
+                self.config,
+                node_id=self.node_id,
+                members=self.members,
+                control_token=self.control_token,
+            )
+        else:
+            answer = await sessions.answer(
+                hello,
+                self.config,
+                self.sessions,
+                self.auth_stats,
+                node_id=self.node_id,
+                members=self.members,
+                control_token=self.control_token,
+            )
+        reply = answer.reply
+        if isinstance(reply, Error) and reply.details.get("reason") == "control_token":
+            self.stats.control_refused += 1
+            logger.warning("%s: HELLO with a wrong control token", self.node_id)
+        return answer
 
     def mark_control_client(self, conn: ServerConnection) -> None:
-        """``conn`` identified itself as the control tool: stop counting it."""
+        """``conn`` proved to be the control tool (its HELLO carried the control token):
+        stop counting it."""
         if not conn.is_control_client:
             conn.is_control_client = True
             self.stats.connections_accepted -= 1
@@ -220,6 +282,9 @@ class QdbNode:
             raise
         self._port = sock.getsockname()[1]
         self._listen_sock = trio.socket.from_stdlib_socket(sock)
+        if self.config.test_mode and self._registered is None:
+            self._registered = self.address
+            control_token.register(self.address, self.control_token)
         self._signal_listening_changed()
         logger.info("%s: listening on %s", self.node_id, self.address)
 
@@ -263,15 +328,70 @@ class QdbNode:
             host, port = sock.getpeername()[:2]
             peer = format_address(host, port)
         except OSError:
-            peer = "unknown peer"
-        if self._tls_context is None:
-            await self.serve_connection(trio.SocketStream(sock), peer=peer)
+            host = peer = "unknown peer"
+        deadline = trio.current_time() + self.config.handshake_timeout
+        raw = trio.SocketStream(sock)
+        admission = self._admit(host, peer)
+        if not isinstance(admission, _Admission):
+            if self._tls_context is None:
+                await self._turn_away(raw, *admission)
+            else:  # no TLS handshake for a connection that can't stay: just close
+                await trio.aclose_forcefully(raw)
             return
-        stream = await accept_tls(
-            sock, self._tls_context, within=self.config.tls_handshake_timeout, peer=peer
-        )
-        if stream is not None:
-            await self.serve_connection(stream, peer=peer)
+        try:
+            with admission.scope:
+                if self._tls_context is None:
+                    await self._serve(raw, peer, deadline, admission)
+                    return
+                stream = await accept_tls(
+                    sock,
+                    self._tls_context,
+                    within=min(self.config.tls_handshake_timeout, self.config.handshake_timeout),
+                    peer=peer,
+                    timed_out=self._count_handshake_timeout,
+                )
+                if stream is not None:
+                    await self._serve(stream, peer, deadline, admission)
+        finally:
+            if admission.scope.cancelled_caught:
+                await trio.aclose_forcefully(raw)
+            admission.release()
+
+    def _count_handshake_timeout(self) -> None:
+        self.stats.handshake_timeouts += 1
+
+    def _admit(self, host: str, peer: str) -> _Admission | tuple[ErrorCode, str]:
+        """Places for a new connection from ``host``, or why it is turned away.
+
+        At ``max_pending_handshakes`` the oldest connection still in its
+        handshake is closed to make room: sockets that never send HELLO can
+        delay a real client by no more than its own handshake, where refusing
+        newcomers would let them keep every client out until they time out.
+        """
+        config = self.config
+        if self._shutdown_started:
+            return ErrorCode.SHUTTING_DOWN, "the node is shutting down"
+        per_address = config.max_connections_per_address
+        if per_address is not None and self._per_address[host] >= per_address:
+            self.stats.address_limit_refused += 1
+            self.stats.errors_sent[ErrorCode.CAPACITY_EXCEEDED.value] += 1
+            logger.warning("%s: refusing %s: connection limit per address", self.node_id, peer)
+            return (
+                ErrorCode.CAPACITY_EXCEEDED,
+                f"{per_address} connections from this address are open, the maximum",
+            )
+        if len(self._handshaking) >= config.max_pending_handshakes:
+            oldest = next(iter(self._handshaking))
+            self.stats.handshakes_evicted += 1
+            logger.warning(
+                "%s: closing a connection from %s that has not finished its handshake,"
+                " to make room for %s (max_pending_handshakes)",
+                self.node_id,
+                oldest.host,
+                peer,
+            )
+            oldest.evict()
+        return _Admission(self, host)
 
     # --------------------------------------------------------------- serving
 
@@ -297,6 +417,9 @@ class QdbNode:
         finally:
             self._nursery = None
             self._close_listener()
+            if self._registered is not None:
+                control_token.unregister(self._registered, self.control_token)
+                self._registered = None
             self.sessions.close()
             self.storage.close()
             self._stopped.set()
@@ -304,9 +427,27 @@ class QdbNode:
     async def serve_connection(self, stream: trio.abc.Stream, *, peer: str = "memory") -> None:
         """Serve one already-connected stream until it closes.
 
-        Applies ``max_connections`` like an accepted TCP connection does.
-        Never raises for anything the client does.
+        Applies the limits an accepted TCP connection meets (``max_connections``,
+        ``max_pending_handshakes``, ``max_connections_per_address`` with
+        ``peer`` as the address, ``handshake_timeout``). Never raises for
+        anything the client does.
         """
+        deadline = trio.current_time() + self.config.handshake_timeout
+        admission = self._admit(peer, peer)
+        if not isinstance(admission, _Admission):
+            await self._turn_away(stream, *admission)
+            return
+        try:
+            with admission.scope:
+                await self._serve(stream, peer, deadline, admission)
+        finally:
+            if admission.scope.cancelled_caught:
+                await trio.aclose_forcefully(stream)
+            admission.release()
+
+    async def _serve(
+        self, stream: trio.abc.Stream, peer: str, deadline: float, admission: _Admission
+    ) -> None:
         if self._shutdown_started:
             await self._turn_away(stream, ErrorCode.SHUTTING_DOWN, "the node is shutting down")
             return
@@ -320,7 +461,13 @@ class QdbNode:
                 f"{len(self._connections)} connections open, the maximum for this node",
             )
             return
-        conn = ServerConnection(self, stream, peer)
+        conn = ServerConnection(
+            self,
+            stream,
+            peer,
+            handshake_deadline=deadline,
+            on_handshake=admission.handshake_done,
+        )
         self._connections.add(conn)
         self.stats.connections_accepted += 1
         logger.debug("%s: connection from %s", self.node_id, peer)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -57,7 +58,7 @@ from ._failure import RequestFailed
 from .context import SessionState
 from .feeds import FEED_METHODS, ConnectionFeeds
 from .ledger import RequestLedger, Slot
-from .methods import MethodContext, Outcome, is_control_method, run_method
+from .methods import DATA_METHODS, MethodContext, Outcome, is_control_method, run_method
 from .outgoing import (
     COURTESY_SECONDS,
     LINGER_SECONDS,
@@ -78,12 +79,24 @@ __all__ = ["COURTESY_SECONDS", "LINGER_SECONDS", "ServerConnection", "close_stre
 logger = logging.getLogger("qdb_client.testing")
 
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+#: Method names counted under their own name in ``requests_by_method``.
+_KNOWN_METHODS = frozenset({*DATA_METHODS, *FEED_METHODS})
+#: What the control tool may call without a user, on a node that requires credentials.
+_USERLESS_METHODS = frozenset({"ping"})
 
 
 class ServerConnection:
     """The server side of one client connection."""
 
-    def __init__(self, node: QdbNode, stream: trio.abc.Stream, peer: str) -> None:
+    def __init__(
+        self,
+        node: QdbNode,
+        stream: trio.abc.Stream,
+        peer: str,
+        *,
+        handshake_deadline: float | None = None,
+        on_handshake: Callable[[], None] | None = None,
+    ) -> None:
         self.node = node
         self.stream = stream
         #: Who is at the other end (``host:port`` or a description).
@@ -115,6 +128,11 @@ class ServerConnection:
         self._linger = False
         self._draining = False
         self._client_goaway = False
+        #: When the handshake must be done (None: ``handshake_timeout`` from :meth:`run`).
+        self._handshake_deadline = handshake_deadline
+        self._on_handshake = on_handshake
+        #: Bytes of encoded replies waiting for (or in) their write.
+        self._queued = 0
         #: Its result streams and subscriptions (.feeds).
         self.feeds = ConnectionFeeds(self)
 
@@ -123,11 +141,28 @@ class ServerConnection:
         """Requests holding a slot: accepted, and their reply not decided yet."""
         return self._requests.in_flight
 
+    @property
+    def queued_reply_bytes(self) -> int:
+        """Bytes of replies encoded and waiting to be written (bounded by
+        ``max_queued_reply_bytes``)."""
+        return self._queued
+
+    @property
+    def reply_limit(self) -> int:
+        """The largest reply for this client: its HELLO ``max_frame``, at most the
+        node's ``max_result_size``."""
+        return min(self.proto.peer_max_frame_size, self.config.max_result_size)
+
     # ------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
         """Serve the connection until it closes; never raises (other than Cancelled)."""
-        self._idle_scope.deadline = trio.current_time() + self.config.client_idle_timeout
+        now = trio.current_time()
+        if self._handshake_deadline is None:
+            self._handshake_deadline = now + self.config.handshake_timeout
+        self._idle_scope.deadline = min(
+            now + self.config.client_idle_timeout, self._handshake_deadline
+        )
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
@@ -140,6 +175,9 @@ class ServerConnection:
         finally:
             # Every request is over (the nursery waited): roll back what is still open.
             self.state.close()
+            if self._on_handshake is not None:  # no handshake: its place is free now
+                self._on_handshake()
+                self._on_handshake = None
             await close_stream(self.stream, linger=self._linger)
             self.closed.set()
             logger.debug("%s: connection from %s closed", self.node.node_id, self.peer)
@@ -190,7 +228,13 @@ class ServerConnection:
                 break
             self._idle_scope = trio.CancelScope(deadline=deadline)
         idle = self.config.client_idle_timeout
-        logger.info("%s: closing idle connection from %s", self.node.node_id, self.peer)
+        if self.proto.state is State.OPEN:
+            logger.info("%s: closing idle connection from %s", self.node.node_id, self.peer)
+        else:
+            logger.info(
+                "%s: closing connection from %s: no handshake in time", self.node.node_id, self.peer
+            )
+            self.node.stats.handshake_timeouts += 1
         with trio.move_on_after(COURTESY_SECONDS):
             if self._draining:  # a GOAWAY (shutdown) went out already
                 pass
@@ -199,15 +243,20 @@ class ServerConnection:
                 why = f"no frames received and no requests in flight for {idle:g} s"
                 await self._send(GoAway("idle_timeout", self.last_request_id, why))
             else:
+                within = min(idle, self.config.handshake_timeout)
                 await self._send(
-                    error_message(0, ErrorCode.TIMEOUT, f"no HELLO received within {idle:g} s")
+                    error_message(0, ErrorCode.TIMEOUT, f"no HELLO received within {within:g} s")
                 )
         self._close_gracefully()
 
     def _touch(self) -> None:
-        """A frame arrived: restart the idle countdown unless requests are unanswered."""
+        """A frame arrived: restart the idle countdown unless requests are unanswered
+        (before the handshake is done, never beyond its deadline)."""
         if not self._requests.unanswered:
-            self._idle_scope.deadline = trio.current_time() + self.config.client_idle_timeout
+            deadline = trio.current_time() + self.config.client_idle_timeout
+            if self.proto.state is not State.OPEN and self._handshake_deadline is not None:
+                deadline = min(deadline, self._handshake_deadline)
+            self._idle_scope.deadline = deadline
 
     # -------------------------------------------------------------- writing
 
@@ -218,37 +267,101 @@ class ServerConnection:
         (:mod:`.outgoing`). Anything else raises FrameTooLarge /
         ValueNotEncodable (before anything is written) when it can't be
         encoded for this peer.
+
+        A request's reply (RESPONSE, its ERROR) and a PONG change no protocol
+        state: they are encoded before waiting for the write lock, and their
+        bytes count as queued (:meth:`_queue`) until written, so a client
+        that does not read is disconnected before its replies pile up.
         """
-        async with self._write_lock:
-            try:
-                data = self._encode(message)
-            except ProtocolViolation as exc:
-                logger.debug("%s: not sending %s: %s", self.node.node_id, message.kind.name, exc)
+        data: bytes | None = None
+        if isinstance(message, (Response, Pong)) or (
+            isinstance(message, Error) and message.request_id != 0
+        ):
+            data = self._encode_or_none(message)
+            if data is None or not self._queue(len(data)):
                 return False
-            # Counted before writing: the peer may act on the bytes before send_all returns.
-            if isinstance(message, Error) and count and not self.is_control_client:
-                self.node.stats.errors_sent[message.name] += 1
+        queued = 0 if data is None else len(data)
+        try:
+            async with self._write_lock:
+                if data is None:
+                    data = self._encode_or_none(message)
+                    if data is None:
+                        return False
+                    queued = len(data)
+                    self._queued += queued
+                # Counted before writing: the peer may act on the bytes before send_all returns.
+                if isinstance(message, Error) and count and not self.is_control_client:
+                    self.node.stats.errors_sent[message.name] += 1
+                return await self._write(data)
+        finally:
+            self._queued -= queued
+
+    def _encode_or_none(self, message: Message) -> bytes | None:
+        try:
+            return self._encode(message)
+        except ProtocolViolation as exc:
+            logger.debug("%s: not sending %s: %s", self.node.node_id, message.kind.name, exc)
+            return None
+
+    def _queue(self, size: int) -> bool:
+        """Count ``size`` more bytes waiting to be written; False (and the connection
+        aborted) if that passes ``max_queued_reply_bytes``: the client does not read.
+        One reply always fits an empty queue."""
+        limit = self.config.max_queued_reply_bytes
+        if self._queued and self._queued + size > limit:
+            logger.warning(
+                "%s: closing the connection from %s: %d bytes of replies wait to be"
+                " written (max_queued_reply_bytes %d); it does not read them",
+                self.node.node_id,
+                self.peer,
+                self._queued + size,
+                limit,
+            )
+            self._close_slow_reader()
+            return False
+        self._queued += size
+        return True
+
+    async def _write(self, data: bytes) -> bool:
+        """``send_all`` under the write lock, within ``write_timeout``; False (and the
+        connection aborted) if it failed or blocked that long (the client does not read)."""
+        timeout = self.config.write_timeout
+        with trio.move_on_after(timeout):
             try:
                 await self.stream.send_all(data)
             except _TRANSPORT_ERRORS as exc:
                 logger.debug("%s: write to %s failed: %r", self.node.node_id, self.peer, exc)
                 self.abort()
                 return False
-        return True
+            return True
+        logger.warning(
+            "%s: closing the connection from %s: a write blocked for %g s (write_timeout);"
+            " it does not read",
+            self.node.node_id,
+            self.peer,
+            timeout,
+        )
+        self._close_slow_reader()
+        return False
+
+    def _close_slow_reader(self) -> None:
+        # Counted once: the replies still waiting meet the same closed connection.
+        if not self._scope.cancel_called and not self.is_control_client:
+            self.node.stats.slow_readers_closed += 1
+        self.abort()
 
     async def send_frame(self, frame: Message | bytes) -> bool:
         """Write a message, or a frame already encoded (a stream's page, .feeds);
         False if the connection can no longer carry it."""
         if not isinstance(frame, bytes):
             return await self._send(frame)
-        async with self._write_lock:
-            try:
-                await self.stream.send_all(frame)
-            except _TRANSPORT_ERRORS as exc:
-                logger.debug("%s: write to %s failed: %r", self.node.node_id, self.peer, exc)
-                self.abort()
-                return False
-        return True
+        if not self._queue(len(frame)):
+            return False
+        try:
+            async with self._write_lock:
+                return await self._write(frame)
+        finally:
+            self._queued -= len(frame)
 
     def _encode(self, message: Message) -> bytes:
         if not isinstance(message, Error):
@@ -386,7 +499,10 @@ class ServerConnection:
         welcome: Welcome | None = answer.reply if isinstance(answer.reply, Welcome) else None
         while welcome is not None:
             try:
-                return await self._send(welcome)
+                sent = await self._send(welcome)
+                if sent:
+                    self._handshake_done()
+                return sent
             except FrameTooLarge:
                 welcome = fewer_members(welcome)
                 if welcome is not None:
@@ -402,17 +518,52 @@ class ServerConnection:
         logger.warning("%s: cannot send WELCOME to %s: too large", node.node_id, self.peer)
         return False
 
+    def _handshake_done(self) -> None:
+        """The WELCOME went out: the handshake's place is free, the idle countdown runs."""
+        if self._on_handshake is not None:
+            self._on_handshake()
+            self._on_handshake = None
+        if not self._requests.unanswered:
+            self._idle_scope.deadline = trio.current_time() + self.config.client_idle_timeout
+
     # ------------------------------------------------------------- requests
+
+    def _not_allowed(self, method: str, control: bool) -> tuple[ErrorCode, str] | None:
+        """PERMISSION_DENIED for a ``control.*`` call that is not the control tool's (in
+        test mode; elsewhere there are none), and for data methods of the control tool
+        that logged in without a user on a node that requires credentials."""
+        if control:
+            if self.config.test_mode and not self.is_control_client:
+                self.node.stats.control_refused += 1
+                return (
+                    ErrorCode.PERMISSION_DENIED,
+                    f"{method} is for the control tool: its HELLO must carry the node's"
+                    " control token (auth control_token; see docs/testing.md)",
+                )
+            return None
+        if (
+            self.is_control_client
+            and self.user is None
+            and self.config.credentials is not None
+            and method not in _USERLESS_METHODS
+        ):
+            return (
+                ErrorCode.PERMISSION_DENIED,
+                f"the control tool logged in without a user; {method} needs credentials",
+            )
+        return None
 
     async def _on_request(self, request: Request) -> None:
         control = is_control_method(request.method)
         count = not (control or self.is_control_client)
         if count:
-            self.node.stats.requests_by_method[request.method] += 1
+            self.node.stats.count_request(request.method, known=request.method in _KNOWN_METHODS)
         rid = request.request_id
         rejection: tuple[ErrorCode, str] | None = None
         if rid == 0:
             rejection = ErrorCode.INVALID_REQUEST, "request id 0 is reserved for the connection"
+        elif (denied := self._not_allowed(request.method, control)) is not None:
+            rejection = denied
         elif self._draining:
             rejection = ErrorCode.SHUTTING_DOWN, "the connection is closing (GOAWAY sent)"
         else:
@@ -464,7 +615,7 @@ class ServerConnection:
                 count_other_connections=lambda: node.count_connections(exclude=self),
                 start_shutdown=node.start_shutdown,
                 statistics=node.statistics,
-                max_frame=self.proto.peer_max_frame_size,
+                max_frame=self.reply_limit,
                 session=self.state,
             )
         return self._context

@@ -42,16 +42,16 @@ import trio
 import trio.testing
 
 from ..config import Secret
-from ..protocol import ErrorCode, Hello, Member, error_message
+from ..protocol import Error, ErrorCode, Hello, Member, error_message
 from .config import ServerConfig
 from .handshake import (
     HelloAnswer,
+    control_identity,
     password_user,
     unauthenticated,
     version_refusal,
     welcome_for,
 )
-from .stats import CONTROL_CLIENT_NAME
 
 if TYPE_CHECKING:
     from .storage import Storage
@@ -269,8 +269,14 @@ async def answer(
     *,
     node_id: str,
     members: Callable[[], tuple[Member, ...]],
+    control_token: str | None = None,
 ) -> HelloAnswer:
     """Answer ``hello`` on a node that requires credentials (docs/protocol.md 7.3).
+
+    The control tool (``auth`` carrying ``control_token``, see
+    :func:`~.handshake.control_identity`) is let in with the token alone, as
+    no user (it may call ``control.*`` and ``ping`` only), or as the user its
+    credentials prove; its handshakes are not counted.
 
     A valid session token resumes its session; else a right password logs in
     (keeping the HELLO's session when it is a live session of that user);
@@ -283,10 +289,17 @@ async def answer(
         return HelloAnswer(refusal)
     credentials = config.credentials
     assert credentials is not None
-    control = hello.client_name == CONTROL_CLIENT_NAME
+    control = control_identity(hello, config, control_token)
+    if isinstance(control, Error):
+        return HelloAnswer(control)
+    auth: Mapping[str, Any] = hello.credentials or {}
     if control:
         counters = AuthCounters()  # the control tool's traffic is not counted (.stats)
-    auth: Mapping[str, Any] = hello.credentials or {}
+        if "password" not in auth and not hello.session_token:  # the token alone: no user
+            welcome = welcome_for(
+                hello, config, node_id=node_id, members=members(), session_id=uuid.uuid4().hex
+            )
+            return HelloAnswer(welcome, control_client=True)
     session, token = hello.resume_session, hello.session_token
     with_token = bool(session and token)
     with_password = "password" in auth

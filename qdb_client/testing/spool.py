@@ -44,6 +44,7 @@ import cbor2
 from ..protocol import ErrorCode
 from ..protocol.stream_codec import encode_row
 from ._failure import RequestFailed
+from .authorizers import INTERNAL_TABLES as _INTERNAL_TABLES
 
 __all__ = [
     "INTERNAL_TABLES",
@@ -64,9 +65,10 @@ __all__ = [
 
 #: Tables of the stream spool.
 SPOOL_TABLES = ("qdb_stream_spools", "qdb_stream_pages")
-#: Tables of the cluster's database file the client's SQL must never reach: the
-#: change log's (the spool's are in a file of their own, listed for completeness).
-INTERNAL_TABLES = frozenset({*SPOOL_TABLES, "qdb_changes", "qdb_change_tables"})
+#: Tables the client's SQL must never reach (idempotency keys, sessions, the change
+#: log's; the spool's are in a file of their own, listed for completeness): the
+#: authorizers' list (:data:`~.authorizers.INTERNAL_TABLES`).
+INTERNAL_TABLES = _INTERNAL_TABLES
 #: Created on first use by any node (idempotent).
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS qdb_stream_spools ("

@@ -44,7 +44,7 @@ from typing import Any
 
 from ..protocol import HEADER_SIZE, ErrorCode
 from ._failure import RequestFailed
-from .authorizers import ReadGuard, WriteGuard
+from .authorizers import ReadGuard, VacuumGuard, WriteGuard
 from .decltypes import ProbeError, StatementProbe
 from .typed import converters, encoded_at_least, type_name
 
@@ -58,6 +58,7 @@ __all__ = [
     "commit_now",
     "execute_one",
     "expect_conflict",
+    "internal_refusal",
     "is_insert",
     "query_one",
     "refused_statement",
@@ -228,9 +229,22 @@ def is_insert(sql: str) -> bool:
     return _first_word(sql) in ("insert", "replace")
 
 
+def internal_refusal(what: str) -> RequestFailed:
+    """SQL_ERROR (SQLITE_AUTH, nothing executed) for a statement that touched the node's
+    internals (an internal table, a change-log trigger: see :mod:`.authorizers`)."""
+    return RequestFailed(
+        ErrorCode.SQL_ERROR,
+        f"access to {what} is not allowed: it belongs to the node (idempotency keys,"
+        " sessions, the change log). Nothing was executed",
+        details={"executed": False, "sqlite_error": "SQLITE_AUTH"},
+    )
+
+
 def refused_statement(what: str, *, in_batch: bool) -> RequestFailed:
     """SQL_ERROR (SQLITE_AUTH, nothing executed) for a statement a write guard refused."""
-    if what in ("ATTACH", "DETACH"):
+    if what == "VACUUM INTO":
+        why = "it would copy the whole database, every user's rows included, to a file"
+    elif what in ("ATTACH", "DETACH"):
         why = "it would change the node's pooled connection (and may create files)"
     elif what.startswith("PRAGMA"):
         why = "it would change the database file every node of the cluster shares"
@@ -301,14 +315,20 @@ def execute_one(
     """
     control = control if control is not None else Control()
     mark = _mark_rowid(conn)
-    # VACUUM attaches a database and opens a transaction of its own; it changes nothing else.
-    guard = None if _first_word(sql) == "vacuum" else WriteGuard(in_batch=in_batch)
-    if guard is not None:
-        conn.set_authorizer(guard)
+    # VACUUM attaches a scratch database and opens a transaction of its own: it gets
+    # a guard of its own, which refuses only VACUUM INTO a file.
+    vacuum = _first_word(sql) == "vacuum"
+    guard = None if vacuum else WriteGuard(in_batch=in_batch)
+    vacuum_guard = VacuumGuard() if vacuum else None
+    conn.set_authorizer(guard if guard is not None else vacuum_guard)
     try:
         try:
             cursor = conn.execute(sql, params)
         except sqlite3.Error as exc:
+            if vacuum_guard is not None and vacuum_guard.refused is not None:
+                raise refused_statement(vacuum_guard.refused, in_batch=in_batch) from exc
+            if guard is not None and guard.internal is not None:
+                raise internal_refusal(guard.internal) from exc
             if guard is not None and guard.skipped is not None:
                 return dict(_NO_ROWS)  # BEGIN/COMMIT in a batch: the node commits it
             if guard is not None and guard.refused is not None:
@@ -323,8 +343,8 @@ def execute_one(
         finally:
             cursor.close()
     finally:
+        conn.set_authorizer(None)
         if guard is not None:
-            conn.set_authorizer(None)
             control.connection_changed |= guard.changes_connection
     if expect_rows is not None and affected != expect_rows:
         raise expect_conflict(expect_rows, affected)
@@ -413,6 +433,8 @@ def query_one(
             finally:
                 cursor.close()
         except sqlite3.Error as exc:
+            if guard.internal is not None:
+                raise internal_refusal(guard.internal) from exc
             if guard.refused is not None:
                 raise _read_only(guard.refused) from exc
             if _sqlite_name(exc).startswith("SQLITE_READONLY"):

@@ -101,7 +101,9 @@ class Storage:
     :meth:`close`. Connections are opened on first use (or by
     :meth:`open`), in a worker thread. Opening creates the
     ``qdb_idempotency`` table if missing. ``foreign_keys`` switches foreign
-    key enforcement on for every pooled connection.
+    key enforcement on for every pooled connection; ``max_value_size`` is
+    SQLite's length limit on every connection (``SQLITE_LIMIT_LENGTH``: no
+    statement builds or stores a longer string or blob).
 
     ``idempotency_ttl`` is how long (seconds) a keyed write's outcome is
     kept; ``clock`` gives the time stored with it and compared against it.
@@ -122,9 +124,12 @@ class Storage:
         idempotency_ttl: float = DEFAULT_TTL,
         clock: Callable[[], float] = time.time,
         foreign_keys: bool = False,
+        max_value_size: int | None = None,
     ) -> None:
         self._path = path
         self._pool_size = pool_size
+        #: SQLite's length limit on every connection: no longer string or blob is built.
+        self.max_value_size = max_value_size
         #: Seconds a keyed write's outcome is kept.
         self.idempotency_ttl = idempotency_ttl
         #: Wall-clock source (seconds) for idempotency entries; called in worker threads.
@@ -192,6 +197,8 @@ class Storage:
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if self.max_value_size is not None:
+                conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.max_value_size)
             if self.foreign_keys:
                 conn.execute("PRAGMA foreign_keys = ON")
         except BaseException:

@@ -28,7 +28,7 @@ from typing import Any
 from ..protocol import ErrorCode, ValueNotEncodable
 from ._failure import RequestFailed
 from .authorizers import ReadGuard
-from .spool import INTERNAL_TABLES, Spool, SpoolWriter, open_spool_connection
+from .spool import Spool, SpoolWriter, open_spool_connection
 
 __all__ = ["InternalGuard", "SpoolJob", "Stopped"]
 
@@ -48,22 +48,8 @@ class Stopped(Exception):
 
 
 class InternalGuard(ReadGuard):
-    """A read's authorizer that also keeps the node's internal tables out of reach
-    (:data:`~.spool.INTERNAL_TABLES`): reading one fails as an SQL error."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        #: The internal table a statement tried to read (None: none).
-        self.internal: str | None = None
-
-    def __call__(
-        self, action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
-    ) -> int:
-        """SQLite's authorizer callback."""
-        if action == sqlite3.SQLITE_READ and (arg1 or "").lower() in INTERNAL_TABLES:
-            self.internal = arg1
-            return sqlite3.SQLITE_DENY
-        return super().__call__(action, arg1, arg2, db, source)
+    """A read's authorizer (:class:`~.authorizers.ReadGuard`, which keeps the node's
+    internal tables out of reach: using one fails as an SQL error, ``internal``)."""
 
 
 def _name(exc: BaseException) -> str:
@@ -159,6 +145,10 @@ class SpoolJob:
         self._deadline = time.monotonic() + self._budget
         given = self._given
         read = given or sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        if given is None:  # no value longer than a row may be built (a given one has its limit)
+            max_row = self._writer_options.get("max_row")
+            if isinstance(max_row, int):
+                read.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max(1, max_row))
         self._read = read
         write: sqlite3.Connection | None = None
         writer: SpoolWriter | None = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 
 import trio
 
@@ -59,10 +60,11 @@ async def accept_tls(
     *,
     within: float,
     peer: str,
+    timed_out: Callable[[], None] | None = None,
 ) -> trio.SSLStream[trio.SocketStream] | None:
     """The TLS stream of an accepted socket once its handshake completed (within
     ``within`` seconds), else None (the socket is closed: a plain client was told
-    to use TLS, others are dropped)."""
+    to use TLS, others are dropped). ``timed_out`` is called if it took too long."""
     raw = trio.SocketStream(sock)
     with trio.move_on_after(within) as scope:
         try:
@@ -85,6 +87,8 @@ async def accept_tls(
         return stream
     if scope.cancelled_caught:
         logger.info("TLS handshake with %s took longer than %g s: closed", peer, within)
+        if timed_out is not None:
+            timed_out()
     await trio.aclose_forcefully(raw)
     return None
 

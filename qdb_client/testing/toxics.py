@@ -339,7 +339,7 @@ class StopPump(Exception):
 class Chunk:
     """Bytes read from the source, with the (trio) time they were read."""
 
-    data: bytes
+    data: bytes | bytearray
     received_at: float
 
 

@@ -266,7 +266,8 @@ class SessionTransactions:
     def arrived(self, method: str, args: Any, rid: int) -> None:
         """A request arrived (the reader calls this first, in arrival order)."""
         if method in TX_METHODS and isinstance(args, dict):
-            tx = self._open.get(args.get("tx")) if isinstance(args.get("tx"), str) else None
+            key = args.get("tx")
+            tx = self._open.get(key) if isinstance(key, str) else None
             if tx is not None:
                 tx.arrived(rid)
                 self._tickets[rid] = tx

@@ -205,7 +205,9 @@ def bind_value(value: Any) -> Any:
         return value
     if type(value) is int:
         if not _MIN_INT <= value <= _MAX_INT:
-            raise BadValue(f"integer {value} does not fit in 64 bits")
+            # Never str() of the value: above 4300 digits that raises ValueError.
+            shown = str(value) if -(10**20) < value < 10**20 else f"of {value.bit_length()} bits"
+            raise BadValue(f"integer {shown} does not fit in 64 bits")
         return value
     if isinstance(value, Tagged):
         binder = _BINDERS.get(value.tag)

@@ -111,7 +111,7 @@ class NodeProtocol(ProtocolConnection):
         super().__init__(Role.SERVER, max_frame_size=max_frame_size)
         self._frames = FrameDecoder(max_frame_size)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Take bytes read from the peer."""
         super().receive_data(data)
         self._frames.feed(data)

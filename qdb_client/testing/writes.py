@@ -26,7 +26,15 @@ import cbor2
 
 from .authorizers import WriteGuard
 from .idempotency import IdempotencyKey, KeyedOutcome, KeyedResult
-from .statements import Control, Params, Statement, commit_now, execute_one, refused_statement
+from .statements import (
+    Control,
+    Params,
+    Statement,
+    commit_now,
+    execute_one,
+    internal_refusal,
+    refused_statement,
+)
 
 __all__ = [
     "PURGE_LIMIT",
@@ -116,7 +124,9 @@ def run_rows(
                     cursor.close()
             except sqlite3.Error as exc:
                 error: Exception = exc
-                if guard.refused is not None:
+                if guard.internal is not None:
+                    error = internal_refusal(guard.internal)
+                elif guard.refused is not None:
                     error = refused_statement(guard.refused, in_batch=False)
                 raise RowFailure(index, error) from exc
             except Exception as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,22 @@ import pytest
 
 from qdb_client.testing import NodeControl, QdbNode, ServerConfig, open_node, open_node_control
 
-__all__ = ["control", "node", "node_config"]
+__all__ = ["control", "node", "node_config", "node_rows"]
+
+
+def node_rows(node: QdbNode | str | Path, sql: str, params: Any = ()) -> list[list[Any]]:
+    """Rows of ``sql`` read straight from a node's database file (``node`` or its path).
+
+    For the node's internal tables (``qdb_idempotency``, ...), which the client's
+    SQL can't reach.
+    """
+    path = node.storage.path if isinstance(node, QdbNode) else str(node)
+    assert path is not None
+    conn = sqlite3.connect(path)
+    try:
+        return [list(row) for row in conn.execute(sql, params)]
+    finally:
+        conn.close()
 
 
 def node_config(tmp_path: Path, **overrides: Any) -> ServerConfig:

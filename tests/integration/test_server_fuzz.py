@@ -74,7 +74,7 @@ def test_control_shutdown_over_a_memory_stream():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node.serve_connection, server_stream)
             client = RawClient(stream, timeout=60.0)
-            await client.handshake()
+            await client.handshake(credentials={"control_token": node.control_token})
             assert (await client.call("control.shutdown", {"grace_ms": 1000})) == {
                 "shutting_down": True
             }

@@ -22,7 +22,7 @@ import qdb_client
 from qdb_client.protocol import Error, Response
 from qdb_client.testing import QdbNode, TestCluster, open_node, open_node_control
 
-from ..common.fixtures import node_config
+from ..common.fixtures import node_config, node_rows
 from ..common.raw_client import RawClient, raw_client
 
 Pair = tuple[QdbNode, QdbNode]
@@ -54,8 +54,9 @@ async def count(address: str, x: Any = None) -> int:
     return (await rows(address, "select count(*) from t where x = ?", [x]))[0][0]
 
 
-async def stored_keys(address: str) -> list[str]:
-    return [r[0] for r in await rows(address, "select key from qdb_idempotency order by key")]
+async def stored_keys(node: QdbNode) -> list[str]:
+    await trio.lowlevel.checkpoint()
+    return [r[0] for r in node_rows(node, "select key from qdb_idempotency order by key")]
 
 
 def total(nodes: Pair | tuple[QdbNode, ...], counter: str) -> int:
@@ -111,7 +112,7 @@ async def test_the_other_node_replays_a_key_stored_through_the_first(pair: Pair)
     assert await rows(a.address, "select x from t order by id") == [[1], [11]]
     assert (a.statistics()["idempotent_stored"], a.statistics()["idempotent_hits"]) == (2, 0)
     assert (b.statistics()["idempotent_stored"], b.statistics()["idempotent_hits"]) == (0, 2)
-    assert await stored_keys(b.address) == ["batch.1", "order-42:v1"]
+    assert await stored_keys(b) == ["batch.1", "order-42:v1"]
 
 
 async def test_same_key_with_another_request_is_conflict_and_runs_nothing(pair: Pair):
@@ -236,10 +237,8 @@ async def test_key_expires_after_the_ttl_and_the_write_runs_again(tmp_path: Path
                 [2],
                 [1],
             ]
-            stored = await client.call(
-                "query", {"sql": "select key, created_at from qdb_idempotency"}
-            )
-            assert stored["rows"] == [["ttl", 1_000_060.0]]
+            stored = node_rows(node, "select key, created_at from qdb_idempotency")
+            assert stored == [["ttl", 1_000_060.0]]
     stats = node.statistics()
     assert (stats["idempotent_stored"], stats["idempotent_hits"]) == (3, 2)
 
@@ -264,14 +263,14 @@ async def test_failed_keyed_write_stores_nothing_and_the_key_works_later(pair: P
             "CONSTRAINT_VIOLATION",
         )
         assert error.details["statement_index"] == 1
-        assert await stored_keys(a.address) == []
+        assert await stored_keys(a) == []
         assert await count(a.address) == 0  # the batch's first insert was rolled back
         await on_a.call("execute", {"sql": "delete from u"})
         result = await on_b.call("execute", write, idempotency_key="u-1")
         assert await on_a.call("execute", write, idempotency_key="u-1") == result
         # u-2 was never stored either, so another request may use it now.
         await on_a.call("batch", {"statements": [insert(5)]}, idempotency_key="u-2")
-    assert await stored_keys(a.address) == ["u-1", "u-2"]
+    assert await stored_keys(a) == ["u-1", "u-2"]
     assert total(pair, "idempotent_stored") == 2
     assert total(pair, "idempotent_hits") == 1
     assert total(pair, "idempotent_conflicts") == 0
@@ -297,7 +296,7 @@ async def test_deadline_interrupt_of_a_keyed_write_applies_and_stores_nothing(pa
         assert error.details["executed"] is False and error.details["statement_index"] == 1
         assert trio.current_time() - start < 3.0
         assert await count(a.address) == 0
-        assert await stored_keys(a.address) == []
+        assert await stored_keys(a) == []
         # Nothing was stored under the key: a retry executes (here a quick one).
         await client.call("execute", insert(1), idempotency_key="slow")
     assert await count(a.address) == 1

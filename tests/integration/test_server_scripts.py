@@ -12,6 +12,7 @@ import trio
 
 from qdb_client.errors import ConnectError
 from qdb_client.testing import open_node_control
+from qdb_client.testing.control_token import find_token
 
 ROOT = Path(__file__).resolve().parents[2]
 START = ROOT / "scripts" / "start-test-cluster.sh"
@@ -58,7 +59,12 @@ async def test_start_and_stop_scripts_manage_a_cluster(tmp_path):
         ]
         again = await _run(START, env)  # idempotent
         assert again.returncode == 0 and b"already running" in again.stdout
-        async with open_node_control(f"127.0.0.1:{ports[0]}") as ctl:
+        # Each node wrote its control token to the state directory, for its owner only.
+        token_file = state / f"node-{ports[0]}.control-token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = find_token(f"127.0.0.1:{ports[0]}", environ={"QDB_CLUSTER_DIR": str(state)})
+        assert token == token_file.read_text().strip()
+        async with open_node_control(f"127.0.0.1:{ports[0]}", control_token=token) as ctl:
             assert await ctl.ping() == f"node-{ports[0]}"
             assert [m.address for m in ctl.welcome.members] == [
                 f"127.0.0.1:{ports[0]}",

@@ -28,7 +28,7 @@ from qdb_client.errors import (
 from qdb_client.protocol import Error, Response
 from qdb_client.testing import FaultProxy, QdbNode, TestCluster, open_node
 
-from ..common.fixtures import node_config
+from ..common.fixtures import node_config, node_rows
 from ..common.raw_client import raw_client
 
 FAST = {"heartbeat_interval": 60.0, "slow_start": 0.0, "random_seed": 3}
@@ -457,8 +457,8 @@ async def test_expect_rows_rolls_a_batch_back_whole(node: QdbNode):
         refused = await client.request("execute", update, idempotency_key="cas-1")
         assert isinstance(refused, Error) and refused.name == "CONFLICT"
         assert (await client.call("query", {"sql": "SELECT count(*) FROM t"}))["rows"] == [[0]]
-        keys = await client.call("query", {"sql": "SELECT count(*) FROM qdb_idempotency"})
-        assert keys["rows"] == [[0]]  # a refused keyed write stores nothing
+        # A refused keyed write stores nothing.
+        assert node_rows(node, "SELECT count(*) FROM qdb_idempotency") == [[0]]
 
 
 async def test_executemany_is_all_or_none_and_names_the_failing_row():
