@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from qdb_client.errors import ConnectionLost, QdbError
+from qdb_client.errors import AuthenticationFailed, ConnectionLost, PermissionDenied, QdbError
 from qdb_client.testing import NodeControl, ProxyControl, TestCluster, wait_for_nodes
 
 from .faults import FaultSpec, Schedule
@@ -68,11 +68,18 @@ class Nemesis:
         self.records = records
         self.pids = pids
         self.say = say
-        self.nodes = [NodeControl(a, call_timeout=CONTROL_TIMEOUT) for a in cluster.addresses]
+        self.nodes = [self._node_control(i) for i in range(len(cluster.nodes))]
         self.toxics = [ProxyControl(p.control, call_timeout=CONTROL_TIMEOUT) for p in proxies]
         self.paused: set[int] = set()
         self.node_stats: dict[int, dict[str, Any]] = {}
         self.t0 = 0.0
+
+    def _node_control(self, node: int) -> NodeControl:
+        """A control connection to node ``node`` with the token it drew at its last start."""
+        server = self.cluster.nodes[node]
+        return NodeControl(
+            server.address, call_timeout=CONTROL_TIMEOUT, control_token=server.control_token
+        )
 
     async def aclose(self) -> None:
         """Close every control connection."""
@@ -102,6 +109,9 @@ class Nemesis:
         self.say(f"  t={start - self.t0:6.1f}s  + {spec.describe().split('  ', 1)[0].strip()}")
         try:
             applied = await self._apply(spec)
+        except (PermissionDenied, AuthenticationFailed) as exc:
+            # Not a fault of the run but of the harness: nothing it planned would happen.
+            raise RuntimeError(f"{spec.id}: the node refused its control tool: {exc}") from exc
         except (QdbError, OSError, RuntimeError) as exc:
             errors.append(f"apply: {type(exc).__name__}: {exc}")
         try:
@@ -229,6 +239,7 @@ class Nemesis:
     async def _restart(self, node: int) -> None:
         await self.nodes[node].aclose()
         await self.cluster.restart(node)
+        self.nodes[node] = self._node_control(node)  # a restarted node has a new token
         self.pids.add(self.cluster.nodes[node].pid, f"node-{node}")
 
     # ------------------------------------------------------------------ healing

@@ -10,6 +10,7 @@ seed and duration.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -58,6 +59,11 @@ def test_short_soak_passes_and_leaves_nothing_running(tmp_path: Path) -> None:
     assert result.returncode == 0, f"soak failed ({result.returncode}):\n{tail}\n{result.stderr}"
     assert "SOAK PASS" in result.stdout.splitlines()[-1], tail
     assert (out / "timeline.html").exists() and (out / "verdict.json").exists()
+    # Every fault reached its target: a control call the node refused (its control
+    # token missing or stale after a restart) would leave the run without faults.
+    faults = [json.loads(line) for line in (out / "faults.jsonl").read_text().splitlines()]
+    refused = [f for f in faults if f.get("error") and "PERMISSION_DENIED" in f["error"]]
+    assert faults and refused == [], refused
     started = [int(line.split()[0]) for line in (out / "pids").read_text().splitlines()]
     assert len(started) >= 10  # runner, 3 nodes, 3 proxies, 3 clients (+ restarts)
     assert [pid for pid in started if _alive(pid)] == []
