@@ -59,6 +59,10 @@ async def attach(
     pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
     client_end, node_end = pair()
     nursery.start_soon(lambda: node.serve_connection(node_end, peer=peer))
+    # Two scheduling rounds: the node's task has taken its places (admission is its
+    # first step), so connections are admitted in the order they were attached.
+    await trio.lowlevel.checkpoint()
+    await trio.lowlevel.checkpoint()
     client = RawClient(client_end, timeout=1000.0)
     if hello.pop("handshake", True):
         await client.handshake(**hello)
