@@ -4,7 +4,9 @@ Speaks protocol v1 just enough for a client: HELLO -> WELCOME, PING -> PONG,
 and every REQUEST -> a RESPONSE with a canned result (a one-row ``query``
 result, or an ``execute`` result for ``execute``/``batch``). No SQLite, no
 request tasks: one loop per connection that parses headers, so the client
-is what a benchmark measures, not the node.
+is what a benchmark measures, not the node. Its node id is ``stub-<port>``,
+so several stubs are several nodes to a client (one id would make them
+aliases of one node).
 
     python bench/stub_node.py [--port 0]     # prints "STUB READY port=N"
 """
@@ -12,6 +14,7 @@ is what a benchmark measures, not the node.
 from __future__ import annotations
 
 import argparse
+import functools
 import struct
 import sys
 import zlib
@@ -52,7 +55,7 @@ def reply_for(kind: int, request_id: int, body: bytes) -> bytes | None:
     return None  # CANCEL, PONG, GOAWAY: nothing to answer
 
 
-async def serve_connection(stream: trio.SocketStream) -> None:
+async def serve_connection(stream: trio.SocketStream, node_id: str = "stub") -> None:
     buffer = bytearray()
     welcomed = False
     try:
@@ -72,8 +75,8 @@ async def serve_connection(stream: trio.SocketStream) -> None:
                     welcomed = True
                     welcome = Welcome(
                         version=PROTOCOL_VERSIONS[-1],
-                        node_id="stub",
-                        session_id="stub-session",
+                        node_id=node_id,
+                        session_id=f"{node_id}-session",
                         max_frame_size=1 << 20,
                         max_in_flight=100_000,
                         idle_timeout_ms=3_600_000,
@@ -91,8 +94,11 @@ async def serve_connection(stream: trio.SocketStream) -> None:
 
 async def main(port: int) -> None:
     listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-    print(f"STUB READY port={listeners[0].socket.getsockname()[1]}", flush=True)
-    await trio.serve_listeners(serve_connection, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    print(f"STUB READY port={port}", flush=True)
+    await trio.serve_listeners(
+        functools.partial(serve_connection, node_id=f"stub-{port}"), listeners
+    )
 
 
 if __name__ == "__main__":

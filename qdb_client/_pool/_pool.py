@@ -49,12 +49,14 @@ Connector = Callable[[ConnectionListener], Awaitable[Connection]]
 class _Waiter:
     """A caller queued for room; ``granted`` is filled in by ``_grant``."""
 
-    __slots__ = ("event", "exclusive", "granted")
+    __slots__ = ("event", "exclusive", "granted", "queued")
 
     def __init__(self, exclusive: bool) -> None:
         self.exclusive = exclusive
         self.event = trio.Event()
         self.granted: tuple[int, Connection] | None = None
+        #: Still in the pool's queue (a flag, so leaving needs no O(queue) scan).
+        self.queued = False
 
 
 class Reservation:
@@ -345,6 +347,7 @@ class NodePool:
             )
         waiter = _Waiter(exclusive)
         self._queue.append(waiter)
+        waiter.queued = True
         failures_before = self._open_failures
         try:
             with trio.move_on_after(self._acquire_timeout):
@@ -367,7 +370,8 @@ class NodePool:
                     waiter.event = trio.Event()
                     await waiter.event.wait()
         finally:
-            if waiter in self._queue:
+            if waiter.queued:  # gave up (cancelled, timed out, failed) still queued
+                waiter.queued = False
                 self._queue.remove(waiter)
                 self._grant()  # those queued behind us may be servable now
             elif waiter.granted is not None:
@@ -392,6 +396,7 @@ class NodePool:
                     self._start_open()
                 return
             self._queue.popleft()
+            head.queued = False
             head.granted = picked
             head.event.set()
 
