@@ -30,6 +30,7 @@ import trio
 from ._cluster import Cluster, Node
 from ._metrics import LatencyHistograms
 from ._policies import (
+    SILENCE_CAUSES,
     AttemptTimeouts,
     BreakerVerdict,
     LatencyVerdict,
@@ -272,7 +273,9 @@ class RequestPipeline:
         now = trio.current_time()
         for node, generation, timeout, waited in call.suspects:
             if blame and (answered_in is None or answered_in < timeout):
-                node.breaker.record_failure(now, generation, cause="slow")
+                node.breaker.record_failure(
+                    now, generation, cause="slow", may_open=self.cluster.has_alternative(node, ())
+                )
                 node.latency.record_penalty(waited)
             else:
                 node.breaker.record_ignored(generation)
@@ -457,6 +460,9 @@ class RequestPipeline:
                     generation,
                     cause=outcome.cause,
                     correlation=getattr(error, "failure_id", None),
+                    # Silence is judged beside the others: never the last node's exit.
+                    may_open=outcome.cause not in SILENCE_CAUSES
+                    or self.cluster.has_alternative(node, ()),
                 )
             else:
                 breaker.record_ignored(generation)

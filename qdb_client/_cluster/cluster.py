@@ -541,15 +541,11 @@ class Cluster:
         now = trio.current_time()
         admitted = [n for n in candidates if n.breaker.would_allow(now)]
         if not admitted:
-            # Nodes this call already failed on are still better than none, and
-            # a SUSPECT node whose breaker admits beats failing fast.
-            admitted = [
-                n
-                for n in self.nodes
-                if n.state is not NodeState.DOWN and n.breaker.would_allow(now)
-            ]
-            up = [n for n in admitted if n.state is NodeState.UP]
-            admitted = up or admitted
+            admitted = self._any_admitting(now)
+            # No node left to be slower than: breakers that silence alone opened
+            # are probed again (every one of them, hence the list).
+            if not admitted and any([n.breaker.rejudge(now) for n in self._usable()]):
+                admitted = self._any_admitting(now)
         if admitted:
             return self.balancer.pick(admitted, now)
         if any(
@@ -559,6 +555,16 @@ class Cluster:
         ):
             return None
         raise self._circuit_open(candidates, now)
+
+    def _usable(self) -> list[Node]:
+        return [n for n in self.nodes if n.state is not NodeState.DOWN]
+
+    def _any_admitting(self, now: float) -> list[Node]:
+        """Nodes not DOWN whose breaker admits, UP ones first: nodes a call already
+        failed on are still better than none, and a SUSPECT node beats failing fast."""
+        admitted = [n for n in self._usable() if n.breaker.would_allow(now)]
+        up = [n for n in admitted if n.state is NodeState.UP]
+        return up or admitted
 
     def _circuit_open(self, candidates: list[Node], now: float) -> CircuitOpen:
         for node in candidates:

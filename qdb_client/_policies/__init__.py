@@ -1,7 +1,7 @@
 """Pure resilience policies: no trio, time enters as ``now``, randomness injected."""
 
 from .backoff import Backoff, Jitter
-from .breaker import BreakerSettings, BreakerState, CircuitBreaker
+from .breaker import SILENCE_CAUSES, BreakerSettings, BreakerState, CircuitBreaker
 from .budget import RetryBudget, RetryBudgetSettings
 from .latency import AttemptTimeouts, LatencyTracker
 from .outcome import (
@@ -17,6 +17,7 @@ from .outcome import (
 from .retry import RetryDecision, RetryPolicy
 
 __all__ = [
+    "SILENCE_CAUSES",
     "TABLE",
     "AttemptTimeouts",
     "Backoff",

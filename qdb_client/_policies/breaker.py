@@ -26,6 +26,14 @@ soon as the node is shown reachable (a successful heartbeat, a reconnect):
 overload waits out ``open_timeout``: a node that answers pings but not
 queries proves nothing by answering pings.
 
+Silence is judged beside the other nodes (slower than they answer), so it
+never ejects the last node left: the owner records such a failure with
+``may_open=False`` when no other node's breaker admits, and calls
+:meth:`rejudge` when none is left, which sends a breaker that silence alone
+opened to HALF_OPEN (a host-wide stall, or the faster nodes shut down for a
+rolling restart, must not leave every remaining node refused for
+``open_timeout``).
+
 Defaults follow seed 000: 5 failures to open, 2 successes to close, 30 s
 before half-open.
 """
@@ -38,10 +46,12 @@ from typing import Any
 
 import attrs
 
-__all__ = ["BreakerSettings", "BreakerState", "CircuitBreaker"]
+__all__ = ["SILENCE_CAUSES", "BreakerSettings", "BreakerState", "CircuitBreaker"]
 
 #: Failure causes that a successful contact with the node disproves.
 _CONNECTION_CAUSES = frozenset({"connection"})
+#: Failure causes that only mean "slower than the other nodes".
+SILENCE_CAUSES = frozenset({"slow"})
 
 
 class BreakerState(enum.Enum):
@@ -156,12 +166,15 @@ class CircuitBreaker:
         *,
         cause: str = "",
         correlation: object = None,
+        may_open: bool = True,
     ) -> None:
         """An admitted request failed because of the node (``generation`` as above).
 
         ``cause`` is the outcome's kind of evidence (``connection``, ``slow``,
         ``overload``); failures sharing a non-None ``correlation`` key are one
-        event and count once.
+        event and count once. With ``may_open=False`` the failure counts in
+        the run (a later one may open the breaker) but does not open or
+        reopen it now.
         """
         self.failed_requests += 1
         if generation is not None and generation != self.generation:
@@ -175,11 +188,13 @@ class CircuitBreaker:
         self._causes.add(cause)
         if self._state is BreakerState.HALF_OPEN:
             self._probes = max(0, self._probes - 1)
-            self._open(now)
+            if may_open:
+                self._open(now)
             return
         self._consecutive_failures += 1
         if (
-            self._state is BreakerState.CLOSED
+            may_open
+            and self._state is BreakerState.CLOSED
             and self._consecutive_failures >= self.settings.failure_threshold
         ):
             self._open(now)
@@ -196,6 +211,18 @@ class CircuitBreaker:
         """Skip the rest of an OPEN wait (the node was just seen healthy again)."""
         if self._state is BreakerState.OPEN:
             self._move(BreakerState.HALF_OPEN, now)
+
+    def rejudge(self, now: float) -> bool:
+        """No other node is left to compare this one with.
+
+        An OPEN breaker that silence alone opened goes HALF_OPEN at once:
+        "slower than the others" means nothing without others. Returns
+        whether it did.
+        """
+        if self._state is BreakerState.OPEN and self.opened_by and self.opened_by <= SILENCE_CAUSES:
+            self._move(BreakerState.HALF_OPEN, now)
+            return True
+        return False
 
     def node_reachable(self, now: float) -> bool:
         """The node was just reached (a heartbeat answered, a connection opened).

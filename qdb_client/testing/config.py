@@ -140,7 +140,8 @@ class ServerConfig:
 
     Limits against clients that misbehave (docs/security.md): a socket must
     complete its handshake within ``handshake_timeout`` (at most
-    ``max_pending_handshakes`` at once); ``max_connections_per_address``
+    ``max_pending_handshakes`` at once: a newer one evicts the oldest);
+    ``max_connections_per_address``
     bounds the connections of one client host; a write that blocks for
     ``write_timeout``, or replies beyond ``max_queued_reply_bytes`` waiting
     to be written, disconnect a client that does not read; no result is
@@ -185,7 +186,7 @@ class ServerConfig:
     #: Seconds from accepting a socket until its handshake is done (TLS included, HELLO
     #: answered); then it is closed.
     handshake_timeout: float = attrs.field(default=5.0, validator=positive_seconds)
-    #: Connections whose handshake is not done yet, at once; more are turned away.
+    #: Connections whose handshake is not done yet, at once; a new one beyond evicts the oldest.
     max_pending_handshakes: int = attrs.field(default=128, validator=int_in(1, 1_000_000))
     #: Open connections from one client address (host); None: no limit.
     max_connections_per_address: int | None = attrs.field(

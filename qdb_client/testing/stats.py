@@ -1,8 +1,8 @@
 """Counters a node keeps about its traffic, reported by ``statistics()``.
 
-Traffic of the control tool itself (connections whose HELLO names
-:data:`CONTROL_CLIENT_NAME`, and every ``control.*`` request) is left out,
-so that observing a node does not change what is observed.
+Traffic of the control tool itself (connections whose HELLO carries the
+node's control token, and every ``control.*`` request) is left out, so that
+observing a node does not change what is observed.
 """
 
 from __future__ import annotations

@@ -106,8 +106,10 @@ async def test_prometheus_shows_an_open_breaker_and_a_timed_out_call(
     async def overloaded(node: FakeNode, request: Request) -> None:
         await node.fail(request, ErrorCode.OVERLOADED, "shedding")
 
-    network.handlers["a:1"] = overloaded
-    network.handlers["b:2"] = never_answer
+    # Silence first, while the other node still admits (silence never ejects
+    # the last node left), then overload.
+    network.handlers["a:1"] = never_answer
+    network.handlers["b:2"] = overloaded
     registry = prometheus_client.CollectorRegistry()
     options = dict(EXACT, max_retries=0, breaker_failure_threshold=1, attempt_timeout_factor=0)
     async with qdb_client.open_client(["a:1", "b:2"], **options) as client:
@@ -116,9 +118,9 @@ async def test_prometheus_shows_an_open_breaker_and_a_timed_out_call(
             with pytest.raises(qdb_client.QdbError):
                 await read(client, budget=1.0)
         value = registry.get_sample_value
+        # a:1 kept silent past the deadline, slower than usual: a failure.
         assert value("qdb_breaker_open", {"node": "a:1"}) == 1
         assert value("qdb_breaker_opens_total", {"node": "a:1"}) == 1
-        # b:2 kept silent past the deadline, slower than usual: a failure too.
         assert value("qdb_breaker_open", {"node": "b:2"}) == 1
         assert value("qdb_request_timeouts_total", {"kind": "deadline"}) == 1
         assert value("qdb_request_failures_total") == 2

@@ -114,3 +114,43 @@ def test_a_correlated_failure_in_half_open_frees_its_probe_slot():
     breaker.record_failure(1.0, breaker.generation, cause="connection", correlation=reset)
     # A new run after the state change: the key counts again, and reopens.
     assert breaker.state(1.0) is BreakerState.OPEN
+
+
+def test_a_failure_that_may_not_open_counts_in_the_run_without_opening():
+    """Silence on the last node left (``may_open=False``): the run goes on, the
+    breaker stays CLOSED, and the next failure allowed to open it does."""
+    breaker = CircuitBreaker(BreakerSettings(failure_threshold=2))
+    for _ in range(3):
+        breaker.record_failure(1.0, cause="slow", may_open=False)
+    assert breaker.state(1.0) is BreakerState.CLOSED
+    assert breaker.failed_requests == 3
+    breaker.record_failure(2.0, cause="slow")
+    assert breaker.state(2.0) is BreakerState.OPEN
+
+
+def test_a_failure_that_may_not_open_leaves_half_open_and_frees_its_probe():
+    breaker = CircuitBreaker(BreakerSettings(failure_threshold=1, open_timeout=1.0))
+    breaker.record_failure(0.0, cause="slow")
+    assert breaker.state(1.0) is BreakerState.HALF_OPEN and breaker.allow(1.0)
+    breaker.record_failure(1.0, breaker.generation, cause="slow", may_open=False)
+    assert breaker.state(1.0) is BreakerState.HALF_OPEN
+    assert breaker.would_allow(1.0)  # the probe slot is free again
+
+
+def test_rejudge_half_opens_a_breaker_that_silence_alone_opened():
+    breaker = CircuitBreaker(BreakerSettings(failure_threshold=2, open_timeout=30.0))
+    breaker.record_failure(1.0, cause="slow")
+    breaker.record_failure(1.0, cause="slow")
+    assert breaker.rejudge(2.0)
+    assert breaker.state(2.0) is BreakerState.HALF_OPEN
+    assert not breaker.rejudge(2.0)  # only an OPEN breaker moves
+
+
+@pytest.mark.parametrize("other", ["connection", "overload"])
+def test_rejudge_leaves_a_breaker_that_other_evidence_opened_too(other):
+    """A node that also failed or refused work is not merely slower than the others."""
+    breaker = CircuitBreaker(BreakerSettings(failure_threshold=2, open_timeout=30.0))
+    breaker.record_failure(1.0, cause="slow")
+    breaker.record_failure(1.0, cause=other)
+    assert not breaker.rejudge(2.0)
+    assert breaker.state(2.0) is BreakerState.OPEN
