@@ -153,6 +153,9 @@ class Cluster:
         #: credentials (``trust_announced_members``), by address (each reported once).
         self.untrusted_members: dict[str, str | None] = {}
         self._reported_skips: set[str] = set()
+        #: Counts ``clear_auth_failures`` (new credentials): a refusal of an attempt
+        #: that began before the last one is about credentials no longer in use.
+        self._credentials_epoch = 0
 
     # ------------------------------------------------------------ registry
 
@@ -239,16 +242,18 @@ class Cluster:
 
         A node marked AUTH_FAILED is not contacted at all: its refusal is
         raised again at once, so refused credentials are never resent. A new
-        refusal marks the node.
+        refusal marks the node, unless the credentials were replaced since
+        the attempt began (the marks were cleared for the new ones).
         """
         node = self._by_address.get(address)
         if node is not None and node.auth_failed is not None:
             await trio.lowlevel.checkpoint()
             raise _again(node.auth_failed)
+        epoch = self._credentials_epoch
         try:
             return await self._connect(address, listener)
         except AuthenticationFailed as exc:
-            if node is not None and node in self.nodes:
+            if node is not None and node in self.nodes and epoch == self._credentials_epoch:
                 self._mark_auth_failed(node, exc)
             raise
 
@@ -261,6 +266,7 @@ class Cluster:
 
     def clear_auth_failures(self) -> list[Node]:
         """Forget every AUTH_FAILED mark (new credentials); return the nodes that had one."""
+        self._credentials_epoch += 1
         cleared = [node for node in self.nodes if node.auth_failed is not None]
         for node in cleared:
             node.auth_failed = None

@@ -17,7 +17,7 @@ from ..errors import (
     TlsError,
 )
 from ..protocol import Hello
-from .auth import Authenticator, HelloAuth
+from .auth import Authenticator, HelloAuth, Retry
 from .connection import Connection, ConnectionListener
 from .connector import open_tcp, ssl_cause, start_tls, tls_error
 
@@ -52,49 +52,28 @@ async def establish(
     node's certificate was accepted. With ``auth``, the HELLO carries the
     client's session token, or its password (docs/protocol.md 7.3, 7.4); a
     refused token is followed, within the same ``connect_timeout``, by one
-    login with the password on a new connection, if the password was kept.
+    login with the password (never another token) on a new connection, if
+    the password was kept. When the credentials are replaced
+    (``reauthenticate``) while a handshake is under way, its outcome is
+    dropped, whatever it is: a welcomed connection is closed unused, and the
+    attempt logs in again, on a new connection, with the new credentials.
 
     The connection's tasks run in ``nursery``. Raises ConnectError,
     ConnectTimeout, TlsError, HandshakeError (VersionMismatch),
     AuthenticationFailed or another of the node's ServerErrors (e.g.
     CapacityExceeded).
     """
+    settings = _Settings(address, nursery, hello, max_frame_size, max_in_flight, listener, tls)
     try:
         with trio.fail_after(connect_timeout):
-            for tries_left in (1, 0):
-                if auth is not None:
-                    auth.fields(trio.current_time())  # nothing left to log in with? no socket
-                stream = await _open_stream(address, tls)
-                login: HelloAuth | None = None
-                try:
-                    if auth is not None:
-                        login = await auth.begin()
-                    connection = await _handshake(
-                        stream,
-                        address,
-                        nursery=nursery,
-                        hello=hello if login is None else login.apply(hello),
-                        max_frame_size=max_frame_size,
-                        max_in_flight=max_in_flight,
-                        listener=listener,
-                        tls=tls is not None,
-                    )
-                except AuthenticationFailed:
-                    await trio.aclose_forcefully(stream)
-                    retry = auth is not None and login is not None and auth.refused(login)
-                    if retry and tries_left:
-                        continue  # the token is gone: log in with the password
-                    raise
-                except BaseException:
-                    await trio.aclose_forcefully(stream)  # a no-op once the connection owned it
-                    raise
-                finally:
-                    if auth is not None and login is not None:
-                        auth.end(login)
-                if auth is not None and login is not None and connection.welcome is not None:
-                    auth.succeeded(login, connection.welcome, trio.current_time())
-                return connection
-            raise AssertionError("unreachable")  # pragma: no cover
+            if auth is not None:
+                return await _log_in(settings, auth)
+            stream = await _open_stream(address, tls)
+            try:
+                return await _handshake(stream, settings, hello)
+            except BaseException:
+                await trio.aclose_forcefully(stream)  # a no-op once the connection owned it
+                raise
     except trio.TooSlowError as exc:
         raise ConnectTimeout(
             f"connecting to {address} took longer than {connect_timeout:g} s", node=address
@@ -105,6 +84,61 @@ async def establish(
         raise ConnectError(f"connecting to {address} failed: {exc!r}", node=address) from exc
 
 
+@attrs.frozen
+class _Settings:
+    address: str
+    nursery: trio.Nursery
+    hello: Hello
+    max_frame_size: int
+    max_in_flight: int
+    listener: ConnectionListener | None
+    tls: TlsSettings | None
+
+
+async def _log_in(settings: _Settings, auth: Authenticator) -> Connection:
+    """One authenticated connection: each pass is a new socket and one HELLO.
+
+    Passes after the first: the password after a refused token (once), or
+    the new credentials after a ``reauthenticate`` during the handshake
+    (nothing was sent on that connection, so nothing is lost by starting
+    over; each such pass needs another change of credentials, and all of
+    them share the caller's deadline).
+    """
+    address = settings.address
+    password = False  # log in with the password even if a token is valid
+    while True:
+        auth.fields(trio.current_time(), address, password=password)  # nothing to send? no socket
+        stream = await _open_stream(address, settings.tls)
+        login: HelloAuth | None = None
+        try:
+            login = await auth.begin(address, password=password)
+            connection = await _handshake(stream, settings, login.apply(settings.hello))
+        except AuthenticationFailed as exc:
+            retry = Retry.NO if login is None else auth.refused(login, address, exc)
+            await trio.aclose_forcefully(stream)
+            if retry is Retry.AFRESH:
+                password = False
+                continue
+            if retry is Retry.PASSWORD and not password:
+                password = True  # the token is gone: log in with the password
+                continue
+            raise
+        except BaseException:
+            await trio.aclose_forcefully(stream)  # a no-op once the connection owned it
+            raise
+        finally:
+            if login is not None:
+                auth.end(login)
+        welcome = connection.welcome
+        now = trio.current_time()
+        if auth.succeeded(login, welcome, now) if welcome is not None else auth.current(login):
+            return connection
+        # Logged in with credentials replaced meanwhile: as someone the client
+        # no longer is. Nothing was sent on it yet; never let it be used.
+        await connection.aclose()
+        password = False
+
+
 async def _open_stream(address: str, tls: TlsSettings | None) -> trio.abc.Stream:
     stream: trio.abc.Stream = await open_tcp(address)
     if tls is not None:
@@ -112,26 +146,17 @@ async def _open_stream(address: str, tls: TlsSettings | None) -> trio.abc.Stream
     return stream
 
 
-async def _handshake(
-    stream: trio.abc.Stream,
-    address: str,
-    *,
-    nursery: trio.Nursery,
-    hello: Hello,
-    max_frame_size: int,
-    max_in_flight: int,
-    listener: ConnectionListener | None,
-    tls: bool,
-) -> Connection:
+async def _handshake(stream: trio.abc.Stream, settings: _Settings, hello: Hello) -> Connection:
+    address, tls = settings.address, settings.tls is not None
     connection = Connection(
         stream,
         address=address,
-        max_frame_size=max_frame_size,
-        max_in_flight=max_in_flight,
-        listener=listener,
+        max_frame_size=settings.max_frame_size,
+        max_in_flight=settings.max_in_flight,
+        listener=settings.listener,
     )
     try:
-        await nursery.start(connection.run, hello)
+        await settings.nursery.start(connection.run, hello)
     except ParseError as exc:
         if exc.details.get("tls_required") is True:
             raise TlsError(
