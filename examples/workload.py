@@ -1,7 +1,9 @@
 """The driver's main job on a running cluster: a real workload, faults, and a report.
 
-1. Create a table, insert 1000 rows from 10 concurrent tasks, read every row
-   back and check it; an atomic batch and a failing one.
+1. Create a table, insert 1000 rows from 10 concurrent tasks and sync them
+   all in one executemany (seed 004's performance scenario, with its limits
+   of 30 s and 5 s), read every row back and check it; an atomic batch and a
+   failing one.
 2. Kill one node mid-way through a read/write workload (SIGKILL when the
    cluster was started by scripts/start-test-cluster.sh, else a simulated
    outage through the fault controls), restart it, and show the driver
@@ -25,6 +27,10 @@ client logs in, and reconnects resume its session with a token. The report
 says so; it never prints a password or a token. scripts/demo.sh passes both
 for a cluster started with ``--tls --auth``.
 
+An event listener (examples/narrator.py) narrates what the driver does:
+node and breaker state changes as they happen, and after each part the
+failed attempts and retries it absorbed.
+
 Exits non-zero if any check fails.
 
     TEST_SERVER_PORTS=7000,7001,7002 python examples/workload.py \
@@ -46,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from narrator import Narrator  # examples/narrator.py, beside this file
 
 import qdb_client
 from qdb_client.cli.processes import is_test_process
@@ -228,8 +235,27 @@ async def basic_workload(client: qdb_client.Client, report: Report) -> None:
     async with trio.open_nursery() as nursery:
         for worker in range(WORKERS):
             nursery.start_soon(writer, worker)
-    report.phase(f"insert ({WORKERS} tasks)", latencies, time.perf_counter() - started)
+    created = time.perf_counter() - started
+    report.phase(f"insert ({WORKERS} tasks)", latencies, created)
     show_spread("inserts per node", diff(requests_per_node(client), before))
+    # Seed 004's performance scenario: 1000 creates from 10 workers (< 30 s), then
+    # one batch sync of every row (< 5 s), here an executemany applied all or none.
+    started = time.perf_counter()
+    synced = await client.executemany(
+        "UPDATE demo_items SET payload = ? WHERE worker = ? AND seq = ?",
+        [[f"w{w}-s{s}", w, s] for w in range(WORKERS) for s in range(ROWS_PER_WORKER)],
+    )
+    sync_time = time.perf_counter() - started
+    report.check(
+        created < 30.0,
+        f"seed 004: {WORKERS * ROWS_PER_WORKER} creates from {WORKERS} tasks in {created:.2f} s"
+        f" ({WORKERS * ROWS_PER_WORKER / created:.0f}/s; limit 30 s)",
+    )
+    report.check(
+        synced == WORKERS * ROWS_PER_WORKER and sync_time < 5.0,
+        f"seed 004: batch sync of {synced} rows in one executemany in {sync_time:.3f} s"
+        " (limit 5 s)",
+    )
 
     rows = await client.query("SELECT worker, seq, payload FROM demo_items ORDER BY worker, seq")
     expected = [(w, s, f"w{w}-s{s}") for w in range(WORKERS) for s in range(ROWS_PER_WORKER)]
@@ -651,19 +677,28 @@ async def run(hosts: list[str], access: Access) -> int:
     for address in hosts:
         async with access.control(address) as control:
             await control.reset()
-    options = {**DEMO_OPTIONS, **access.client_options()}
+    # The narrator is an event listener: it prints node and breaker state changes
+    # as they happen and, after each part, the retries the driver absorbed.
+    narrator = Narrator()
+    options = {**DEMO_OPTIONS, **access.client_options(), "listeners": [narrator]}
     async with qdb_client.open_client(hosts, **options) as client:
         show_security(client, access)
         await basic_workload(client, report)
+        narrator.summary()
         if len(hosts) > 1:
             await node_outage(client, hosts[-1], access, report)
+            narrator.summary()
             await failing_node(client, hosts[0], access, report)
+            narrator.summary()
         await lost_replies(client, hosts, access, report)
+        narrator.summary()
         if len(hosts) > 1:
             await stalled_node(client, hosts[1], access, report)
+            narrator.summary()
         dedup = await _node_counter(hosts, "idempotent_hits", access)  # before restarts zero it
         if len(hosts) > 1:
             await rolling_restart(client, hosts, access, report)
+            narrator.summary()
         stats = client.statistics()
         print("\nSecurity")
         show_security(client, access)
