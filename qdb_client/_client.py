@@ -342,7 +342,12 @@ class Client:
         )
 
     def subscribe(
-        self, table: str, *, where: str | None = None, from_event: int | None = None
+        self,
+        table: str,
+        *,
+        where: str | None = None,
+        from_event: int | None = None,
+        timeout: float | None = None,
     ) -> Subscription:
         """``async with client.subscribe("t") as events: async for event in events``:
         every change committed to ``table`` from now on (or from event id
@@ -352,9 +357,12 @@ class Client:
         ``where`` (an SQL expression over the table's columns) filters them. A
         lost connection or node is resumed elsewhere after the last event
         received, each event delivered once; a gap the log no longer holds
-        raises :class:`~qdb_client.errors.SubscriptionGap`.
+        raises :class:`~qdb_client.errors.SubscriptionGap`. ``timeout``
+        (default ``request_timeout``) bounds entering the block, until the node
+        answered: :class:`~qdb_client.errors.RequestTimeout` after it. See
+        :mod:`qdb_client._streams.subscription`.
         """
-        return Subscription(self, table, where=where, from_event=from_event)
+        return Subscription(self, table, where=where, from_event=from_event, timeout=timeout)
 
     @_checkpointed
     async def ping(self, *, timeout: float | None = None) -> float:

@@ -12,7 +12,9 @@ random source, so they are deterministic under test.
   ``latency`` is the node's load average (replies, and penalties for
   attempts that met silence), raised to the age of its oldest request still
   waiting: a node that stopped answering looks slower with every second,
-  before any timeout fires. A node with no estimate yet counts as the
+  before any timeout fires. Streams and subscriptions are not weighed:
+  open as long as their consumer wants, neither their slots nor their age
+  say how loaded or slow their node is. A node with no estimate yet counts as the
   typical (median) node among the candidates, not as the fastest.
 
 Slow start: a node that just came back from DOWN is accepted with
@@ -101,14 +103,20 @@ class LatencyAware(Balancer):
 
 
 def load(node: Node, now: float, typical: float | None = None) -> float:
-    """What the latency-aware balancer weighs: ``(in_flight + 1) * latency``."""
+    """What the latency-aware balancer weighs: ``(in_flight + 1) * latency``
+    (streams and subscriptions left out of both)."""
     latency = node.latency_ewma
     if latency is None:
         latency = typical if typical is not None else 0.0
     oldest = node.oldest_in_flight()
     if oldest is not None and now - oldest > latency:
         latency = now - oldest
-    return (node.in_flight + 1) * (latency + 1e-6)
+    return (_requests(node) + 1) * (latency + 1e-6)
+
+
+def _requests(node: Node) -> int:
+    """The node's requests in flight, less the slots its streams hold."""
+    return node.in_flight - sum(c.feed_slots() for c in node.pool.connections())
 
 
 def _typical_latency(candidates: Sequence[Node]) -> float | None:

@@ -45,6 +45,11 @@ class Ledger(Protocol):
         ...
 
     @property
+    def pinned(self) -> int:
+        """Feeds that live on it without a request slot (established subscriptions)."""
+        ...
+
+    @property
     def max_in_flight(self) -> int:
         """Request slots the connection has."""
         ...
@@ -88,13 +93,13 @@ class ConnectionRecord:
 
     @property
     def idle(self) -> bool:
-        """No live request on it and not leased.
+        """No live request or subscription on it, and not leased.
 
         Orphans don't count: nobody waits for them, and closing the
         connection ends them on the node as well.
         """
         ledger = self.ledger
-        return ledger.in_flight == ledger.orphaned and not self.leased
+        return ledger.in_flight == ledger.orphaned and not ledger.pinned and not self.leased
 
     @property
     def shareable(self) -> bool:

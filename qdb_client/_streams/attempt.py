@@ -46,7 +46,7 @@ class Owner(Protocol):
 class Attempt:
     """One request on one connection, and the feed of its frames."""
 
-    __slots__ = ("_owner", "connection", "node", "pending", "reserved", "stalled", "stopped")
+    __slots__ = ("_owner", "connection", "node", "pending", "pinned", "stalled", "stopped")
 
     def __init__(
         self, owner: Owner, node: Node | None, connection: Connection, pending: PendingRequest
@@ -60,8 +60,8 @@ class Attempt:
         self.stopped = False
         #: It was abandoned because its node stayed silent.
         self.stalled = False
-        #: A subscription holds a slot on its connection while it lives (see release).
-        self.reserved = False
+        #: An established subscription pins its connection (no request slot) while it lives.
+        self.pinned = False
 
     @property
     def request_id(self) -> int:
@@ -88,6 +88,13 @@ class Attempt:
 
     # ------------------------------------------------------------ actions
 
+    def pin(self) -> None:
+        """Keep the connection from being closed as idle while this attempt lives,
+        without a request slot (an established subscription); once at most."""
+        if not self.pinned and not self.stopped:
+            self.pinned = True
+            self.connection.pin()
+
     def grant(self, pages: int) -> None:
         """Send STREAM_CREDIT for ``pages`` more pages (or events)."""
         if pages > 0 and not self.stopped:
@@ -102,9 +109,9 @@ class Attempt:
         self.stopped = True
         connection = self.connection
         connection.detach_feed(self.request_id)
-        if self.reserved:
-            self.reserved = False
-            connection.unreserve()
+        if self.pinned:
+            self.pinned = False
+            connection.unpin()
         if not self.pending.done:
             if cancel:
                 # Orphaned until the node confirms (its CANCELLED), however long

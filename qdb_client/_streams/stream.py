@@ -27,6 +27,14 @@ attempt abandoned in order to resume is never cancelled: a silent node's
 connection is closed instead, which keeps the spool. Leaving the block
 before the end CANCELs the stream; after STREAM_END a CANCEL releases the
 spool at once (else it expires after the node's ``stream_retention``).
+Leaving it while no request carries the stream (waiting to resume, or
+after its connection died) can't CANCEL anything: a background task of the
+client resumes the stream on any node and CANCELs it at its first frame,
+which deletes the spool; it gives up after a few seconds (the spool then
+expires), and the block's exit never waits for it.
+
+One task consumes a stream: a second task asking for a row or page while
+the first waits for one raises :class:`~qdb_client.errors.InvalidArgument`.
 """
 
 from __future__ import annotations
@@ -69,6 +77,8 @@ __all__ = ["DeliveredFacts", "ResultStream", "StreamHost", "resume_policy"]
 logger = logging.getLogger("qdb_client.streams")
 
 _MAX_PAGE_ROWS = 100_000
+#: Seconds a background release of an abandoned stream's spool may take at most.
+_RELEASE_GRACE = 5.0
 #: Outcomes that end a plain call but only delay a stream (see ResumePolicy).
 _NOT_NOW = (OutcomeKind.NO_NODE, OutcomeKind.CIRCUIT_OPEN)
 
@@ -91,6 +101,7 @@ class StreamHost(Protocol):
     _rng: random.Random
     _closed: bool
     _active: int
+    _nursery: trio.Nursery | None
 
     def _require_cluster(self) -> Cluster: ...
 
@@ -175,6 +186,10 @@ class ResultStream:
         self._entered = False
         self._admitted = False
         self._closed = False
+        #: A task is waiting for the next page (a second one is refused).
+        self._consuming = False
+        #: A node said it no longer has the spool (nothing to release).
+        self._spool_gone = False
         self._shared: _Columns | None = None
         self._current: list[Row] = []
         self._current_seq = 0
@@ -238,6 +253,11 @@ class ResultStream:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._close(cancel=True)
+        if exc_info[0] is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            # Only the schedule half: a Cancelled here would replace the block's error.
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def __aiter__(self) -> ResultStream:
         return self
@@ -291,7 +311,17 @@ class ResultStream:
     async def _next_page(self) -> StreamPage | None:
         """The next page (None at the end), resuming as needed."""
         self._check_open()
-        await self._fill()
+        if self._consuming:
+            await trio.lowlevel.checkpoint()
+            raise InvalidArgument(
+                "another task is already waiting for this stream's next page"
+                " (consume a stream from one task)"
+            )
+        self._consuming = True
+        try:
+            await self._fill()
+        finally:
+            self._consuming = False
         if not self._buffer:
             return None  # the end, checked
         page = self._buffer.popleft()
@@ -412,6 +442,7 @@ class ResultStream:
         if (ledger.token is None and refused) or isinstance(error, ClientClosed):
             return error  # the query itself was refused (SqlError...), or the client closed
         if isinstance(error, NotFound):
+            self._spool_gone = True
             why = str(error.details.get("reason") or "unknown")
             failed = StreamResumeFailed(
                 f"the stream can't be resumed: the node no longer has it ({why}); delivered"
@@ -436,14 +467,31 @@ class ResultStream:
             return
         self._closed = True
         attempt, self._attempt = self._attempt, None
-        if attempt is not None:
-            ended = self._ledger.end is not None
+        ended = self._ledger.end is not None
+        failure = self._failure
+        if attempt is not None and failure is None:
             # Ended: release the spool. Live: CANCEL stops it and deletes the spool.
             attempt.stop(cancel=cancel and not ended, release=ended)
+        else:
+            if attempt is not None:
+                attempt.stop(cancel=False)  # failed: a CANCEL would not stop anything
+            token = self._ledger.token
+            gone = self._spool_gone or (failure is not None and isinstance(failure[0], NotFound))
+            if cancel and not ended and token is not None and not gone:
+                self._release_spool(token)
         if self._admitted:
             self._host._active -= 1
             self._admitted = False
         self._buffer.clear()
+
+    def _release_spool(self, token: bytes) -> None:
+        """Have the node delete the spool of a stream no request carries now."""
+        host = self._host
+        nursery = host._nursery
+        if host._closed or nursery is None:
+            return  # the client is closing: the spool expires on the node
+        grace = min(_RELEASE_GRACE, host.config.request_timeout)
+        nursery.start_soon(release_spool, host._require_cluster(), token, grace)
 
     # ----------------------------------------- connection side (the feed)
 
@@ -497,3 +545,44 @@ class ResultStream:
             return
         error = attempts.connection_error(error, client_closed=self._host._closed)
         self._fail_attempt(attempt, error, classify(error, sent=True))
+
+
+class _SpoolRelease:
+    """The owner of a ``resume_stream`` sent only to CANCEL it (see release_spool)."""
+
+    def __init__(self) -> None:
+        self.answered = trio.Event()
+
+    def _on_frame(self, attempt: Attempt, message: Message | BadMessage) -> bool:
+        self.answered.set()
+        return isinstance(message, StreamPage)  # the rest ends the request in the ledger
+
+    def _on_failed(self, attempt: Attempt, error: QdbError) -> None:
+        self.answered.set()
+
+
+async def release_spool(cluster: Cluster, token: bytes, grace: float) -> None:
+    """Background task: resume the stream of ``token`` on any node and CANCEL it at
+    its first frame (or after ``grace`` seconds), so that the node deletes its
+    spool now rather than after its retention. Best effort: never raises."""
+    owner = _SpoolRelease()
+    attempt: Attempt | None = None
+    try:
+        with trio.move_on_after(grace):
+            attempt = await attempts.start(
+                owner,
+                cluster,
+                "resume_stream",
+                {"token": token, "credit": 1},
+                deadline_ms=attempts.ms_until(trio.current_time() + grace, grace),
+            )
+            await owner.answered.wait()
+    except QdbError as exc:
+        logger.debug("could not release an abandoned stream's spool: %s", exc)
+    except Exception as exc:  # a bug must not crash the client's nursery
+        logger.debug("releasing an abandoned stream's spool failed: %r", exc)
+    finally:
+        if attempt is not None:
+            # Running: CANCEL stops it and deletes the spool. Answered (STREAM_END,
+            # or an ERROR): a CANCEL of the ended request releases the spool.
+            attempt.stop(cancel=True, release=True)

@@ -7,18 +7,40 @@ the table (by any client, on any node), in commit order, as credit allows.
 The driver keeps at most ``subscription_credit`` events buffered or on their
 way, granting more as the application takes them.
 
+Entering the block waits for the node's answer, subscribing again on
+another node as resuming would, all within ``timeout`` (default
+``request_timeout``); past it the block raises
+:class:`~qdb_client.errors.RequestTimeout`, and attempts that all failed
+earlier raise :class:`~qdb_client.errors.SubscriptionLost` saying that
+nothing was subscribed.
+
+An established subscription holds no request slot on its connection
+(docs/protocol.md section 13.1): it *pins* the connection, so the pool does
+not close it as idle, and requests beside it have every slot. A node that
+answers one ``subscribe`` twice breaks the protocol (one reply per
+request): the second RESPONSE fails that attempt with
+:class:`~qdb_client.errors.MessageError`, and the subscription is made
+again as after a lost connection.
+
 When the connection or the node is lost, the driver subscribes again on
 any node with ``from_event`` = the id after the last event it received:
 events already buffered are kept, every later change comes exactly once
-(an id at or below the last one received is dropped, should a node repeat
-one). Resuming follows the stream's :class:`~qdb_client._policies.resume.ResumePolicy`.
-If the log was trimmed past that point the changes in between are gone:
-:class:`~qdb_client.errors.SubscriptionGap` names the last event delivered.
+(an id at or below the last one received, or before the subscription's
+starting point when none was received yet, is dropped, should a node
+repeat one). Resuming follows the stream's
+:class:`~qdb_client._policies.resume.ResumePolicy`, with no overall
+deadline. If the log was trimmed past that point the changes in between
+are gone: :class:`~qdb_client.errors.SubscriptionGap` names the last event
+delivered.
+
+One task consumes a subscription: a second task iterating while the first
+waits raises :class:`~qdb_client.errors.InvalidArgument`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +53,7 @@ from ..errors import (
     ClientClosed,
     ConnectionLost,
     InvalidArgument,
+    MessageError,
     NotFound,
     ProtocolError,
     QdbError,
@@ -40,6 +63,7 @@ from ..errors import (
     SubscriptionLost,
 )
 from ..protocol import BadMessage, Error, Event, Message, Response, error_from_message
+from ..validation import seconds_or_error
 from . import attempt as attempts
 from .attempt import Attempt
 from .stream import DeliveredFacts, StreamHost, resume_policy
@@ -76,6 +100,7 @@ class Subscription:
     ``async for event in subscription`` gives :class:`ChangeEvent` objects.
     ``last_event_id`` is the id of the last event delivered (None before the
     first); ``resumes`` counts the times it was re-established elsewhere.
+    ``timeout`` bounds entering the block (default ``request_timeout``).
     """
 
     def __init__(
@@ -85,6 +110,7 @@ class Subscription:
         *,
         where: str | None = None,
         from_event: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         if not isinstance(table, str) or not table or len(table) > 128:
             raise InvalidArgument(
@@ -100,6 +126,11 @@ class Subscription:
             raise InvalidArgument(
                 f"from_event must be an event id (int >= 0), not {from_event!r:.60}"
             )
+        self._timeout = (
+            host.config.request_timeout
+            if timeout is None
+            else seconds_or_error(timeout, name="timeout", error=InvalidArgument)
+        )
         self._host = host
         self._table = table
         self._where = where
@@ -120,13 +151,15 @@ class Subscription:
         self._previous_delay: float | None = None
         self._received_id: int | None = None
         self._entered = self._admitted = self._closed = False
+        #: A task is waiting in __anext__ (a second one is refused).
+        self._consuming = False
         #: The last event handed to the application (None before the first).
         self.last_event_id: int | None = None
         #: The node's subscription id on the current connection.
         self.subscription_id: int | None = None
         #: Times the subscription was made again after a lost connection or node.
         self.resumes = 0
-        #: Events a node sent again (at or below the last id received), dropped.
+        #: Events dropped: at or below the last id received, or before the starting point.
         self.duplicates_dropped = 0
 
     # ------------------------------------------------------------- public
@@ -144,7 +177,7 @@ class Subscription:
         await self._host._admit()
         self._admitted = True
         try:
-            await self._establish()
+            await self._establish(trio.current_time() + self._timeout)
         except BaseException:
             self._close()
             raise
@@ -152,6 +185,11 @@ class Subscription:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._close()
+        if exc_info[0] is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            # Only the schedule half: a Cancelled here would replace the block's error.
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def __aiter__(self) -> Subscription:
         return self
@@ -160,6 +198,18 @@ class Subscription:
         if not self._entered or self._closed:
             raise InvalidArgument("use a subscription inside its 'async with' block")
         await trio.lowlevel.checkpoint()
+        if self._consuming:
+            raise InvalidArgument(
+                "another task is already waiting for this subscription's next event"
+                " (consume a subscription from one task)"
+            )
+        self._consuming = True
+        try:
+            return await self._next_event()
+        finally:
+            self._consuming = False
+
+    async def _next_event(self) -> ChangeEvent:
         while True:
             if self._corrupted is not None:
                 self._close()
@@ -170,7 +220,7 @@ class Subscription:
                 self._grant()
                 return event
             if self._attempt is None or self._failure is not None:
-                await self._establish()
+                await self._establish(math.inf)
                 continue
             # Quiet is normal for a subscription; a node its health checks found DOWN
             # (a frozen process: no PONG) is not, and its connection is left for another.
@@ -199,17 +249,18 @@ class Subscription:
             self._granted += room
             attempt.grant(room)
 
-    async def _establish(self) -> None:
-        """Subscribe (again), waiting for the node's answer; resumes per the policy."""
+    async def _establish(self, deadline: float) -> None:
+        """Subscribe (again), waiting for the node's answer; resumes per the policy,
+        within ``deadline`` (inf: none)."""
         config = self._host.config
         while True:
             failure, self._failure = self._failure, None
             if failure is not None or self._attempt is not None:
-                await self._after_failure(failure)
-            until = trio.current_time() + config.request_timeout
+                await self._after_failure(failure, deadline)
+            until = min(trio.current_time() + config.request_timeout, deadline)
             try:
                 with trio.fail_at(until):
-                    await self._start()
+                    await self._start(until)
                     while not self._ready and self._failure is None:
                         await self._lot.park()
             except trio.TooSlowError:
@@ -224,7 +275,9 @@ class Subscription:
             if self._failure is None and self._ready:
                 return
 
-    async def _after_failure(self, failure: tuple[QdbError, Outcome] | None) -> None:
+    async def _after_failure(
+        self, failure: tuple[QdbError, Outcome] | None, deadline: float
+    ) -> None:
         old, self._attempt = self._attempt, None
         if old is not None:
             old.stop(cancel=True)  # a subscription has no spool: CANCEL is harmless
@@ -236,19 +289,22 @@ class Subscription:
         decision = self._policy.decide(
             outcome,
             attempts_done=self._failures_since_progress,
+            remaining=deadline - trio.current_time(),
             rng=self._host._rng,
             previous_delay=self._previous_delay,
             error=error,
         )
         logger.debug("subscription to %s failed: %s", self._table, decision.reason)
         if not decision.retry:
-            raise self._give_up(error, outcome, decision.reason)
+            left = deadline - trio.current_time() - decision.delay
+            out_of_time = left < self._policy.min_attempt_time
+            raise self._give_up(error, outcome, decision.reason, out_of_time=out_of_time)
         self._failures_since_progress += 1
         self._previous_delay = decision.delay
         if decision.delay > 0:
             await trio.sleep(decision.delay)
 
-    async def _start(self) -> None:
+    async def _start(self, until: float) -> None:
         args: dict[str, Any] = {"table": self._table, "credit": self._window - len(self._buffer)}
         args["credit"] = max(1, args["credit"])
         if self._where is not None:
@@ -261,17 +317,21 @@ class Subscription:
             self.resumes += 1
         self._ready = False
         self._granted, self._used = args["credit"], 0
-        config = self._host.config
         self._attempt = await attempts.start(
             self,
             self._host._require_cluster(),
             "subscribe",
             args,
             exclude=self._failed_nodes,
-            deadline_ms=attempts.ms_until(trio.current_time() + config.request_timeout, 3600),
+            deadline_ms=attempts.ms_until(until, 3600),
         )
 
-    def _give_up(self, error: QdbError, outcome: Outcome, reason: str) -> QdbError:
+    def _give_up(
+        self, error: QdbError, outcome: Outcome, reason: str, *, out_of_time: bool
+    ) -> QdbError:
+        """The error that ends the subscription: a refusal of the first subscribe
+        as is, RequestTimeout past the entry's deadline, else SubscriptionLost
+        (or SubscriptionGap) with the last event delivered."""
         last = self._received_id
         if last is None and self._next_from is not None:
             last = self._next_from - 1  # the position it was to continue after
@@ -291,14 +351,25 @@ class Subscription:
             gap.__cause__ = error
             return gap
         refused = outcome.retry is RetryRule.NEVER and outcome.kind not in _NOT_NOW
-        if (refused and self.subscription_id is None) or isinstance(error, ClientClosed):
+        never = self.subscription_id is None
+        if (refused and never) or isinstance(error, ClientClosed):
             return error  # never subscribed (the request itself was refused), or closed
-        lost = SubscriptionLost(
-            f"the subscription to {self._table!r} could not be resumed after event"
-            f" {last}: {reason}",
-            reason=reason,
-            **facts,
-        )
+        if never and out_of_time:
+            timeout = RequestTimeout(
+                f"could not subscribe to {self._table!r} within {self._timeout:g} s: {reason}",
+                timeout=self._timeout,
+                request_sent=getattr(error, "request_sent", True),
+            )
+            timeout.__cause__ = error
+            return timeout
+        if never:
+            message = f"could not subscribe to {self._table!r} (never subscribed): {reason}"
+        else:
+            message = (
+                f"the subscription to {self._table!r} could not be resumed after event"
+                f" {last}: {reason}"
+            )
+        lost = SubscriptionLost(message, reason=reason, **facts)
         lost.__cause__ = error
         return lost
 
@@ -328,10 +399,18 @@ class Subscription:
             if message.topic == "change" and self._ready:
                 self._on_event(attempt, message)
             return True
-        if isinstance(message, Response):
-            self._on_subscribed(attempt, message.result)
-            return False  # the connection delivers it: the request's slot is freed
         error: QdbError
+        if isinstance(message, Response):
+            if self._ready or attempt.pending.done:
+                # One reply per request: a node that repeats it can't be trusted
+                # with this subscription; subscribe again (the CANCEL ends this one).
+                error = MessageError(
+                    f"{attempt.address} answered subscribe request {attempt.request_id} twice"
+                )
+                self._fail(attempt, error, classify(error, sent=True))
+            else:
+                self._on_subscribed(attempt, message.result)
+            return False  # the connection delivers it: the request's slot is freed
         if isinstance(message, Error):
             error = error_from_message(message, node=attempt.address)
             self._fail(attempt, error, classify(error, sent=True))
@@ -354,8 +433,7 @@ class Subscription:
         if self._received_id is None and self._next_from is None:
             self._next_from = last + 1  # a lost connection must not lose what follows
         self._ready = True
-        attempt.reserved = True
-        attempt.connection.reserve()  # keeps the pool from closing it as idle
+        attempt.pin()  # no request slot (section 13.1), but not idle either
         logger.debug("subscribed to %s on %s (after event %d)", self._table, attempt.address, last)
         self._lot.unpark_all()
 
@@ -377,7 +455,7 @@ class Subscription:
                     last_event_id=self.last_event_id,
                 )
             else:
-                if self._received_id is not None and event.event_id <= self._received_id:
+                if event.event_id <= self._floor():
                     self.duplicates_dropped += 1
                     self._grant_back()
                 else:
@@ -386,6 +464,13 @@ class Subscription:
                     self._failures_since_progress = 0
                     self._failed_nodes.clear()
         self._lot.unpark_all()
+
+    def _floor(self) -> int:
+        """The highest event id not to deliver: the last one received, else the
+        one before the subscription's starting point (``from_event``)."""
+        if self._received_id is not None:
+            return self._received_id
+        return self._next_from - 1 if self._next_from is not None else 0
 
     def _grant_back(self) -> None:
         """A dropped duplicate took a credit the buffer never used: give it back."""

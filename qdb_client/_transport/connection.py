@@ -228,6 +228,8 @@ class Connection:
         self._outbox_lot = trio.lowlevel.ParkingLot()
         self._slot_lot = trio.lowlevel.ParkingLot()
         self._in_flight = 0
+        #: Feeds that live on without a request slot (established subscriptions).
+        self._pins = 0
         self._queued_bytes = 0
         self._scope = trio.CancelScope()
         self._finished = trio.Event()
@@ -275,6 +277,11 @@ class Connection:
         return len(self._orphans)
 
     @property
+    def pinned(self) -> int:
+        """Feeds living on it without a request slot (see :meth:`pin`)."""
+        return self._pins
+
+    @property
     def max_in_flight(self) -> int:
         """The effective in-flight cap (ours, lowered to the node's)."""
         return self._limit
@@ -291,10 +298,23 @@ class Connection:
         return self._in_flight < self._limit and self._queued_bytes < _MAX_QUEUED_BYTES
 
     def oldest_started(self) -> float | None:
-        """trio time the oldest live request was queued (None when none is)."""
-        for pending in self._waiting.values():
-            return pending.started
+        """trio time the oldest live request was queued (None when none is).
+
+        Streams and subscriptions (requests with a feed) are left out: they
+        stay open as long as their consumer wants, so their age says nothing
+        about the node's speed (their silence has its own timeouts).
+        """
+        feeds = self._feeds
+        for request_id, pending in self._waiting.items():
+            if request_id not in feeds:
+                return pending.started
         return None
+
+    def feed_slots(self) -> int:
+        """Request slots held by streams (and subscriptions not answered yet): part
+        of ``in_flight``, but not load on the node in the balancer's sense."""
+        waiting = self._waiting
+        return sum(1 for request_id in self._feeds if request_id in waiting)
 
     def _check_usable(self) -> None:
         if self.error is not None:
@@ -315,6 +335,9 @@ class Connection:
         connection it takes nothing (the send then raises its error).
         """
         if self.error is None:
+            if self._in_flight >= self._limit:
+                # A caller that skipped has_room() would overrun the node's limit.
+                raise AssertionError(f"no request slot left on {self.address} to reserve")
             self._in_flight += 1
 
     def unreserve(self) -> None:
@@ -322,6 +345,22 @@ class Connection:
         if self._in_flight > 0 and self.error is None:
             self._in_flight -= 1
             self._slot_freed()
+
+    def pin(self) -> None:
+        """Keep the connection open for a feed that holds no request slot: an
+        established subscription (docs/protocol.md section 13.1). The pool does
+        not close or lease a pinned connection as idle; ``has_room`` ignores
+        pins. Pair with :meth:`unpin`."""
+        if self.error is None:
+            self._pins += 1
+
+    def unpin(self) -> None:
+        """Give back a :meth:`pin`; the pool then looks at the connection again
+        as when a slot frees (it may have become idle)."""
+        if self._pins > 0 and self.error is None:
+            self._pins -= 1
+            if self._listener is not None:
+                self._listener.slot_freed(self)
 
     def send_reserved(
         self,
@@ -564,6 +603,7 @@ class Connection:
         self._outbox.clear()
         self._queued_bytes = 0
         self._in_flight = 0
+        self._pins = 0
         self._slot_lot.unpark_all()
         self._scope.cancel()
         self._notify_unusable()

@@ -7,7 +7,12 @@ frames of such a request to its :class:`Feed`, synchronously, in the order
 they arrived; the feed buffers them (bounded by the credit it granted) and
 wakes its consumer. The request's slot in the connection's ledger is held
 as for any request: until STREAM_END or ERROR for a stream, until the
-RESPONSE for a subscription.
+RESPONSE for a subscription. An established subscription then holds no slot
+(docs/protocol.md section 13.1) but *pins* the connection
+(:meth:`~qdb_client._transport.connection.Connection.pin`), so the pool does
+not close it as idle. Feeds don't count as waiting requests for the
+latency-aware balancer (``Connection.oldest_started``): a stream open for a
+minute says nothing about the node's speed.
 
 The connection tells a feed when it can no longer carry the request: it
 failed or closed, or a GOAWAY said the request was not processed.

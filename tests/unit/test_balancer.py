@@ -28,7 +28,7 @@ def make_node(
     recovered_at: float | None = None,
     oldest_sent: float | None = None,
 ) -> Node:
-    connection = SimpleNamespace(oldest_started=lambda: oldest_sent)
+    connection = SimpleNamespace(oldest_started=lambda: oldest_sent, feed_slots=lambda: 0)
     pool = SimpleNamespace(
         state=SimpleNamespace(reserved=in_flight), connections=lambda: [connection]
     )

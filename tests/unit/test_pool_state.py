@@ -44,6 +44,7 @@ class FakeLedger:
     def __init__(self, capacity: int = 1) -> None:
         self.in_flight = 0
         self.orphaned = 0
+        self.pinned = 0
         self.max_in_flight = max(1, capacity)
 
     def has_room(self) -> bool:

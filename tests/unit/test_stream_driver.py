@@ -447,3 +447,112 @@ async def test_closing_the_client_ends_an_open_stream_with_client_closed(
         await client.aclose()
         with pytest.raises(ClientClosed):
             await collect(rows)
+
+
+# ------------------------------------------------- leaving, sharing, balancing
+
+
+async def test_leaving_while_waiting_to_resume_releases_the_spool(network, nursery, autojump_clock):
+    """No request carries the stream during the resume backoff, so leaving then
+    can't CANCEL one: the spool is released through a resume that is CANCELled
+    at its first page, in the background (the exit does not wait for it)."""
+    fake = streams(network, nursery)
+    fake.before_page = lambda served, seq: "drop" if seq == 2 and len(fake.served) == 1 else None
+    async with qdb_client.open_client(["a:1", "b:2"], **FAST, retry_initial_backoff=3.0) as client:
+        with trio.move_on_after(1.0):
+            async with client.stream("SELECT") as rows:
+                async for _ in rows:
+                    await trio.sleep(0.1)
+        assert trio.current_time() == pytest.approx(1.0)  # left at once
+        await trio.sleep(1)
+        (first, release) = fake.served
+        assert first.node.finished  # the dropped connection: its request is gone
+        assert fake.requests[1][1:] == ("resume_stream", {"token": token(1), "credit": 1})
+        assert release.cancelled and fake.cancels == [
+            (release.node.node_id, release.request.request_id)
+        ]
+        stats = client.statistics()
+        assert stats["in_progress"] == 0
+        assert all(n["in_flight"] == 0 and n["orphaned"] == 0 for n in stats["nodes"])
+
+
+async def test_leaving_after_the_spool_expired_sends_nothing(network, nursery, autojump_clock):
+    fake = streams(network, nursery)
+    expired = error_message(0, ErrorCode.NOT_FOUND, "expired", details={"reason": "expired"})
+
+    def drop_then_expire(served, seq):
+        if seq == 2 and len(fake.served) == 1:
+            fake.answers.append(expired)  # the answer to the resume
+            return "drop"
+        return None
+
+    fake.before_page = drop_then_expire
+    async with qdb_client.open_client(["a:1", "b:2"], **FAST) as client:
+        with pytest.raises(StreamResumeFailed):
+            async with client.stream("SELECT") as rows:
+                await collect(rows)
+        await trio.sleep(10)
+        assert [method for _, method, _ in fake.requests] == ["query_stream", "resume_stream"]
+
+
+async def test_leaving_the_block_checkpoints(network, nursery, autojump_clock):
+    streams(network, nursery)
+    async with qdb_client.open_client("a:1", **FAST) as client:
+        rows = client.stream("SELECT")
+        await rows.__aenter__()
+        with trio.testing.assert_checkpoints():
+            await rows.__aexit__(None, None, None)
+
+
+async def test_leaving_with_an_error_keeps_the_error(network, nursery, autojump_clock):
+    streams(network, nursery)
+    async with qdb_client.open_client("a:1", **FAST) as client:
+        with pytest.raises(KeyError), trio.CancelScope() as scope:
+            async with client.stream("SELECT"):
+                scope.cancel()
+                raise KeyError("the block's own error")
+
+
+async def test_a_second_task_iterating_a_stream_is_refused(network, nursery, autojump_clock):
+    """Two consumers of one stream used to lose rows in silence."""
+    fake = streams(network, nursery)
+    fake.before_page = lambda served, seq: "stall" if seq == 1 else None
+    async with qdb_client.open_client("a:1", **FAST) as client, client.stream("SELECT") as rows:
+        got = [list(await rows.__anext__()), list(await rows.__anext__())]
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(rows.__anext__)  # waits for page 1
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.fail_after(1), pytest.raises(InvalidArgument, match="one task"):
+                await rows.__anext__()
+            with trio.fail_after(1), pytest.raises(InvalidArgument, match="one task"):
+                await rows.pages().__anext__()
+            tasks.cancel_scope.cancel()
+    assert got == ROWS[:2]
+
+
+async def test_an_open_stream_does_not_drive_traffic_off_its_node(network, nursery, autojump_clock):
+    """latency_aware: a stream open for a minute (a slow consumer) is neither a
+    stalled request nor load on its node."""
+    fake = streams(network, nursery)
+    fake.other = lambda request: {"columns": ["x"], "rows": [[1]]}
+    served_by: list[str] = []
+
+    async def handler(node, request):
+        if request.method == "query":
+            served_by.append(node.node_id)
+        await fake(node, request)
+
+    handler.frame = fake.frame  # type: ignore[attr-defined]
+    network.handlers["a:1"] = network.handlers["b:2"] = handler
+    options = {**FAST, "load_balancing": "latency_aware", "slow_start": 0.0}
+    async with qdb_client.open_client(["a:1", "b:2"], **options) as client:
+        for _ in range(50):
+            await client.query("SELECT 1")
+        served_by.clear()
+        async with client.stream("SELECT") as rows:
+            await rows.__anext__()
+            await trio.sleep(60)
+            for _ in range(200):
+                await client.query("SELECT 1")
+    counts = {node: served_by.count(node) for node in ("fake-a:1", "fake-b:2")}
+    assert min(counts.values()) > 60, counts

@@ -10,11 +10,13 @@ import qdb_client
 from qdb_client.errors import (
     InvalidArgument,
     InvalidRequest,
+    MessageError,
+    RequestTimeout,
     StreamCorrupted,
     SubscriptionGap,
     SubscriptionLost,
 )
-from qdb_client.protocol import ErrorCode, Event, error_message
+from qdb_client.protocol import ErrorCode, Event, Response, error_message
 
 from .fake_streams import FakeChanges, change
 
@@ -26,6 +28,26 @@ def changes(network, nursery, **options) -> FakeChanges:
     for address in ("a:1", "b:2"):
         network.handlers[address] = fake
     return fake
+
+
+def answering_queries(network, fake: FakeChanges) -> None:
+    """Serve ``query`` beside the fake's subscriptions."""
+
+    async def handler(node, request):
+        if request.method == "query":
+            await node.reply(request, {"columns": ["x"], "rows": [[1]]})
+        else:
+            await fake(node, request)
+
+    handler.frame = fake.frame  # type: ignore[attr-defined]
+    for address in ("a:1", "b:2"):
+        network.handlers[address] = handler
+
+
+def connection_of(client):
+    """The one connection of the client's one node."""
+    (connection,) = client._cluster.nodes[0].pool.connections()
+    return connection
 
 
 async def take(events, n: int) -> list:
@@ -178,9 +200,10 @@ async def test_credit_is_granted_back_as_events_are_taken(network, nursery, auto
             rid = next(iter(fake.credit))
             assert fake.credit[rid] == 4 + 4  # the window, granted again once emptied
             node = client.statistics()["nodes"][0]
-            assert node["in_flight"] == 1  # the subscription keeps its connection busy
+            assert node["in_flight"] == 0  # no request slot (protocol section 13.1)...
+            assert connection_of(client).pinned == 1  # ...but its connection is pinned
         await trio.testing.wait_all_tasks_blocked()
-        assert client.statistics()["nodes"][0]["in_flight"] == 0
+        assert connection_of(client).pinned == 0
 
 
 async def test_a_node_found_down_by_its_health_checks_is_left(network, nursery, autojump_clock):
@@ -202,3 +225,152 @@ async def test_a_node_found_down_by_its_health_checks_is_left(network, nursery, 
     assert (first.event_id, second.event_id) == (1, 2)
     assert fake.requests[1][1]["from_event"] == 2
     assert trio.current_time() - started < 10
+
+
+async def test_established_subscriptions_leave_every_request_slot_to_requests(
+    network, nursery, autojump_clock
+):
+    """Protocol 13.1: an established subscription does not count in max_in_flight."""
+    answering_queries(network, changes(network, nursery))
+    options = {**FAST, "max_in_flight": 2, "max_connections": 1, "pool_acquire_timeout": 1.0}
+    async with (
+        qdb_client.open_client("a:1", **options) as client,
+        client.subscribe("t"),
+        client.subscribe("t"),
+    ):
+        connection = connection_of(client)
+        assert (connection.in_flight, connection.pinned) == (0, 2)
+        with trio.fail_after(2):
+            assert (await client.query("SELECT 1")).rows == [(1,)]
+            async with trio.open_nursery() as queries:  # both slots at once
+                for _ in range(2):
+                    queries.start_soon(client.query, "SELECT 1")
+
+
+async def test_a_pinned_connection_is_not_closed_as_idle(network, nursery, autojump_clock):
+    fake = changes(network, nursery)
+    fake.scripts.extend([[], [change(1)]])
+    options = {**FAST, "min_connections": 0, "idle_timeout": 1.0}
+    async with qdb_client.open_client("a:1", **options) as client:
+        async with client.subscribe("t") as events:
+            connection = connection_of(client)
+            await trio.sleep(30)
+            assert connection_of(client) is connection and connection.usable
+            assert len(fake.requests) == 1 and events.resumes == 0
+        await trio.sleep(30)  # unpinned: now it is idle, and expires
+        assert client._cluster.nodes[0].pool.connections() == []
+
+
+async def test_a_repeated_subscribe_response_is_a_protocol_error_and_takes_no_slot(
+    network, nursery, autojump_clock
+):
+    """A node that answers one subscribe 300 times (hostile or buggy): each extra
+    RESPONSE used to take one more request slot, until no query could be sent."""
+    fake = changes(network, nursery, newest=5)
+    fake.scripts.append([Response(0, {"subscription": 1, "last_event_id": 5})] * 300)
+    fake.scripts.append([change(6)])
+    answering_queries(network, fake)
+    async with qdb_client.open_client("a:1", max_connections=1, **FAST) as client:
+        async with client.subscribe("t") as events:
+            await trio.sleep(1)
+            connection = connection_of(client)
+            assert (connection.in_flight, connection.pinned) == (0, 1)
+            with trio.fail_after(2):
+                await client.query("SELECT 1")
+            assert isinstance(events._failure[0], MessageError)
+            assert [e.event_id for e in await take(events, 1)] == [6]
+            assert events.resumes == 1 and fake.requests[1][1]["from_event"] == 6
+        await trio.testing.wait_all_tasks_blocked()
+        assert (connection.in_flight, connection.pinned) == (0, 0)
+        assert fake.cancels  # the subscription that answered twice was cancelled
+
+
+async def test_entering_a_subscription_is_bounded_by_request_timeout(
+    network, nursery, autojump_clock
+):
+    async def silent_on_subscribe(node, request):
+        if request.method != "subscribe":
+            await node.reply(request, {})
+
+    network.handlers["a:1"] = silent_on_subscribe
+    async with qdb_client.open_client("a:1", **{**FAST, "request_timeout": 2.0}) as client:
+        started = trio.current_time()
+        with pytest.raises(RequestTimeout, match="could not subscribe to 't' within 2 s"):
+            async with client.subscribe("t"):
+                pytest.fail("subscribed")
+        assert trio.current_time() - started == pytest.approx(2.0)
+        started = trio.current_time()
+        with pytest.raises(RequestTimeout, match="within 7 s") as info:
+            async with client.subscribe("t", timeout=7.0):
+                pytest.fail("subscribed")
+        assert trio.current_time() - started <= 7.0
+        assert isinstance(info.value.__cause__, RequestTimeout)
+        assert client.statistics()["in_progress"] == 0
+        with pytest.raises(InvalidArgument):
+            client.subscribe("t", timeout=0)
+
+
+async def test_a_subscription_never_made_does_not_claim_to_have_been(
+    network, nursery, autojump_clock
+):
+    fake = changes(network, nursery)
+    unavailable = error_message(0, ErrorCode.UNAVAILABLE, "busy", details={"executed": False})
+    fake.scripts.extend([unavailable] * 3)
+    options = {**FAST, "stream_max_resumes": 2, "retry_initial_backoff": 0.1}
+    async with qdb_client.open_client(["a:1", "b:2"], **options) as client:
+        with pytest.raises(SubscriptionLost) as info:
+            async with client.subscribe("t", timeout=60.0):
+                pytest.fail("subscribed")
+    message = str(info.value)
+    assert "could not subscribe to 't' (never subscribed)" in message
+    assert "resumed" not in message and info.value.last_event_id is None
+    assert len(fake.requests) == 3
+
+
+async def test_events_before_from_event_are_dropped(network, nursery, autojump_clock):
+    """from_event=100: a node replaying event 50 must not have it delivered, even
+    before any event was received."""
+    fake = changes(network, nursery, newest=200)
+    fake.scripts.append([change(50), change(101)])
+    async with (
+        qdb_client.open_client("a:1", **FAST) as client,
+        client.subscribe("t", from_event=100) as events,
+    ):
+        assert [e.event_id for e in await take(events, 1)] == [101]
+        assert events.duplicates_dropped == 1
+
+
+async def test_events_committed_before_the_subscription_are_dropped(
+    network, nursery, autojump_clock
+):
+    fake = changes(network, nursery, newest=41)
+    fake.scripts.append([change(41), change(42)])
+    async with (
+        qdb_client.open_client("a:1", **FAST) as client,
+        client.subscribe("t") as events,
+    ):
+        assert [e.event_id for e in await take(events, 1)] == [42]
+        assert events.duplicates_dropped == 1
+
+
+async def test_leaving_the_block_checkpoints(network, nursery, autojump_clock):
+    changes(network, nursery)
+    async with qdb_client.open_client("a:1", **FAST) as client:
+        events = client.subscribe("t")
+        await events.__aenter__()
+        with trio.testing.assert_checkpoints():
+            await events.__aexit__(None, None, None)
+
+
+async def test_a_second_task_iterating_is_refused(network, nursery, autojump_clock):
+    changes(network, nursery)
+    async with (
+        qdb_client.open_client("a:1", **FAST) as client,
+        client.subscribe("t") as events,
+        trio.open_nursery() as tasks,
+    ):
+        tasks.start_soon(events.__anext__)  # waits: nothing changes
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(1), pytest.raises(InvalidArgument, match="one task"):
+            await events.__anext__()
+        tasks.cancel_scope.cancel()

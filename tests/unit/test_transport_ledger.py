@@ -158,3 +158,24 @@ async def test_a_reservation_whose_send_fails_is_given_back():
         with pytest.raises(Exception, match="encode"):
             conn.send_reserved("query", {"bad": object()})
         assert conn.in_flight == 0
+
+
+async def test_a_reservation_beyond_the_limit_is_refused(autojump_clock):
+    """reserve() never takes more slots than the node allows (has_room() first)."""
+    async with connected(node_max_in_flight=1) as (conn, _node, _nursery):
+        conn.reserve()
+        with pytest.raises(AssertionError, match="no request slot left"):
+            conn.reserve()
+        assert conn.in_flight == 1
+
+
+async def test_pins_take_no_slot_and_end_with_the_connection(autojump_clock):
+    """An established subscription pins its connection without a request slot."""
+    async with connected(node_max_in_flight=1) as (conn, _node, _nursery):
+        conn.pin()
+        conn.pin()
+        assert (conn.in_flight, conn.pinned) == (0, 2) and conn.has_room()
+        conn.unpin()
+        assert conn.pinned == 1
+        conn.close()
+        assert conn.pinned == 0
