@@ -34,6 +34,13 @@ whose source is a trigger named ``qdb_change_<16 hex digits>_insert``
 a name, so only the node's own do. The node's own SQL (key lookups, session
 rows, the log's upkeep) runs with no authorizer at all.
 
+Every guard also keeps client SQL inside the database (:func:`sandbox_refusal`):
+no :data:`DENIED_FUNCTIONS` call (``fts3_tokenizer`` reads and plants pointers
+of the node process), no :data:`DENIED_MODULES` table (``dbstat``: the file's
+pages), not the file's path (``PRAGMA database_list``). And the
+:data:`RESERVED_PREFIX` is the node's: no object so named is created or dropped
+by client SQL, so none can stand in for one the node makes later.
+
 :class:`VacuumGuard` (``VACUUM``, which attaches a scratch database and
 runs a transaction of its own): refuses ``VACUUM INTO 'file'``, which would
 copy the whole database, every user's rows and the internal tables
@@ -52,13 +59,17 @@ __all__ = [
     "ACTING_PRAGMAS",
     "CHANGE_TRIGGER_PREFIX",
     "DAMAGING_PRAGMAS",
+    "DENIED_FUNCTIONS",
+    "DENIED_MODULES",
     "INTERNAL_TABLES",
     "READING_PRAGMAS",
+    "RESERVED_PREFIX",
     "ReadGuard",
     "VacuumGuard",
     "WriteGuard",
     "internal_access",
     "is_change_trigger",
+    "sandbox_refusal",
 ]
 
 #: The node's own tables, which the client's SQL must never reach: idempotency keys,
@@ -74,6 +85,24 @@ INTERNAL_TABLES = frozenset(
         "qdb_stream_pages",
     }
 )
+#: Prefix of every name the node gives an object in the database file (its tables,
+#: their indexes, the change log's triggers): client SQL may neither create nor drop
+#: a table, view, index, trigger or virtual table (TEMP ones too) so named.
+RESERVED_PREFIX = "qdb_"
+#: SQL functions client SQL may not call. ``fts3_tokenizer`` (SQLite built with
+#: ENABLE_FTS3_TOKENIZER, as the usual distributions are) returns a pointer of the
+#: node process and, with two arguments, installs one that a CREATE VIRTUAL TABLE
+#: then calls; ``load_extension`` loads a library. The shell's file functions are
+#: listed in case a build has them.
+DENIED_FUNCTIONS = frozenset({"edit", "fts3_tokenizer", "load_extension", "readfile", "writefile"})
+#: Virtual table modules client SQL may neither read nor create a table of:
+#: ``dbstat`` (the page layout of every table, the node's own included) and
+#: ``sqlite_dbpage`` (the raw pages: every row of every table); ``fsdir`` (the
+#: shell's, in case a build has it) lists the node's files.
+DENIED_MODULES = frozenset({"dbstat", "fsdir", "sqlite_dbpage"})
+#: The column of ``pragma_database_list`` that holds the database file's path on
+#: the node's machine (its ``seq`` and ``name`` columns stay readable).
+_PATH_COLUMN = ("pragma_database_list", "file")
 #: Prefix of the change log's trigger names (``changelog.trigger_names``).
 CHANGE_TRIGGER_PREFIX = "qdb_change_"
 _TRIGGER_KINDS = ("insert", "update", "delete")
@@ -175,6 +204,31 @@ _TRIGGER_ACTIONS = frozenset(
 )
 
 
+#: Actions whose first argument names the object created or dropped.
+_NAMING = frozenset(
+    {
+        sqlite3.SQLITE_CREATE_INDEX,
+        sqlite3.SQLITE_CREATE_TABLE,
+        sqlite3.SQLITE_CREATE_TEMP_INDEX,
+        sqlite3.SQLITE_CREATE_TEMP_TABLE,
+        sqlite3.SQLITE_CREATE_TEMP_TRIGGER,
+        sqlite3.SQLITE_CREATE_TEMP_VIEW,
+        sqlite3.SQLITE_CREATE_TRIGGER,
+        sqlite3.SQLITE_CREATE_VIEW,
+        sqlite3.SQLITE_CREATE_VTABLE,
+        sqlite3.SQLITE_DROP_INDEX,
+        sqlite3.SQLITE_DROP_TABLE,
+        sqlite3.SQLITE_DROP_TEMP_INDEX,
+        sqlite3.SQLITE_DROP_TEMP_TABLE,
+        sqlite3.SQLITE_DROP_TEMP_TRIGGER,
+        sqlite3.SQLITE_DROP_TEMP_VIEW,
+        sqlite3.SQLITE_DROP_TRIGGER,
+        sqlite3.SQLITE_DROP_VIEW,
+        sqlite3.SQLITE_DROP_VTABLE,
+    }
+)
+
+
 def is_change_trigger(name: str | None) -> bool:
     """Whether ``name`` is a change-log trigger's: ``qdb_change_<16 hex>_insert``
     (``_update``, ``_delete``), exactly (no pattern matching: fixed positions)."""
@@ -188,43 +242,86 @@ def internal_access(
     action: int, arg1: str | None, arg2: str | None, source: str | None
 ) -> str | None:
     """What of the node's internals an action of the client's SQL touches (its name,
-    for the error), or None: an internal table, or a ``qdb_change_...`` trigger.
+    for the error), or None: an internal table, a ``qdb_change_...`` trigger, or
+    an object created or dropped with a name of the node's (:data:`RESERVED_PREFIX`).
 
     An insert into ``qdb_changes`` by a change-log trigger (``source``) is the node's.
     """
     if action in _TRIGGER_ACTIONS and (arg1 or "").lower().startswith(CHANGE_TRIGGER_PREFIX):
         return f"trigger {arg1}"
-    if action in _TABLE_FIRST:
-        table = arg1
-    elif action in _TABLE_SECOND:
-        table = arg2
-    else:
-        return None
+    table = arg1 if action in _TABLE_FIRST else arg2 if action in _TABLE_SECOND else None
     name = (table or "").lower()
-    if name not in INTERNAL_TABLES:
-        return None
-    if action == sqlite3.SQLITE_INSERT and name == "qdb_changes" and is_change_trigger(source):
-        return None
-    return table
+    if name in INTERNAL_TABLES:
+        if action == sqlite3.SQLITE_INSERT and name == "qdb_changes" and is_change_trigger(source):
+            return None
+        return table
+    if action in _NAMING and (arg1 or "").lower().startswith(RESERVED_PREFIX):
+        # A client's object with the name of one the node makes later (a view named
+        # qdb_changes, say) would take its place in the shared file for good.
+        return f"the name {arg1} (the {RESERVED_PREFIX} prefix is reserved for the node)"
+    return None
 
 
-class ReadGuard:
-    """Authorizer of a read: refuses ATTACH, DETACH, acting pragmas and the node's
-    internals (:attr:`internal`)."""
+def sandbox_refusal(action: int, arg1: str | None, arg2: str | None) -> str | None:
+    """What of the node's process or machine an action of the client's SQL would
+    reach (for the error), or None: a :data:`DENIED_FUNCTIONS` call, a read or a
+    creation of a :data:`DENIED_MODULES` table, the database file's path."""
+    if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in DENIED_FUNCTIONS:
+        return f"function {arg2}()"
+    if action == sqlite3.SQLITE_READ:
+        table = (arg1 or "").lower()
+        if table in DENIED_MODULES:
+            return f"virtual table {arg1}"
+        if (table, (arg2 or "").lower()) == _PATH_COLUMN:
+            return "pragma database_list (the path of the database file)"
+    if action == sqlite3.SQLITE_CREATE_VTABLE and (arg2 or "").lower() in DENIED_MODULES:
+        return f"virtual table module {arg2}"
+    return None
+
+
+class _Sandbox:
+    """What both statement guards refuse before anything else (:attr:`internal`): the
+    node's internals (:func:`internal_access`) and what reaches out of the database
+    (:func:`sandbox_refusal`; ``PRAGMA database_list``, which prints the file's path,
+    while the table-valued ``pragma_database_list`` may be read but for its
+    ``file`` column)."""
 
     def __init__(self) -> None:
         #: What was refused, for the error message (None: nothing).
         self.refused: str | None = None
-        #: The internal table (or trigger) the statement tried to use (None: none).
+        #: The internal table (or trigger, name, function...) the statement tried to
+        #: use (None: none).
         self.internal: str | None = None
+        self._lists_databases = False
+
+    def _denied(self, action: int, arg1: str | None, arg2: str | None, source: str | None) -> bool:
+        internal = internal_access(action, arg1, arg2, source) or sandbox_refusal(
+            action, arg1, arg2
+        )
+        name = (arg1 or "").lower()
+        if action == sqlite3.SQLITE_READ and name == "pragma_database_list":
+            self._lists_databases = True  # SQLite asks about its columns before the pragma
+        elif (
+            action == sqlite3.SQLITE_PRAGMA
+            and name == "database_list"
+            and not self._lists_databases
+        ):
+            internal = "pragma database_list (the path of the database file)"
+        if internal is None:
+            return False
+        self.internal = internal
+        return True
+
+
+class ReadGuard(_Sandbox):
+    """Authorizer of a read: refuses ATTACH, DETACH, acting pragmas, the node's
+    internals and what reaches out of the database (:attr:`internal`)."""
 
     def __call__(
         self, action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
     ) -> int:
         """SQLite's authorizer callback."""
-        internal = internal_access(action, arg1, arg2, source)
-        if internal is not None:
-            self.internal = internal
+        if self._denied(action, arg1, arg2, source):
             return sqlite3.SQLITE_DENY
         if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
             self.refused = "ATTACH" if action == sqlite3.SQLITE_ATTACH else "DETACH"
@@ -237,7 +334,7 @@ class ReadGuard:
         return sqlite3.SQLITE_OK
 
 
-class WriteGuard:
+class WriteGuard(_Sandbox):
     """Authorizer of one statement of ``execute`` (``in_batch=False``) or of a batch.
 
     After the statement: :attr:`refused` names what was refused (the request
@@ -248,23 +345,18 @@ class WriteGuard:
     """
 
     def __init__(self, *, in_batch: bool) -> None:
+        super().__init__()
         self.in_batch = in_batch
-        #: What was refused, for the error message (None: nothing).
-        self.refused: str | None = None
         #: A transaction statement of a batch that the node skips (None: none).
         self.skipped: str | None = None
         #: Whether the statement changed a setting of the connection or made a TEMP object.
         self.changes_connection = False
-        #: The internal table (or trigger) the statement tried to use (None: none).
-        self.internal: str | None = None
 
     def __call__(
         self, action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
     ) -> int:
         """SQLite's authorizer callback."""
-        internal = internal_access(action, arg1, arg2, source)
-        if internal is not None:
-            self.internal = internal
+        if self._denied(action, arg1, arg2, source):
             return sqlite3.SQLITE_DENY
         if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
             self.refused = "ATTACH" if action == sqlite3.SQLITE_ATTACH else "DETACH"
@@ -312,5 +404,9 @@ class VacuumGuard:
         """SQLite's authorizer callback."""
         if action == sqlite3.SQLITE_ATTACH and arg1 != "":
             self.refused = "VACUUM INTO"
+            return sqlite3.SQLITE_DENY
+        refused = sandbox_refusal(action, arg1, arg2)
+        if refused is not None:  # the statement guards' refusals, whatever VACUUM runs
+            self.refused = refused
             return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK

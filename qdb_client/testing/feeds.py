@@ -36,7 +36,7 @@ from .faults import resolve_error_code
 from .ledger import Slot
 from .spool import delete_spool, open_spool_connection, spool_path
 from .streams import ServedStream, in_thread
-from .subscriptions import ServedSubscription
+from .subscriptions import FILTER_SECONDS, ServedSubscription
 
 if TYPE_CHECKING:
     from .server import QdbNode
@@ -71,6 +71,9 @@ class NodeFeeds:
         self.stream_retention: float = getattr(config, "stream_retention", 300.0)
         #: Seconds a change is kept in the log.
         self.change_retention: float = getattr(config, "change_retention", 3600.0)
+        #: Seconds of SQLite work a subscription's ``where`` filter may take on one row
+        #: (at subscribe, on a row of NULLs, within the request's deadline too).
+        self.filter_seconds: float = FILTER_SECONDS
         #: Wall-clock time (seconds) of spools and the change log.
         self.clock: Callable[[], float] = time.time
         #: Subscriptions of this node wait here; a local commit wakes them.

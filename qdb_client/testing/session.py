@@ -133,6 +133,10 @@ class ServerConnection:
         self._on_handshake = on_handshake
         #: Bytes of encoded replies waiting for (or in) their write.
         self._queued = 0
+        #: The scope of the write in progress (:meth:`_write`), and whether the
+        #: connection stopped writing for good (aborted).
+        self._writing: trio.CancelScope | None = None
+        self._writes_stopped = False
         #: Its result streams and subscriptions (.feeds).
         self.feeds = ConnectionFeeds(self)
 
@@ -190,7 +194,15 @@ class ServerConnection:
     def abort(self) -> None:
         """Close abruptly: no GOAWAY, in-flight requests are abandoned."""
         self._linger = False
+        self._stop_writing()
         self._scope.cancel()
+
+    def _stop_writing(self) -> None:
+        """No more bytes on this connection: the write in progress is cut short (the
+        connection is closing without its frames), later ones write nothing."""
+        self._writes_stopped = True
+        if self._writing is not None:
+            self._writing.cancel()
 
     def _close_gracefully(self) -> None:
         if self._scope.cancel_called:  # closing already (maybe abruptly): keep that choice
@@ -218,6 +230,15 @@ class ServerConnection:
         await self.closed.wait()
 
     async def _idle_watchdog(self) -> None:
+        try:
+            await self._watch_idle()
+        finally:
+            # It ends only with the connection: a closing that is not graceful (the
+            # node cancelled, the peer gone) need not wait for a write to finish.
+            if not self._linger:
+                self._stop_writing()
+
+    async def _watch_idle(self) -> None:
         while True:
             with self._idle_scope:
                 await trio.sleep_forever()
@@ -324,16 +345,41 @@ class ServerConnection:
 
     async def _write(self, data: bytes) -> bool:
         """``send_all`` under the write lock, within ``write_timeout``; False (and the
-        connection aborted) if it failed or blocked that long (the client does not read)."""
+        connection aborted) if it failed or blocked that long (the client does not read).
+
+        A frame goes out whole or the connection is aborted. The write is shielded
+        from a cancel of the task that sends it (a CANCEL of the stream whose page
+        it is, a stream stopped), which would leave half a frame on the wire and
+        lose every later one; the deadlines around it still hold: one that passes
+        mid-write aborts the connection, as the connection's own end does.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()  # cancelled already: nothing written
+        if self._writes_stopped:
+            return False
         timeout = self.config.write_timeout
-        with trio.move_on_after(timeout):
+        bound = trio.current_effective_deadline()
+        with trio.CancelScope(deadline=trio.current_time() + timeout, shield=True) as scope:
+            scope.deadline = min(scope.deadline, bound)
+            self._writing = scope
             try:
                 await self.stream.send_all(data)
             except _TRANSPORT_ERRORS as exc:
                 logger.debug("%s: write to %s failed: %r", self.node.node_id, self.peer, exc)
                 self.abort()
                 return False
+            finally:
+                self._writing = None
             return True
+        if self._writes_stopped:  # the connection is closing abruptly
+            return False
+        if scope.deadline == bound:
+            logger.info(
+                "%s: closing the connection from %s: a deadline passed mid-frame",
+                self.node.node_id,
+                self.peer,
+            )
+            self.abort()
+            return False
         logger.warning(
             "%s: closing the connection from %s: a write blocked for %g s (write_timeout);"
             " it does not read",

@@ -232,10 +232,13 @@ def is_insert(sql: str) -> bool:
 def internal_refusal(what: str) -> RequestFailed:
     """SQL_ERROR (SQLITE_AUTH, nothing executed) for a statement that touched the node's
     internals (an internal table, a change-log trigger: see :mod:`.authorizers`)."""
+    if what.startswith(("function ", "virtual table ", "pragma ")):
+        why = "it would reach into the node's process or its files"
+    else:
+        why = "it belongs to the node (idempotency keys, sessions, the change log)"
     return RequestFailed(
         ErrorCode.SQL_ERROR,
-        f"access to {what} is not allowed: it belongs to the node (idempotency keys,"
-        " sessions, the change log). Nothing was executed",
+        f"access to {what} is not allowed: {why}. Nothing was executed",
         details={"executed": False, "sqlite_error": "SQLITE_AUTH"},
     )
 

@@ -71,9 +71,11 @@ import trio
 
 from ..protocol import ErrorCode
 from ._failure import RequestFailed
+from .changelog import SCHEMA as CHANGE_LOG_SCHEMA
 from .decltypes import Description, ProbeError, StatementProbe, scan_parameters
 from .idempotency import DEFAULT_TTL, SCHEMA, IdempotencyKey, KeyedResult
 from .jobs import BUSY_TIMEOUT_MS, Job, result_of, virtual_time, wait_for_thread
+from .sessions import SCHEMA as SESSION_SCHEMA
 from .statements import Control, Params, Statement, execute_one, query_one, run_execute
 from .writes import (
     PURGE_LIMIT,
@@ -459,7 +461,9 @@ def _initialise(conn: sqlite3.Connection, *, patience: float = 10.0) -> None:
     while True:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
-            for statement in SCHEMA:
+            # Every table of the node's, made before any client's SQL runs: none can
+            # then take one's name (by a rename, which the authorizer does not see).
+            for statement in (*SCHEMA, *CHANGE_LOG_SCHEMA, *SESSION_SCHEMA):
                 conn.execute(statement)
             return
         except sqlite3.OperationalError as exc:

@@ -29,6 +29,7 @@ from ..protocol import ErrorCode, ValueNotEncodable
 from ._failure import RequestFailed
 from .authorizers import ReadGuard
 from .spool import Spool, SpoolWriter, open_spool_connection
+from .statements import internal_refusal
 
 __all__ = ["InternalGuard", "SpoolJob", "Stopped"]
 
@@ -215,11 +216,7 @@ class SpoolJob:
         if self.cancelled:
             return Stopped("cancelled")
         if guard.internal is not None:
-            return RequestFailed(
-                ErrorCode.SQL_ERROR,
-                f"access to {guard.internal} is not allowed (an internal table of the node)",
-                details={"executed": False, "sqlite_error": "SQLITE_AUTH"},
-            )
+            return internal_refusal(guard.internal)
         if guard.refused is not None or name.startswith("SQLITE_READONLY"):
             what = guard.refused or str(exc)
             return RequestFailed(

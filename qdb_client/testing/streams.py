@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -58,11 +59,9 @@ from .streamjob import SpoolJob, Stopped
 from .transactions import aborted
 
 if TYPE_CHECKING:
-    import sqlite3
-
     from .feeds import ConnectionFeeds
 
-__all__ = ["MAX_CREDIT", "PAGE_OVERHEAD", "ServedStream", "in_thread"]
+__all__ = ["MAX_CREDIT", "PAGE_OVERHEAD", "ServedStream", "in_thread", "storage_failure"]
 
 logger = logging.getLogger("qdb_client.testing")
 
@@ -79,6 +78,19 @@ async def in_thread(fn: Any, *args: Any) -> Any:
         await trio.lowlevel.checkpoint()
         return fn(*args)
     return await trio.to_thread.run_sync(fn, *args)
+
+
+def storage_failure(exc: sqlite3.Error, what: str) -> RequestFailed:
+    """The ERROR for an SQLite error of the node's own work on a stream or a
+    subscription (``what``: the spool, the change log): UNAVAILABLE (retryable)
+    while the file is busy or locked, INTERNAL otherwise."""
+    name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+    busy = name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+    return RequestFailed(
+        ErrorCode.UNAVAILABLE if busy else ErrorCode.INTERNAL,
+        f"{what} can't be used now: {exc}",
+        details={"executed": False, "sqlite_error": name},
+    )
 
 
 def _count(args: Any, key: str, low: int, high: int, default: Any = None) -> int:
@@ -156,6 +168,9 @@ class ServedStream:
             reply = exc.to_message(rid)
         except Stopped:
             pass  # cancelled while spooling: nothing was kept
+        except sqlite3.Error as exc:  # the spool's own SQL: the stream ends, not the connection
+            logger.info("%s: stream %d: %s", feeds.node_id(), rid, exc)
+            reply = storage_failure(exc, "the stream's spool").to_message(rid)
         finally:
             with trio.move_on_after(2.0, shield=True):
                 await self._after(db, reply)
@@ -167,7 +182,7 @@ class ServedStream:
         try:
             if self._slot.cancel_requested:
                 if spool is not None and db is not None:
-                    await in_thread(delete_spool, db, spool.stream_id)
+                    await self._quietly(delete_spool, db, spool.stream_id)
                 text = f"stream {self.request_id} was cancelled; its spool is deleted"
                 reply = error_message(
                     self.request_id, ErrorCode.CANCELLED, text, details={"executed": False}
@@ -176,12 +191,21 @@ class ServedStream:
                 reply = self._stop_with.to_message(self.request_id)
             if spool is not None and db is not None and not self._slot.cancel_requested:
                 expires = feeds.node.clock() + feeds.node.stream_retention
-                await in_thread(touch_spool, db, spool.stream_id, expires)
+                await self._quietly(touch_spool, db, spool.stream_id, expires)
             if reply is not None:
                 await feeds.send(reply)
         finally:
             if db is not None:
                 db.close()
+
+    async def _quietly(self, fn: Any, *args: Any) -> None:
+        """``fn(*args)`` in a thread, an SQLite error only logged: the outcome goes out
+        anyway (a spool not deleted or not kept longer expires in its time)."""
+        try:
+            await in_thread(fn, *args)
+        except sqlite3.Error as exc:
+            name = getattr(fn, "__name__", fn)
+            logger.info("%s: stream %d: %s: %s", self._feeds.node_id(), self.request_id, name, exc)
 
     async def _open(self, db: sqlite3.Connection) -> Spool:
         feeds = self._feeds
@@ -312,7 +336,7 @@ class ServedStream:
             now = trio.current_time()
             if now - self._touched > retention / 4:
                 self._touched = now
-                await in_thread(touch_spool, db, spool.stream_id, node.clock() + retention)
+                await self._quietly(touch_spool, db, spool.stream_id, node.clock() + retention)
         end = StreamEnd(self.request_id, max(spool.pages - 1, 0), spool.row_count, spool.digest)
         self._ended = True
         feeds.finished(self.request_id, spool.stream_id)  # before the write: a CANCEL may follow

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -41,14 +42,21 @@ from .changelog import (
     where_holds,
     where_sql,
 )
+from .jobs import virtual_time, wait_for_thread
 from .ledger import Slot
 from .streamjob import InternalGuard
-from .streams import in_thread
+from .streams import in_thread, storage_failure
 
 if TYPE_CHECKING:
     from .feeds import ConnectionFeeds
 
-__all__ = ["MAX_EVENT_CREDIT", "POLL_SECONDS", "ServedSubscription"]
+__all__ = [
+    "FILTER_SECONDS",
+    "MAX_EVENT_CREDIT",
+    "POLL_SECONDS",
+    "ServedSubscription",
+    "WhereFilter",
+]
 
 logger = logging.getLogger("qdb_client.testing")
 
@@ -59,6 +67,11 @@ POLL_SECONDS = 0.2
 #: Seconds between two trims of the log by one subscription.
 TRIM_SECONDS = 10.0
 _MAX_BATCH = 256
+#: Seconds of SQLite work a subscription's ``where`` filter may take on one row (the
+#: node's default: ``NodeFeeds.filter_seconds``).
+FILTER_SECONDS = 1.0
+#: VM instructions between two checks of a filter's budget and cancel flag.
+_PROGRESS_STEPS = 1000
 
 
 def _trimmed(oldest: int) -> RequestFailed:
@@ -69,26 +82,135 @@ def _trimmed(oldest: int) -> RequestFailed:
     )
 
 
-def _open_filter(path: str, table: LoggedTable, where: str) -> tuple[sqlite3.Connection, str]:
-    """A read-only connection and the filter's query, checked to compile (thread side)."""
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
-    try:
-        conn.execute("PRAGMA query_only = ON")
-        guard = InternalGuard()
-        conn.set_authorizer(guard)
-        sql = where_sql(table, where)
-        try:
-            where_holds(conn, sql, table, {})
-        except sqlite3.Error as exc:
+class WhereFilter:
+    """A subscription's ``where`` filter: its query (:func:`~.changelog.where_sql`) on a
+    read-only connection of its own, each evaluation within a budget of real time.
+
+    Like every SQL job of the node, an evaluation runs in a worker thread
+    (inline under a MockClock) that is never abandoned: a progress handler
+    ends it at its budget, and :meth:`cancel` (CANCEL, the node draining, the
+    connection closing) interrupts it, so no filter pins a thread or keeps the
+    node from stopping.
+    """
+
+    def __init__(self, path: str, table: LoggedTable, where: str) -> None:
+        self._path = path
+        self._table = table
+        self._sql = where_sql(table, where)
+        self._guard = InternalGuard()
+        self._conn: sqlite3.Connection | None = None
+        self._row: dict[str, Any] = {}
+        self._budget = 0.0
+        self._deadline = 0.0
+        self._cancelled = False
+        self._timed_out = False
+
+    async def check(self, budget: float, per_event: float) -> None:
+        """Open the connection and evaluate the filter on a row of NULLs, within
+        ``budget`` (the request's time left) and ``per_event``: INVALID_REQUEST if it
+        can't be used (an error, or longer than ``per_event``), TIMEOUT at the deadline."""
+        if budget <= 0:
+            raise RequestFailed(ErrorCode.TIMEOUT, "deadline passed", details={"executed": False})
+        ok, value = await self._evaluate({}, min(budget, per_event))
+        if ok:
+            return
+        if self._conn is None and isinstance(value, sqlite3.Error):
+            raise storage_failure(value, "the database") from value
+        if self._timed_out and budget < per_event:
             raise RequestFailed(
-                ErrorCode.INVALID_REQUEST,
-                f"the subscription's where expression can't be used: {exc}",
+                ErrorCode.TIMEOUT,
+                "the where expression could not be checked before the request deadline",
                 details={"executed": False},
-            ) from exc
-        return conn, sql
-    except BaseException:
-        conn.close()
-        raise
+            ) from value
+        raise RequestFailed(
+            ErrorCode.INVALID_REQUEST,
+            f"the subscription's where expression can't be used: {self._why(value, per_event)}",
+            details={"executed": False, "reason": "where"},
+        ) from value
+
+    async def holds(self, event_id: int, row: dict[str, Any], per_event: float) -> bool:
+        """Whether ``row`` (of event ``event_id``) satisfies the filter; INVALID_REQUEST
+        naming the event if the filter fails on it or runs longer than ``per_event``."""
+        ok, value = await self._evaluate(row, per_event)
+        if ok:
+            return bool(value)
+        raise RequestFailed(
+            ErrorCode.INVALID_REQUEST,
+            f"the subscription's where expression failed on event {event_id}:"
+            f" {self._why(value, per_event)}; the subscription ended there (subscribing"
+            f" again from_event {event_id + 1} skips that change)",
+            details={"reason": "where", "event_id": event_id},
+        ) from value
+
+    def close(self) -> None:
+        """Close the connection (no evaluation runs: each is awaited to its end)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    # ------------------------------------------------------------ event loop side
+
+    async def _evaluate(self, row: dict[str, Any], budget: float) -> tuple[bool, Any]:
+        self._row, self._budget = row, budget
+        if virtual_time():
+            await trio.lowlevel.checkpoint()
+            ok, value = self.capture()
+        else:
+            ok, value = await wait_for_thread(self)
+        await trio.lowlevel.checkpoint()  # a cancel that interrupted it is raised here
+        return ok, value
+
+    def cancel(self) -> None:
+        """Stop the running evaluation (event loop side)."""
+        self._cancelled = True
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.interrupt()
+            except sqlite3.Error:
+                pass
+
+    def _why(self, exc: BaseException, per_event: float) -> str:
+        if self._timed_out:
+            return f"it ran longer than {per_event:g} s on one row"
+        if self._guard.internal is not None:
+            return f"it uses {self._guard.internal}, which is not allowed"
+        return str(exc)
+
+    # ---------------------------------------------------------------- thread side
+
+    def capture(self) -> tuple[bool, Any]:
+        """One evaluation (thread side): ``(True, holds)`` or ``(False, exception)``."""
+        self._timed_out = False
+        self._deadline = time.monotonic() + self._budget
+        try:
+            conn = self._conn
+            if conn is None:
+                conn = sqlite3.connect(
+                    self._path,
+                    check_same_thread=False,
+                    isolation_level=None,
+                    timeout=max(self._budget, 0.001),
+                )
+                try:
+                    conn.execute("PRAGMA query_only = ON")
+                    conn.set_progress_handler(self._progress, _PROGRESS_STEPS)
+                    conn.set_authorizer(self._guard)
+                except BaseException:
+                    conn.close()
+                    raise
+                self._conn = conn
+            return True, where_holds(conn, self._sql, self._table, self._row)
+        except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
+            return False, exc
+
+    def _progress(self) -> int:
+        if self._cancelled:
+            return 1
+        if time.monotonic() >= self._deadline:
+            self._timed_out = True
+            return 1
+        return 0
 
 
 class ServedSubscription:
@@ -146,24 +268,28 @@ class ServedSubscription:
         rid = self.request_id
         reply: Any = None
         db: sqlite3.Connection | None = None
-        reader: sqlite3.Connection | None = None
+        where: WhereFilter | None = None
         try:
             with self._slot.scope, self._scope:
                 await feeds.apply_faults(self._request)
                 db = await in_thread(open_log_connection, feeds.database_path())
-                table, position, newest, where = await self._establish(db)
-                if where is not None:
-                    reader, sql = await in_thread(_open_filter, feeds.database_path(), table, where)
-                    where = sql
+                table, position, newest, expression = await self._establish(db)
+                if expression is not None:
+                    where = WhereFilter(feeds.database_path(), table, expression)
+                    budget = self._deadline - trio.current_time()
+                    await where.check(budget, feeds.node.filter_seconds)
                 response = Response(rid, {"subscription": rid, "last_event_id": newest})
                 if not await feeds.send(response):
                     return
                 self.answered = True
                 self._free_slot()
                 feeds.node.stats["subscriptions"] += 1
-                await self._tail(db, reader, table, position, where)
+                await self._tail(db, where, table, position)
         except RequestFailed as exc:
             reply = exc.to_message(rid)
+        except sqlite3.Error as exc:  # the log's own SQL: the subscription ends, not the connection
+            logger.info("%s: subscription %d: %s", feeds.node_id(), rid, exc)
+            reply = storage_failure(exc, "the change log").to_message(rid)
         finally:
             with trio.move_on_after(2.0, shield=True):
                 if self._cancelled or self._slot.cancel_requested:
@@ -174,9 +300,10 @@ class ServedSubscription:
                     reply = self._stop_with.to_message(rid)
                 if reply is not None:
                     await feeds.send(reply)
-            for conn in (db, reader):
-                if conn is not None:
-                    conn.close()
+            if where is not None:
+                where.close()
+            if db is not None:
+                db.close()
 
     async def _establish(self, db: sqlite3.Connection) -> tuple[LoggedTable, int, int, str | None]:
         args = self._request.args
@@ -204,12 +331,7 @@ class ServedSubscription:
         return table, position, newest, where
 
     async def _tail(
-        self,
-        db: sqlite3.Connection,
-        reader: sqlite3.Connection | None,
-        table: LoggedTable,
-        position: int,
-        where: str | None,
+        self, db: sqlite3.Connection, where: WhereFilter | None, table: LoggedTable, position: int
     ) -> None:
         feeds = self._feeds
         node = feeds.node
@@ -230,10 +352,10 @@ class ServedSubscription:
                 continue
             for change in changes:
                 position = change.event_id + 1
-                if where is not None and reader is not None:
-                    holds = await in_thread(where_holds, reader, where, table, change.row)
-                    if not holds:
-                        continue
+                if where is not None and not await where.holds(
+                    change.event_id, change.row, node.filter_seconds
+                ):
+                    continue
                 data = {
                     "event_id": change.event_id,
                     "kind": change.kind,
