@@ -37,9 +37,9 @@ rows, the log's upkeep) runs with no authorizer at all.
 Every guard also keeps client SQL inside the database (:func:`sandbox_refusal`):
 no :data:`DENIED_FUNCTIONS` call (``fts3_tokenizer`` reads and plants pointers
 of the node process), no :data:`DENIED_MODULES` table (``dbstat``: the file's
-pages), not the file's path (``PRAGMA database_list``). And the
-:data:`RESERVED_PREFIX` is the node's: no object so named is created or dropped
-by client SQL, so none can stand in for one the node makes later.
+pages), not the file's path (``PRAGMA database_list``). And the names of
+:data:`RESERVED_PREFIXES` are the node's: no object so named is created or
+dropped by client SQL, so none can stand in for one the node makes later.
 
 :class:`VacuumGuard` (``VACUUM``, which attaches a scratch database and
 runs a transaction of its own): refuses ``VACUUM INTO 'file'``, which would
@@ -63,7 +63,7 @@ __all__ = [
     "DENIED_MODULES",
     "INTERNAL_TABLES",
     "READING_PRAGMAS",
-    "RESERVED_PREFIX",
+    "RESERVED_PREFIXES",
     "ReadGuard",
     "VacuumGuard",
     "WriteGuard",
@@ -85,10 +85,11 @@ INTERNAL_TABLES = frozenset(
         "qdb_stream_pages",
     }
 )
-#: Prefix of every name the node gives an object in the database file (its tables,
+#: Prefixes of every name the node gives an object in the database file (its tables,
 #: their indexes, the change log's triggers): client SQL may neither create nor drop
-#: a table, view, index, trigger or virtual table (TEMP ones too) so named.
-RESERVED_PREFIX = "qdb_"
+#: a table, view, index, trigger or virtual table (TEMP ones too) so named. Other
+#: ``qdb_`` names stay the client's: the driver's saga store is ``qdb_sagas``.
+RESERVED_PREFIXES = ("qdb_change", "qdb_idempotency", "qdb_session", "qdb_stream")
 #: SQL functions client SQL may not call. ``fts3_tokenizer`` (SQLite built with
 #: ENABLE_FTS3_TOKENIZER, as the usual distributions are) returns a pointer of the
 #: node process and, with two arguments, installs one that a CREATE VIRTUAL TABLE
@@ -243,7 +244,7 @@ def internal_access(
 ) -> str | None:
     """What of the node's internals an action of the client's SQL touches (its name,
     for the error), or None: an internal table, a ``qdb_change_...`` trigger, or
-    an object created or dropped with a name of the node's (:data:`RESERVED_PREFIX`).
+    an object created or dropped with a name of the node's (:data:`RESERVED_PREFIXES`).
 
     An insert into ``qdb_changes`` by a change-log trigger (``source``) is the node's.
     """
@@ -255,10 +256,10 @@ def internal_access(
         if action == sqlite3.SQLITE_INSERT and name == "qdb_changes" and is_change_trigger(source):
             return None
         return table
-    if action in _NAMING and (arg1 or "").lower().startswith(RESERVED_PREFIX):
+    if action in _NAMING and (arg1 or "").lower().startswith(RESERVED_PREFIXES):
         # A client's object with the name of one the node makes later (a view named
         # qdb_changes, say) would take its place in the shared file for good.
-        return f"the name {arg1} (the {RESERVED_PREFIX} prefix is reserved for the node)"
+        return f"the name {arg1} (names like the node's own tables are reserved for it)"
     return None
 
 

@@ -1,8 +1,8 @@
 """The node's SQL sandbox against what reaches past the database: functions that read
 or install pointers of the node process (``fts3_tokenizer``), virtual tables that read
 the file's pages (``dbstat``), the file's path (``database_list``); the names of the
-node's own objects (the ``qdb_`` prefix); and a ``where`` filter that never ends,
-which a node that stops must interrupt (real threads: a real node).
+node's own objects (``authorizers.RESERVED_PREFIXES``); and a ``where`` filter that
+never ends, which a node that stops must interrupt (real threads: a real node).
 """
 
 from __future__ import annotations
@@ -70,11 +70,11 @@ async def test_a_planted_tokenizer_does_not_crash_the_node():
         "create view qdb_changes as select 7 as event_id",
         "create view qdb_change_tables as select 1 as tbl",
         "create temp view qdb_changes as select 1 as event_id",
-        "create table qdb_mine(x)",
-        "create temp table qdb_mine(x)",
-        "create index qdb_mine on t(x)",
-        "create trigger qdb_mine after insert on t begin select 1; end",
-        "create virtual table qdb_mine using fts4(a)",
+        "create table qdb_sessions_2(x)",
+        "create temp table QDB_Idempotency_x(x)",
+        "create index qdb_changes_mine on t(x)",
+        "create trigger qdb_stream_mine after insert on t begin select 1; end",
+        "create virtual table qdb_change_mine using fts4(a)",
     ],
 )
 async def test_names_with_the_nodes_prefix_are_reserved_and_subscriptions_keep_working(
@@ -86,9 +86,16 @@ async def test_names_with_the_nodes_prefix_are_reserved_and_subscriptions_keep_w
         raw_client(node.address) as subscriber,
     ):
         await client.call("execute", {"sql": "create table t(id integer primary key, x)"})
-        assert_refused(await client.request("execute", {"sql": sql}), "qdb_")
+        assert_refused(await client.request("execute", {"sql": sql}), "reserved")
         reply = await subscriber.request("subscribe", {"table": "t", "credit": 1})
         assert isinstance(reply, Response), reply
+
+
+async def test_other_qdb_names_stay_the_clients(tmp_path):
+    # The driver's saga store (qdb_sagas) and `qdb bench`'s table are client tables.
+    async with open_node(node_config(tmp_path)) as node, raw_client(node.address) as client:
+        for sql in ("create table qdb_sagas(id)", "create index qdb_bench_n on qdb_sagas(id)"):
+            assert isinstance(await client.request("execute", {"sql": sql}), Response)
 
 
 async def test_the_change_log_exists_from_the_start_so_a_rename_cannot_take_its_name(tmp_path):
