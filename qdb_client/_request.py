@@ -274,7 +274,7 @@ class RequestPipeline:
         for node, generation, timeout, waited in call.suspects:
             if blame and (answered_in is None or answered_in < timeout):
                 node.breaker.record_failure(
-                    now, generation, cause="slow", may_open=self.cluster.has_alternative(node, ())
+                    now, generation, cause="slow", may_open=self.cluster.may_open_on_silence(node)
                 )
                 node.latency.record_penalty(waited)
             else:
@@ -462,7 +462,7 @@ class RequestPipeline:
                     correlation=getattr(error, "failure_id", None),
                     # Silence is judged beside the others: never the last node's exit.
                     may_open=outcome.cause not in SILENCE_CAUSES
-                    or self.cluster.has_alternative(node, ()),
+                    or self.cluster.may_open_on_silence(node),
                 )
             else:
                 breaker.record_ignored(generation)

@@ -432,13 +432,31 @@ class Cluster:
         whose breaker would admit a request."""
         now = trio.current_time()
         candidates = self.candidates(tried)
-        if not tried and len(candidates) == 2:
+        if not tried and len(candidates) == 2 and node in candidates:
             # The common case (cached candidates): a glance at the other node.
             other = candidates[1] if candidates[0] is node else candidates[0]
-            return other is not node and other.breaker.would_allow(now)
+            return other.breaker.would_allow(now)
         return any(
             n is not node and n not in tried and n.breaker.would_allow(now) for n in candidates
         )
+
+    def may_open_on_silence(self, node: Node) -> bool:
+        """Whether silence on ``node`` may open its breaker: only beside another
+        candidate whose breaker is CLOSED (a HALF_OPEN one has proved nothing yet).
+        When there is none, the nodes that silence alone shut out are probed again
+        (their breakers go HALF_OPEN): the node going silent now may be the slow
+        one, and one of them may have recovered.
+        """
+        now = trio.current_time()
+        if any(
+            other is not node and other.breaker.state(now) is BreakerState.CLOSED
+            for other in self.candidates(())
+        ):
+            return True
+        for other in self._usable():
+            if other is not node:
+                other.breaker.rejudge(now)
+        return False
 
     def _changed(self) -> None:
         self._live = None

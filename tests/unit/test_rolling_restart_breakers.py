@@ -81,7 +81,9 @@ async def test_tc_tr_013_a_host_wide_stall_never_opens_the_last_admitting_nodes_
         assert client.statistics()["attempt_timeouts"] == 20
         a, b = (node_stats(client, address)["breaker"] for address in ("a:1", "b:2"))
         assert a["failed_requests"] == b["failed_requests"] == 10
-        assert (a["current_state"], b["current_state"]) == ("OPEN", "CLOSED")
+        # b's silence, with no CLOSED node beside it, sent a (shut out by silence
+        # alone) back to HALF_OPEN: it is probed again rather than waiting 30 s.
+        assert (a["current_state"], b["current_state"]) == ("HALF_OPEN", "CLOSED")
 
         after = await reads(client, 20)
         assert all(isinstance(o, dict) for o in after), after
@@ -129,3 +131,69 @@ async def test_tc_tr_013_when_the_last_admitting_node_shuts_down_silence_opened_
                 assert transitions == ["OPEN", "HALF_OPEN", "CLOSED"]
         else:
             assert all(isinstance(o, CircuitOpen) for o in outcomes), outcomes
+
+
+def _breaker(client: qdb_client.Client, address: str) -> dict:
+    return next(n for n in client.statistics()["nodes"] if n["address"] == address)["breaker"]
+
+
+async def test_when_the_last_admitting_node_stalls_the_node_silence_shut_out_is_probed(
+    network: FakeNetwork, autojump_clock
+):
+    # a is shut out for silence while b answers; then a recovers and b stalls. b is
+    # the last node admitting, so its silence does not open it, but the node that
+    # silence alone shut out must be tried again at once, not after 30 s.
+    silent = {"fake-a:1"}
+
+    async def handler(node, request):
+        if node.node_id not in silent:
+            await echo(node, request)
+
+    network.handlers["a:1"] = handler
+    network.handlers["b:2"] = handler
+    options = dict(
+        retry_jitter="none",
+        reconnect_jitter=0.0,
+        slow_start=0.0,
+        random_seed=7,
+        heartbeat_interval=1000.0,
+    )
+    async with qdb_client.open_client(["a:1", "b:2"], **options) as client:
+        for _ in range(12):
+            await client._call("query", {}, 5.0, read_only=True)
+        assert _breaker(client, "a:1")["current_state"] == "OPEN"
+        assert _breaker(client, "a:1")["opened_by"] == ["slow"]
+        silent.clear()
+        silent.add("fake-b:2")
+        failures = []
+        for _ in range(10):
+            try:
+                await client._call("query", {}, 1.0, read_only=True)
+            except qdb_client.QdbError as exc:
+                failures.append(exc)
+        # Finding out costs a call or two; then a, healthy, takes the reads.
+        assert len(failures) <= 2, failures
+        assert _breaker(client, "a:1")["current_state"] == "CLOSED"
+
+
+async def test_has_alternative_for_a_node_outside_the_cached_candidates(
+    network: FakeNetwork, autojump_clock
+):
+    for address in ("a:1", "b:2", "c:3"):
+        network.handlers[address] = echo
+    async with qdb_client.open_client(
+        ["a:1", "b:2", "c:3"], heartbeat_interval=1.0, retry_jitter="none", slow_start=0.0
+    ) as client:
+        cluster = client._cluster
+        await client._call("query", {}, 5.0, read_only=True)
+        network.muted.add("c:3")
+        c = cluster.find("c:3")
+        with trio.fail_after(30):
+            while c.state.value != "SUSPECT":  # noqa: ASYNC110 - a state, no event
+                await trio.sleep(0.1)
+        now = trio.current_time()
+        first, other = cluster.candidates(())
+        for _ in range(5):
+            first.breaker.record_failure(now, cause="overload")
+        assert not first.breaker.would_allow(now) and other.breaker.would_allow(now)
+        assert cluster.has_alternative(c, ())  # the shortcut once looked at only one
