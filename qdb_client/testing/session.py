@@ -544,6 +544,9 @@ class ServerConnection:
             node.mark_control_client(self)
         welcome: Welcome | None = answer.reply if isinstance(answer.reply, Welcome) else None
         while welcome is not None:
+            # Past eviction from here: a WELCOME being written must not be followed
+            # by a closed connection (the client would count a lost connection).
+            self._leave_handshake_places()
             try:
                 sent = await self._send(welcome)
                 if sent:
@@ -564,11 +567,14 @@ class ServerConnection:
         logger.warning("%s: cannot send WELCOME to %s: too large", node.node_id, self.peer)
         return False
 
-    def _handshake_done(self) -> None:
-        """The WELCOME went out: the handshake's place is free, the idle countdown runs."""
+    def _leave_handshake_places(self) -> None:
         if self._on_handshake is not None:
             self._on_handshake()
             self._on_handshake = None
+
+    def _handshake_done(self) -> None:
+        """The WELCOME went out: the handshake's place is free, the idle countdown runs."""
+        self._leave_handshake_places()
         if not self._requests.unanswered:
             self._idle_scope.deadline = trio.current_time() + self.config.client_idle_timeout
 

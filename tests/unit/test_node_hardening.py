@@ -458,3 +458,17 @@ async def test_goaway_from_the_client_with_a_huge_id_is_refused_and_the_connecti
         assert isinstance(await client.receive(), Error)
         await client.send(GoAway("client_close", 0, ""))
         assert await client.read_until_eof() == []
+
+
+async def test_a_connection_whose_welcome_is_being_written_is_not_evicted(autojump_clock):
+    # Evicted then, the client would see a completed handshake, then a lost connection.
+    async with running(max_pending_handshakes=1, handshake_timeout=30.0) as (node, nursery):
+        slow = await attach(node, nursery, lockstep=True, handshake=False)
+        await slow.send(Hello(versions=PROTOCOL_VERSIONS))
+        await trio.sleep(0.5)  # the node is writing WELCOME; the client has not read it
+        await attach(node, nursery, handshake=False)
+        await trio.sleep(0.1)
+        assert isinstance(await slow.receive(), Welcome)
+        await slow.send(Ping(1))
+        assert isinstance(await slow.receive(), Pong)
+        assert node.statistics()["handshakes_evicted"] == 0
