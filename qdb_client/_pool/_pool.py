@@ -272,6 +272,9 @@ class NodePool:
             now = trio.current_time()
             for connection_id in self.state.expired(now):
                 self._close(connection_id, "expired")
+            for connection_id, record in list(self.state.connections.items()):
+                if record.retiring:
+                    self._close_if_drained(connection_id)  # pinned by subscriptions
             if self._disabled is None and self._warm_after_failure:
                 for _ in range(self.state.deficit()):
                     if self.state.can_open():
@@ -466,8 +469,16 @@ class NodePool:
 
     def _close_if_drained(self, connection_id: int) -> None:
         record = self.state.connections.get(connection_id)
-        if record is not None and record.retiring and record.idle:
+        if record is None or not record.retiring:
+            return
+        if record.idle:
             self._close(connection_id)
+            return
+        connection = self._connections.get(connection_id)
+        if connection is not None and connection.pinned:
+            # Subscriptions alone would keep a retired connection open for good
+            # (and counted against max_connections): they move instead.
+            connection.move_pinned_feeds("retired by the pool")
 
     def _close(self, connection_id: int, reason: str = "drained") -> None:
         connection = self._connections.pop(connection_id, None)

@@ -279,9 +279,12 @@ class Subscription:
         self, failure: tuple[QdbError, Outcome] | None, deadline: float
     ) -> None:
         old, self._attempt = self._attempt, None
+        # A drain (GOAWAY, a connection the pool retires) is a move, not a failure:
+        # it neither counts toward the resume limit nor puts the node aside.
+        moved = failure is not None and failure[1].retry is RetryRule.REQUEUE
         if old is not None:
             old.stop(cancel=True)  # a subscription has no spool: CANCEL is harmless
-            if old.node is not None and old.node not in self._failed_nodes:
+            if not moved and old.node is not None and old.node not in self._failed_nodes:
                 self._failed_nodes.append(old.node)
         if failure is None:
             return
@@ -299,7 +302,8 @@ class Subscription:
             left = deadline - trio.current_time() - decision.delay
             out_of_time = left < self._policy.min_attempt_time
             raise self._give_up(error, outcome, decision.reason, out_of_time=out_of_time)
-        self._failures_since_progress += 1
+        if not moved:
+            self._failures_since_progress += 1
         self._previous_delay = decision.delay
         if decision.delay > 0:
             await trio.sleep(decision.delay)
@@ -483,3 +487,6 @@ class Subscription:
             return
         error = attempts.connection_error(error, client_closed=self._host._closed)
         self._fail(attempt, error, classify(error, sent=True))
+        # Let go of the connection now, not when the consumer next reads: a pin
+        # would keep a retiring connection open (and counted) until then.
+        attempt.stop(cancel=True)

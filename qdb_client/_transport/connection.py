@@ -362,6 +362,22 @@ class Connection:
             if self._listener is not None:
                 self._listener.slot_freed(self)
 
+    def move_pinned_feeds(self, reason: str) -> None:
+        """Tell the feeds that live here on a pin (established subscriptions) to go
+        elsewhere: the connection is retiring and only they keep it open. Each
+        fails with :class:`ConnectionDraining`, which a subscription follows by
+        subscribing again from its position, on any node, as for a GOAWAY."""
+        waiting = self._waiting
+        for request_id in [r for r in self._feeds if r not in waiting]:
+            feed = self._feeds.pop(request_id)
+            feed.failed(
+                ConnectionDraining(
+                    f"{self.address}: the connection is retiring ({reason})",
+                    reason=reason,
+                    node=self.address,
+                )
+            )
+
     def send_reserved(
         self,
         method: str,

@@ -374,3 +374,44 @@ async def test_a_second_task_iterating_is_refused(network, nursery, autojump_clo
         with trio.fail_after(1), pytest.raises(InvalidArgument, match="one task"):
             await events.__anext__()
         tasks.cancel_scope.cancel()
+
+
+# ------------------------------------------------------- retired connections
+
+
+async def test_a_subscription_leaves_a_connection_past_its_lifetime(
+    network, nursery, autojump_clock
+):
+    # Its pin kept the retired connection open, and counted, for good: with one
+    # connection allowed, no request could be sent while the subscription lived.
+    fake = FakeChanges(nursery)
+    network.handlers["a:1"] = fake
+    fake.scripts.append([change(1)])
+    fake.scripts.append([change(2)])
+    async with qdb_client.open_client(
+        "a:1", max_connections=1, max_lifetime=10.0, **FAST
+    ) as client:
+        async with client.subscribe("t") as events:
+            assert (await events.__anext__()).event_id == 1
+            await trio.sleep(15)  # past max_lifetime: the pool retires the connection
+            assert isinstance(await client._call("query", {}, 3.0, read_only=True), dict)
+            assert (await events.__anext__()).event_id == 2  # moved, nothing lost
+            assert events.resumes == 1
+        assert client._cluster.nodes[0].pool.statistics()["retiring"] == 0
+
+
+async def test_a_subscription_leaves_a_connection_the_pool_retires(
+    network, nursery, autojump_clock
+):
+    # As after a missed PONG, or reauthenticate as another user.
+    fake = FakeChanges(nursery)
+    network.handlers["a:1"] = fake
+    fake.scripts.append([change(1)])
+    async with qdb_client.open_client("a:1", **FAST) as client, client.subscribe("t") as events:
+        await events.__anext__()
+        node = client._cluster.nodes[0]
+        (connection,) = node.pool.connections()
+        node.pool.retire(connection)
+        await trio.sleep(1)
+        assert connection.error is not None  # closed, drained
+        assert node.pool.statistics()["retiring"] == 0
