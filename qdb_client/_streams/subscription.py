@@ -148,6 +148,8 @@ class Subscription:
         self._corrupted: StreamCorrupted | None = None
         self._failed_nodes: list[Any] = []
         self._failures_since_progress = 0
+        #: Drains (GOAWAY, retired connections) in a row since the last event.
+        self._moves_since_progress = 0
         self._previous_delay: float | None = None
         self._received_id: int | None = None
         self._entered = self._admitted = self._closed = False
@@ -280,8 +282,13 @@ class Subscription:
     ) -> None:
         old, self._attempt = self._attempt, None
         # A drain (GOAWAY, a connection the pool retires) is a move, not a failure:
-        # it neither counts toward the resume limit nor puts the node aside.
-        moved = failure is not None and failure[1].retry is RetryRule.REQUEUE
+        # it neither counts toward the resume limit nor puts the node aside. Only
+        # the first since the last event: drains in a row (a node that GOAWAYs
+        # every subscribe) back off and count, so they end instead of spinning.
+        drained = failure is not None and failure[1].retry is RetryRule.REQUEUE
+        moved = drained and self._moves_since_progress == 0
+        if drained:
+            self._moves_since_progress += 1
         if old is not None:
             old.stop(cancel=True)  # a subscription has no spool: CANCEL is harmless
             if not moved and old.node is not None and old.node not in self._failed_nodes:
@@ -302,11 +309,19 @@ class Subscription:
             left = deadline - trio.current_time() - decision.delay
             out_of_time = left < self._policy.min_attempt_time
             raise self._give_up(error, outcome, decision.reason, out_of_time=out_of_time)
+        delay = decision.delay
+        if drained and not moved:
+            delay = max(
+                delay,
+                self._policy.backoff.delay(
+                    self._failures_since_progress, self._host._rng, self._previous_delay
+                ),
+            )
         if not moved:
             self._failures_since_progress += 1
-        self._previous_delay = decision.delay
-        if decision.delay > 0:
-            await trio.sleep(decision.delay)
+        self._previous_delay = delay
+        if delay > 0:
+            await trio.sleep(delay)
 
     async def _start(self, until: float) -> None:
         args: dict[str, Any] = {"table": self._table, "credit": self._window - len(self._buffer)}
@@ -465,7 +480,7 @@ class Subscription:
                 else:
                     self._received_id = event.event_id
                     self._buffer.append(event)
-                    self._failures_since_progress = 0
+                    self._failures_since_progress = self._moves_since_progress = 0
                     self._failed_nodes.clear()
         self._lot.unpark_all()
 

@@ -16,7 +16,7 @@ from qdb_client.errors import (
     SubscriptionGap,
     SubscriptionLost,
 )
-from qdb_client.protocol import ErrorCode, Event, Response, error_message
+from qdb_client.protocol import ErrorCode, Event, GoAway, Response, error_message
 
 from .fake_streams import FakeChanges, change
 
@@ -415,3 +415,32 @@ async def test_a_subscription_leaves_a_connection_the_pool_retires(
         await trio.sleep(1)
         assert connection.error is not None  # closed, drained
         assert node.pool.statistics()["retiring"] == 0
+
+
+async def test_a_node_that_drains_every_subscribe_ends_the_subscription(
+    network, nursery, autojump_clock
+):
+    # A drain is a free move once; drains in a row back off and count, so a node
+    # that GOAWAYs every subscribe ends in SubscriptionLost instead of a spin.
+    fake = FakeChanges(nursery)
+    fake.scripts.append([change(1), "drop"])
+    subscribes = 0
+
+    async def handler(node, request):
+        nonlocal subscribes
+        if request.method == "subscribe":
+            subscribes += 1
+            if subscribes > 1:
+                await node.send(GoAway("shutdown", request.request_id - 1))
+                return
+        await fake(node, request)
+
+    handler.frame = fake.frame
+    network.handlers["a:1"] = handler
+    async with qdb_client.open_client("a:1", **FAST) as client, client.subscribe("t") as events:
+        assert (await events.__anext__()).event_id == 1
+        start = trio.current_time()
+        with pytest.raises(SubscriptionLost, match="draining"):
+            await events.__anext__()
+        assert trio.current_time() > start  # backed off, not a spin
+    assert subscribes <= 10
