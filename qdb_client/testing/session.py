@@ -571,6 +571,11 @@ class ServerConnection:
         if self._on_handshake is not None:
             self._on_handshake()
             self._on_handshake = None
+            # The HELLO came in time: the WELCOME's write is bounded by write_timeout,
+            # no longer by the handshake deadline the idle watchdog was holding.
+            self._idle_scope.deadline = max(
+                self._idle_scope.deadline, trio.current_time() + self.config.write_timeout
+            )
 
     def _handshake_done(self) -> None:
         """The WELCOME went out: the handshake's place is free, the idle countdown runs."""

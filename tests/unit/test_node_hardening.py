@@ -472,3 +472,18 @@ async def test_a_connection_whose_welcome_is_being_written_is_not_evicted(autoju
         await slow.send(Ping(1))
         assert isinstance(await slow.receive(), Pong)
         assert node.statistics()["handshakes_evicted"] == 0
+
+
+async def test_a_welcome_written_past_the_handshake_deadline_keeps_its_connection(
+    autojump_clock,
+):
+    # The HELLO came in time; the watchdog held the handshake deadline through the
+    # WELCOME's write and then closed the connection the client saw welcomed.
+    async with running(handshake_timeout=10.0, client_idle_timeout=600.0) as (node, nursery):
+        slow = await attach(node, nursery, lockstep=True, handshake=False)
+        await trio.sleep(9.9)
+        await slow.send(Hello(versions=PROTOCOL_VERSIONS))
+        await trio.sleep(0.5)  # the WELCOME's write is under way past the deadline
+        assert isinstance(await slow.receive(), Welcome)
+        await slow.send(Ping(1))
+        assert isinstance(await slow.receive(), Pong)
