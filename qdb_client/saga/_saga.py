@@ -343,9 +343,14 @@ class Saga:
         return result
 
     def _storable(self, step: str, result: Any) -> Any:
-        """``result`` if JSON can store it, else None (with a warning)."""
+        """``result`` as JSON stores it, else None (with a warning).
+
+        The stored image is also what this run hands on (to the compensation,
+        to the result), so a compensation sees the same value whether it runs
+        now or after :meth:`resume` (tuples become lists, keys become text).
+        """
         try:
-            json.dumps(result)
+            image = json.loads(json.dumps(result))
         except (TypeError, ValueError):
             logger.warning(
                 "saga %s (%s): the result of step %s is not JSON (%s); stored as null",
@@ -355,7 +360,16 @@ class Saga:
                 type(result).__name__,
             )
             return None
-        return result
+        if image != result:
+            logger.warning(
+                "saga %s (%s): the result of step %s changes through JSON (%s);"
+                " its JSON form is kept, as a resume would see it",
+                self._id,
+                self.name,
+                step,
+                type(result).__name__,
+            )
+        return image
 
     def _emit(self, event: Any) -> None:
         self.client.events.emit(event)

@@ -377,3 +377,31 @@ def test_step_idempotency_keys_are_stable_and_valid():
     undo = StepContext(None, "abc123", "order", "charge", 2, "compensation", 3)  # type: ignore[arg-type]
     assert ctx.idempotency_key == "saga:abc123:2:do"
     assert undo.idempotency_key == "saga:abc123:2:undo"
+
+
+async def test_a_compensation_sees_the_same_step_result_before_and_after_a_resume(
+    node, autojump_clock
+):
+    # A result JSON changes (a tuple, an int key) reached the compensation as
+    # itself in the first run and as its JSON form after a resume; now always the
+    # JSON form, as stored.
+    seen: list[Any] = []
+
+    async def reserve(ctx: StepContext) -> Any:
+        return {7: ("held", 1)}
+
+    async def release(ctx: StepContext) -> None:
+        seen.append(ctx.result)
+
+    async def charge(ctx: StepContext) -> None:
+        raise RuntimeError("card declined")
+
+    async with qdb_client.open_client("n:1", **OPTIONS) as client:
+        saga = Saga(client, "order")
+        saga.add_step("reserve", reserve, release)
+        saga.add_step("charge", charge, None)
+        result = await saga.execute()
+        assert result.status == "compensated"
+        stored = await load_saga(client, saga.id)
+        assert stored is not None
+    assert seen == [{"7": ["held", 1]}] == [stored.results["reserve"]]
