@@ -49,8 +49,9 @@ class StepContext:
 
     ``phase`` is ``"action"`` or ``"compensation"``; ``attempt`` counts the
     tries of this phase in this process (from 1); ``result`` is, for a
-    compensation, what the step's action returned (loaded from the database
-    after a restart). ``idempotency_key`` is the same in every process and
+    compensation, what the step's action returned, in its JSON form (as the
+    database stores it, so the same before and after a restart: tuples are
+    lists, mapping keys are text). ``idempotency_key`` is the same in every process and
     every try of this step's phase: pass it to ``client.execute`` and a step
     run again after a crash applies its write once.
     """
