@@ -85,6 +85,18 @@ class Step:
     compensation: StepFunction | None = None
 
 
+def _as_step(step: Any) -> Step:
+    """``step`` as a :class:`Step`: one already, or a ``(name, action)`` or
+    ``(name, action, compensation)`` tuple; SagaError for anything else."""
+    if isinstance(step, Step):
+        return step
+    if isinstance(step, tuple) and len(step) in (2, 3):
+        return Step(*step)
+    raise SagaError(
+        f"a step is a Step or a (name, action[, compensation]) tuple, not {step!r:.100}"
+    )
+
+
 @attrs.frozen(kw_only=True)
 class SagaResult:
     """How a saga ended (seed 003's fields first).
@@ -221,13 +233,14 @@ class Saga:
         compensating or failed one compensates what is left; an ended one
         returns its stored result. ``options`` as for :class:`Saga`.
         """
+        checked: list[Step] = []  # bad input fails here, before any query
+        for step in steps:
+            checked.append(_checked_step(_as_step(step), checked))
         record = await _store.load(client, saga_id)
         if record is None:
             raise SagaError(f"no saga {saga_id!r} in {_store.TABLE}")
         saga = cls(client, record.name, saga_id=saga_id, **options)
-        for step in steps:
-            item = step if isinstance(step, Step) else Step(*step)
-            saga._steps.append(_checked_step(item, saga._steps))
+        saga._steps.extend(checked)
         declared = tuple(step.name for step in saga._steps)
         if declared != record.steps:
             raise SagaError(

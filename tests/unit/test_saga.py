@@ -405,3 +405,12 @@ async def test_a_compensation_sees_the_same_step_result_before_and_after_a_resum
         stored = await load_saga(client, saga.id)
         assert stored is not None
     assert seen == [{"7": ["held", 1]}] == [stored.results["reserve"]]
+
+
+@pytest.mark.parametrize("bad", [("only-a-name",), "step", ("s", None, None, None), 42])
+async def test_resume_refuses_a_malformed_step_before_any_query(node, autojump_clock, bad):
+    async with qdb_client.open_client("n:1", **OPTIONS) as client:
+        calls = client.statistics()["calls"]
+        with pytest.raises(SagaError, match="a step is a Step"):
+            await Saga.resume(client, "s1", steps=[bad])
+        assert client.statistics()["calls"] == calls
