@@ -451,7 +451,17 @@ class RequestPipeline:
                 slow = self.attempt_timeouts.slow_threshold(
                     node.latency, _typical_quantile(self.cluster.nodes)
                 )
-                verdict = BreakerVerdict.FAILURE if elapsed >= slow else BreakerVerdict.IGNORE
+                # Deadlines each too short to show a stall still add up to one:
+                # a healthy node confirms what was abandoned on it within its
+                # usual reply time, a stalled one leaves it unconfirmed.
+                orphaned_since = _oldest_orphan(node)
+                if elapsed >= slow or (orphaned_since is not None and now - orphaned_since >= slow):
+                    verdict = BreakerVerdict.FAILURE
+                else:
+                    verdict = BreakerVerdict.IGNORE
+                    # Too short to blame this node, yet still silence: if no node
+                    # beside it is CLOSED, those that silence shut out are probed.
+                    self.cluster.may_open_on_silence(node)
             if verdict is BreakerVerdict.SUCCESS:
                 breaker.record_success(now, generation)
             elif verdict is BreakerVerdict.FAILURE:
@@ -600,6 +610,15 @@ def _describe(error: BaseException) -> str:
 def _reopens_in(node: Node) -> float:
     reopens_at = node.breaker.reopens_at()
     return 0.0 if reopens_at is None else max(0.0, reopens_at - trio.current_time())
+
+
+def _oldest_orphan(node: Node) -> float | None:
+    """trio time the oldest request abandoned on ``node`` that it has neither
+    answered nor confirmed stopping was sent (None when there is none)."""
+    return min(
+        (t for c in node.pool.connections() if (t := c.oldest_orphan()) is not None),
+        default=None,
+    )
 
 
 def _typical_quantile(nodes: list[Node]) -> float | None:

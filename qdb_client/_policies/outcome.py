@@ -102,8 +102,9 @@ class BreakerVerdict(enum.Enum):
     #: then the request is slow everywhere and the node is not to blame.
     #: (Judged, with the latency penalty, when the call ends.)
     JUDGED = "failure unless as slow elsewhere"
-    #: A failure if the attempt waited longer than the node's attempt timeout
-    #: (the node is slower than it usually is), else nothing (the caller's
+    #: A failure if the node is slower than it usually is: the attempt waited
+    #: longer than the node's attempt timeout, or a request abandoned on it
+    #: earlier has gone unconfirmed that long; else nothing (the caller's
     #: deadline was just short).
     IF_SLOW = "failure if slower than usual"
 

@@ -310,6 +310,11 @@ class Connection:
                 return pending.started
         return None
 
+    def oldest_orphan(self) -> float | None:
+        """trio time the oldest orphan (abandoned after its write, neither answered
+        late nor confirmed CANCELLED yet) was queued; None when there is none."""
+        return min((orphan.started for orphan in self._orphans.values()), default=None)
+
     def feed_slots(self) -> int:
         """Request slots held by streams (and subscriptions not answered yet): part
         of ``in_flight``, but not load on the node in the balancer's sense."""
