@@ -125,9 +125,11 @@ class Host(Protocol):
     def _require_cluster(self) -> Cluster: ...
 
 
-#: The transactions open in this task, by client (one per client: they don't nest).
-_CURRENT: contextvars.ContextVar[Mapping[int, Transaction] | None] = contextvars.ContextVar(
-    "qdb_transactions", default=None
+#: The transactions open in this context, by client, with the task that opened
+#: each (one per client and task: they don't nest). trio copies the context into
+#: every task started while a block is open, so the owner says whose it is.
+_CURRENT: contextvars.ContextVar[Mapping[int, tuple[trio.lowlevel.Task, Transaction]] | None] = (
+    contextvars.ContextVar("qdb_transactions", default=None)
 )
 
 
@@ -502,7 +504,9 @@ async def transaction(
     """
     await trio.lowlevel.checkpoint_if_cancelled()
     open_here = _CURRENT.get() or {}
-    if id(client) in open_here:
+    task = trio.lowlevel.current_task()
+    owner, open_tx = open_here.get(id(client), (None, None))
+    if owner is task and open_tx is not None and not open_tx._done:
         await trio.lowlevel.checkpoint()
         raise InvalidArgument(
             "transactions don't nest: use the open transaction (savepoints are not supported)"
@@ -510,12 +514,20 @@ async def transaction(
     budget = client._budget(timeout)
     cluster = client._require_cluster()
     async with AsyncExitStack() as stack:
+        begin = _BeginRequest()
         try:
             with trio.fail_after(budget):
                 node = await cluster.select()
                 connection = await stack.enter_async_context(node.pool.lease())
-                tx_id = await _begin(node, connection, read_only, budget)
+                tx_id = await _begin(node, connection, read_only, budget, begin)
         except trio.TooSlowError as exc:
+            if begin.sent:
+                connection.abort("begin timed out")  # a transaction may have opened there
+                raise RequestTimeout(
+                    f"begin on {node.address} did not complete within {budget:g} s",
+                    timeout=budget,
+                    request_sent=True,
+                ) from exc
             raise RequestTimeout(
                 f"no connection for a transaction within {budget:g} s (begin not sent)",
                 timeout=budget,
@@ -525,7 +537,7 @@ async def transaction(
         counters = client._transactions
         counters.begun += 1
         started = trio.current_time()
-        token = _CURRENT.set({**open_here, id(client): tx})
+        token = _CURRENT.set({**open_here, id(client): (task, tx)})
         try:
             yield tx
         except BaseException:
@@ -554,26 +566,38 @@ async def transaction(
         _ended(client, tx, started, "committed")
 
 
-async def _begin(node: Node, connection: Connection, read_only: bool, budget: float) -> str:
+class _BeginRequest:
+    """A transaction's ``begin`` once queued, so whoever times it out can tell
+    whether it reached the node."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending: PendingRequest | None = None
+
+    @property
+    def sent(self) -> bool:
+        """Whether the begin's frame went to the wire."""
+        return self.pending is not None and self.pending.sent
+
+
+async def _begin(
+    node: Node, connection: Connection, read_only: bool, budget: float, begin: _BeginRequest
+) -> str:
+    """Send ``begin`` and return the node's transaction id.
+
+    No deadline of its own: the caller's scope bounds it (one budget for
+    select, lease and begin) and reads ``begin`` to say whether it was sent.
+    """
     args: dict[str, Any] = {"timeout_ms": max(1, math.ceil(budget * 1000))}
     if read_only:
         args["read_only"] = True
     pending: PendingRequest | None = None
     try:
-        with trio.fail_after(budget):
-            pending = await connection.send_request(
-                "begin", args, deadline_ms=max(1, math.ceil(budget * 1000))
-            )
-            reply = await pending.wait()
-    except trio.TooSlowError as exc:
-        sent = pending is not None and pending.sent
-        if sent:
-            connection.abort("begin timed out")  # a transaction may have opened there
-        raise RequestTimeout(
-            f"begin on {node.address} did not complete within {budget:g} s",
-            timeout=budget,
-            request_sent=sent,
-        ) from exc
+        pending = begin.pending = await connection.send_request(
+            "begin", args, deadline_ms=max(1, math.ceil(budget * 1000))
+        )
+        reply = await pending.wait()
     except (TransportError, ClientClosed) as exc:
         raise _facts(
             _aborted(

@@ -378,6 +378,61 @@ async def test_transactions_of_two_clients_may_be_open_at_once_in_one_task(nodes
         assert set(nodes.committed) == {tx1.id, tx2.id}
 
 
+async def test_a_task_started_inside_a_transaction_block_opens_its_own(nodes, autojump_clock):
+    """trio copies the context into tasks started in the block: they are other
+    tasks all the same, with transactions of their own, during the parent's
+    transaction and after it; nesting inside the child's is still refused."""
+    parent_done = trio.Event()
+    own_ids: list[str] = []
+
+    async with qdb_client.open_client("a:1", **EXACT) as client:
+
+        async def worker(after_the_parent: bool) -> None:
+            if after_the_parent:
+                await parent_done.wait()
+            async with client.transaction() as own:
+                await own.execute("INSERT INTO t VALUES (2)")
+                with pytest.raises(InvalidArgument, match="nest"):
+                    async with client.transaction():
+                        pytest.fail("nested in the child's own transaction")
+            own_ids.append(own.id)
+
+        async with trio.open_nursery() as nursery:
+            async with client.transaction() as tx:
+                nursery.start_soon(worker, False)
+                nursery.start_soon(worker, True)
+                await trio.testing.wait_all_tasks_blocked()
+                await tx.execute("INSERT INTO t VALUES (1)")
+            parent_done.set()
+        assert len(own_ids) == 2
+        assert set(nodes.committed) == {tx.id, *own_ids}
+
+
+async def test_a_begin_sent_and_never_answered_says_it_was_sent(nodes, autojump_clock):
+    """The transaction's one budget covers select, lease and begin: when it runs
+    out after the begin was written, the error says so, and the connection
+    (which may hold a transaction on the node) is closed."""
+
+    async def silent(node: FakeNode, request: Request) -> bool:
+        return True  # never answers
+
+    nodes.hooks["begin"] = first_only(silent)
+    async with qdb_client.open_client("a:1", **EXACT) as client:
+        started = trio.current_time()
+        with pytest.raises(RequestTimeout) as info:
+            async with client.transaction(timeout=1.0):
+                pytest.fail("the begin was never answered")
+        assert trio.current_time() - started == pytest.approx(1.0)
+        assert facts(info.value)[1:] == (False, True)
+        assert "begin on a:1 did not complete within 1 s" in str(info.value)
+        (begun_on,) = [n for n, r in nodes.seen if r.method == "begin"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert begun_on.finished
+        async with client.transaction() as tx:
+            await tx.execute("INSERT INTO t VALUES (1)")
+        assert tx.id in nodes.committed
+
+
 async def test_a_write_conflict_caught_in_the_block_comes_out_as_itself(nodes, autojump_clock):
     nodes.conflicts = 1
     async with qdb_client.open_client("a:1", **EXACT) as client:
