@@ -47,7 +47,7 @@ from ._policies import (
 )
 from ._pool import PoolLimits
 from ._prepared import PreparedStatement, from_prepare_reply
-from ._request import PipelineCounters, RequestPipeline
+from ._request import PipelineCounters, RequestPipeline, retry_backoff
 from ._streams import ResultStream, Subscription
 from ._transaction import (
     Transaction,
@@ -575,13 +575,7 @@ class Client:
             self._cluster,
             policy=RetryPolicy(
                 max_retries=config.max_retries,
-                backoff=Backoff(
-                    initial=config.retry_initial_backoff,
-                    maximum=config.retry_max_backoff,
-                    multiplier=config.retry_multiplier,
-                    jitter=config.retry_jitter,
-                    factor=config.retry_jitter_factor,
-                ),
+                backoff=retry_backoff(config),
                 min_attempt_time=config.min_attempt_time,
             ),
             budget=RetryBudget(

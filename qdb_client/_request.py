@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -32,6 +32,7 @@ from ._metrics import LatencyHistograms
 from ._policies import (
     SILENCE_CAUSES,
     AttemptTimeouts,
+    Backoff,
     BreakerVerdict,
     LatencyVerdict,
     Outcome,
@@ -58,6 +59,9 @@ from .events import (
     RequestSucceeded,
     RetryScheduled,
 )
+
+if TYPE_CHECKING:
+    from .config import ClientConfig
 
 __all__ = ["Arguments", "PipelineCounters", "RequestPipeline"]
 
@@ -610,6 +614,18 @@ def _describe(error: BaseException) -> str:
 def _reopens_in(node: Node) -> float:
     reopens_at = node.breaker.reopens_at()
     return 0.0 if reopens_at is None else max(0.0, reopens_at - trio.current_time())
+
+
+def retry_backoff(config: ClientConfig) -> Backoff:
+    """The backoff between retries that ``config`` asks for (requests, and the
+    resumes of streams and subscriptions)."""
+    return Backoff(
+        initial=config.retry_initial_backoff,
+        maximum=config.retry_max_backoff,
+        multiplier=config.retry_multiplier,
+        jitter=config.retry_jitter,
+        factor=config.retry_jitter_factor,
+    )
 
 
 def _oldest_orphan(node: Node) -> float | None:

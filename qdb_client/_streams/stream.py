@@ -48,8 +48,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 import trio
 
 from .._arguments import statement_args
-from .._policies import Backoff, Outcome, OutcomeKind, RetryRule, classify
+from .._policies import Outcome, OutcomeKind, RetryRule, classify
 from .._policies.resume import ResumePolicy
+from .._request import retry_backoff
 from ..config import ClientConfig
 from ..errors import (
     ClientClosed,
@@ -112,13 +113,7 @@ def resume_policy(config: ClientConfig) -> ResumePolicy:
     """The resume limits of ``config``: its retry backoff, ``stream_max_resumes``."""
     return ResumePolicy(
         max_attempts=config.stream_max_resumes,
-        backoff=Backoff(
-            initial=config.retry_initial_backoff,
-            maximum=config.retry_max_backoff,
-            multiplier=config.retry_multiplier,
-            jitter=config.retry_jitter,
-            factor=config.retry_jitter_factor,
-        ),
+        backoff=retry_backoff(config),
         min_attempt_time=config.min_attempt_time,
     )
 
