@@ -591,6 +591,7 @@ class Client:
             ),
             events=self.events,
         )
+        nursery.start_soon(self._pipeline.expiries.run)
         nursery.start_soon(self._reliability.run, self._reliability_totals)
         await self._cluster.start(config.hosts)
         nursery.start_soon(self._refresh_sessions)

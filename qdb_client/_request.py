@@ -43,6 +43,7 @@ from ._policies import (
     RetryRule,
     classify,
 )
+from ._transport import Connection, Expired, Expiries, PendingRequest
 from .errors import (
     Attempt,
     CircuitOpen,
@@ -198,6 +199,9 @@ class RequestPipeline:
         self.rng = rng
         self.attempt_timeouts = attempt_timeouts or AttemptTimeouts()
         self.counters = PipelineCounters()
+        #: The timer of attempts' waits for replies; run by the client (until
+        #: it runs, attempts bound their waits with cancel scopes).
+        self.expiries = Expiries()
         #: Reply time of the last successful attempt (read right after it).
         self._last_reply_time = 0.0
 
@@ -224,9 +228,10 @@ class RequestPipeline:
         call.observe = self.events.wants(RequestStarted)
         self.counters.calls += 1
         self.budget.record_request(now)
+        started = now
         try:
             while True:
-                result, attempt = await self._attempt(call, args)
+                result, attempt = await self._attempt(call, args, started)
                 if attempt is None:
                     if call.suspects:
                         self._judge(call, answered_in=self._last_reply_time)
@@ -238,6 +243,7 @@ class RequestPipeline:
                         self._judge(call, answered_in=None)
                     raise self._final(call, attempt, decision)
                 await self._next(call, attempt, decision)
+                started = trio.current_time()
         except BaseException:
             if call.suspects:
                 self._judge(call, answered_in=None, blame=False)  # cancelled: release probes
@@ -287,9 +293,84 @@ class RequestPipeline:
 
     # ------------------------------------------------------------ attempts
 
-    async def _attempt(self, call: _Call, args: Arguments) -> tuple[Any, _Try | None]:
-        """One attempt: (result, None) on success, else (None, what happened)."""
-        started = trio.current_time()
+    async def _attempt(
+        self, call: _Call, args: Arguments, started: float
+    ) -> tuple[Any, _Try | None]:
+        """One attempt, starting at trio time ``started`` (now): (result, None) on
+        success, else (None, what happened)."""
+        node = None
+        if self.expiries.running and started < call.deadline:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            node = self.cluster.select_now(call.tried, started)
+            if node is not None:
+                connection = node.pool.try_acquire_slot(started)
+                if connection is not None:
+                    return await self._attempt_now(call, args, node, connection, started)
+        return await self._attempt_scoped(call, args, started, node)
+
+    async def _attempt_now(
+        self, call: _Call, args: Arguments, node: Node, connection: Connection, started: float
+    ) -> tuple[Any, _Try | None]:
+        """An attempt that needs no wait before its send (a node admits it and its
+        pool has a slot free, both already taken): its one wait, for the reply, is
+        bounded by the expiry timer instead of a cancel scope."""
+        timeout = self._attempt_timeout(node, call, started)
+        generation = _NOT_ADMITTED
+        pending = None
+        error: QdbError | None = None
+        result: Any = None
+        expires = call.deadline
+        try:
+            breaker = node.breaker
+            if not breaker.allow(started):
+                connection.unreserve()
+                raise CircuitOpen(
+                    f"circuit breaker of {node.address} is open",
+                    reopens_in={node.address: _reopens_in(node)},
+                )
+            generation = breaker.generation
+            self.counters.attempts += 1
+            node.requests_sent += 1
+            pending = connection.send_reserved(
+                call.method,
+                _arguments(args, connection),
+                deadline_ms=max(1, math.ceil((call.deadline - started) * 1000)),
+                idempotency_key=call.key,
+                now=started,
+            )
+            if call.safe and timeout < call.deadline - started:
+                expires = started + timeout
+            if call.observe:
+                self._started(call, node, pending, connection, started)
+            result = await pending.wait_until(expires, self.expiries)
+            if pending.replayed:
+                self._replayed(call, node)
+            if call.parse is not None:
+                result = call.parse(result)  # a malformed reply is a corrupted one
+        except Expired:
+            return self._conclude(
+                call, node, generation, pending, None, None, started, started, timeout,
+                timed_out=True, ours=expires < call.deadline,
+            )  # fmt: skip
+        except QdbError as exc:
+            error = exc
+        except BaseException:
+            # The caller's own cancellation: it says nothing about the node.
+            if generation != _NOT_ADMITTED:
+                self._cancelled(call, node, generation, pending, started, timeout)
+            raise
+        return self._conclude(
+            call, node, generation, pending, error, result, started, started, timeout,
+            timed_out=False, ours=False,
+        )  # fmt: skip
+
+    async def _attempt_scoped(
+        self, call: _Call, args: Arguments, started: float, chosen: Node | None
+    ) -> tuple[Any, _Try | None]:
+        """An attempt that may wait for a node or a connection: the whole of it
+        runs in a cancel scope at the call's deadline, lowered to the attempt
+        timeout while it waits to send and again after the send. (``chosen``: the
+        node already picked for it, whose pool had no slot free at once.)"""
         node: Node | None = None
         pending = None
         generation = _NOT_ADMITTED
@@ -299,8 +380,10 @@ class RequestPipeline:
         result: Any = None
         with trio.CancelScope(deadline=call.deadline) as scope:
             try:
-                node = await self.cluster.select(exclude=call.tried)
-                timeout = self._attempt_timeout(node, call)
+                node = (
+                    chosen if chosen is not None else await self.cluster.select(exclude=call.tried)
+                )
+                timeout = self._attempt_timeout(node, call, trio.current_time())
                 if timeout < call.deadline - started:
                     # Waiting for a connection (a node that accepts but never
                     # answers the handshake) counts too: nothing is sent yet,
@@ -319,7 +402,7 @@ class RequestPipeline:
                 sent_at = trio.current_time()
                 pending = connection.send_reserved(
                     call.method,
-                    args(connection) if callable(args) else args,
+                    _arguments(args, connection),
                     deadline_ms=max(1, math.ceil((call.deadline - sent_at) * 1000)),
                     idempotency_key=call.key,
                 )
@@ -328,16 +411,7 @@ class RequestPipeline:
                 else:
                     scope.deadline = call.deadline  # a write without a key waits for its reply
                 if call.observe:
-                    self.events.emit(
-                        RequestStarted(
-                            sent_at,
-                            call.method,
-                            node.address,
-                            len(call.attempts) + 1,
-                            pending.request_id,
-                            connection.serial,
-                        )
-                    )
+                    self._started(call, node, pending, connection, sent_at)
                 result = await pending.wait()
                 if pending.replayed:
                     self._replayed(call, node)
@@ -349,13 +423,65 @@ class RequestPipeline:
                 # The caller's own cancellation (our own deadlines are handled
                 # below, once): it says nothing about the node.
                 if node is not None and generation != _NOT_ADMITTED and not scope.cancel_called:
-                    sent = pending is not None and pending.sent
-                    outcome = classify(None, sent=sent, cancelled=True)
-                    now = trio.current_time()
-                    self._feed(call, node, generation, outcome, None, now, now - sent_at, timeout)
+                    self._cancelled(call, node, generation, pending, sent_at, timeout)
                 raise
+        return self._conclude(
+            call, node, generation, pending, error, result, started, sent_at, timeout,
+            timed_out=scope.cancelled_caught, ours=scope.deadline < call.deadline,
+        )  # fmt: skip
+
+    def _started(
+        self,
+        call: _Call,
+        node: Node,
+        pending: PendingRequest,
+        connection: Connection,
+        sent_at: float,
+    ) -> None:
+        self.events.emit(
+            RequestStarted(
+                sent_at,
+                call.method,
+                node.address,
+                len(call.attempts) + 1,
+                pending.request_id,
+                connection.serial,
+            )
+        )
+
+    def _cancelled(
+        self,
+        call: _Call,
+        node: Node,
+        generation: int,
+        pending: PendingRequest | None,
+        sent_at: float,
+        timeout: float,
+    ) -> None:
+        sent = pending is not None and pending.sent
+        outcome = classify(None, sent=sent, cancelled=True)
         now = trio.current_time()
-        if error is None and not scope.cancelled_caught:
+        self._feed(call, node, generation, outcome, None, now, now - sent_at, timeout)
+
+    def _conclude(
+        self,
+        call: _Call,
+        node: Node | None,
+        generation: int,
+        pending: PendingRequest | None,
+        error: QdbError | None,
+        result: Any,
+        started: float,
+        sent_at: float,
+        timeout: float,
+        *,
+        timed_out: bool,
+        ours: bool,
+    ) -> tuple[Any, _Try | None]:
+        """What the attempt's end means: ``timed_out`` if a deadline ended it,
+        the attempt's own (``ours``) or the call's."""
+        now = trio.current_time()
+        if error is None and not timed_out:
             # The hot path: a reply. (node is set: nothing raised.)
             assert node is not None
             node.breaker.record_success(now, generation)
@@ -376,10 +502,7 @@ class RequestPipeline:
                 )
             return result, None
         sent = pending is not None and pending.sent
-        if scope.cancelled_caught:
-            # Which deadline fired: the attempt's own (lowered after the send)
-            # or the call's.
-            ours = scope.deadline < call.deadline
+        if timed_out:
             outcome = classify(None, sent=sent, attempt_timed_out=ours, deadline_passed=not ours)
             if ours:
                 assert node is not None
@@ -405,14 +528,14 @@ class RequestPipeline:
                 IdempotentReplay(trio.current_time(), call.method, node.address, call.key or "")
             )
 
-    def _attempt_timeout(self, node: Node, call: _Call) -> float:
+    def _attempt_timeout(self, node: Node, call: _Call, now: float) -> float:
         """Seconds the attempt may take before another node is tried (inf: the
         whole deadline), from its start until the request is written, and again
         from the write (then only for requests safe to repeat)."""
         timeouts = self.attempt_timeouts
         if not timeouts.enabled:
             return math.inf
-        if not self.cluster.has_alternative(node, call.tried):
+        if not self.cluster.has_alternative(node, call.tried, now):
             return math.inf  # the last node left gets the whole deadline
         quantile = node.latency.reply_quantile
         if quantile is None or len(self.cluster.nodes) > 1:
@@ -604,6 +727,18 @@ class RequestPipeline:
         unknown = OutcomeUnknown(message)
         unknown.__cause__ = cause
         return unknown
+
+
+def _arguments(args: Arguments, connection: Connection) -> dict[str, Any]:
+    """The request's arguments for ``connection``; if they can't be had, the slot
+    reserved on it is given back (nothing was sent)."""
+    if not callable(args):
+        return args
+    try:
+        return args(connection)
+    except BaseException:
+        connection.unreserve()
+        raise
 
 
 def _describe(error: BaseException) -> str:

@@ -427,10 +427,9 @@ class Cluster:
         if monitor is not None:
             monitor.report(HealthEvent.ATTEMPT_SILENT)
 
-    def has_alternative(self, node: Node, tried: Sequence[Node]) -> bool:
+    def has_alternative(self, node: Node, tried: Sequence[Node], now: float) -> bool:
         """Whether a candidate other than ``node`` and those in ``tried`` exists
-        whose breaker would admit a request."""
-        now = trio.current_time()
+        whose breaker would admit a request at trio time ``now``."""
         candidates = self.candidates(tried)
         if not tried and len(candidates) == 2 and node in candidates:
             # The common case (cached candidates): a glance at the other node.
@@ -522,6 +521,15 @@ class Cluster:
             if pool:
                 return pool
         return []
+
+    def select_now(self, exclude: Sequence[Node], now: float) -> Node | None:
+        """The node :meth:`select` would return without waiting at trio time
+        ``now``, or None when it would wait or fail (then call it, and it will).
+        No checkpoint."""
+        if self._closed:
+            return None
+        admitted = [n for n in self.candidates(exclude) if n.breaker.would_allow(now)]
+        return self.balancer.pick(admitted, now) if admitted else None
 
     async def select(self, exclude: Sequence[Node] = ()) -> Node:
         """A node for the next attempt, waiting for one to come UP if needed.

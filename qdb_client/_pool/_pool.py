@@ -160,6 +160,15 @@ class NodePool:
         """
         return (await self._acquire(exclusive=False))[1]
 
+    def try_acquire_slot(self, now: float) -> Connection | None:
+        """:meth:`acquire_slot` at trio time ``now`` when it would not wait (room
+        now, nobody queued), else None. No checkpoint."""
+        if self._disabled is None and not self._closed and not self._queue:
+            picked = self._pick(False, now)
+            if picked is not None:
+                return picked[1]
+        return None
+
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[Connection]:
         """A connection for this block alone (transactions, streams).
@@ -433,8 +442,9 @@ class NodePool:
         for waiter in self._queue:
             waiter.event.set()
 
-    def _pick(self, exclusive: bool) -> tuple[int, Connection] | None:
-        now = trio.current_time()
+    def _pick(self, exclusive: bool, now: float | None = None) -> tuple[int, Connection] | None:
+        if now is None:
+            now = trio.current_time()
         while True:
             record = self.state.pick_exclusive() if exclusive else self.state.pick_shared()
             if record is None:

@@ -68,6 +68,7 @@ from ..protocol import (
 )
 from .direct import DirectWriter
 from .feeds import FEED_KINDS, Feed
+from .pending import PendingRequest
 
 __all__ = ["ORPHAN_GRACE", "Connection", "ConnectionListener", "PendingRequest"]
 
@@ -95,98 +96,6 @@ class ConnectionListener(Protocol):
     def orphaned(self, connection: Connection, forget_at: float) -> None:
         """A request became an orphan, forgotten at ``forget_at`` if never confirmed
         (the owner calls :meth:`Connection.expire_orphans` by then)."""
-
-
-class PendingRequest:
-    """A request (or ping) from the moment it is queued until its reply.
-
-    ``sent`` becomes True when its frame starts going to the kernel; a
-    request whose caller gives up before that was never sent. ``started``
-    is the trio time it was queued.
-
-    The reply is handed to the waiting task directly (``reschedule``), not
-    through an Event and its parking lot: one task switch, nothing else.
-    """
-
-    __slots__ = (
-        "_connection",
-        "_done",
-        "_error",
-        "_result",
-        "_task",
-        "data",
-        "expires",
-        "holds_slot",
-        "replayed",
-        "request_id",
-        "sent",
-        "started",
-        "withdrawn",
-    )
-
-    def __init__(
-        self,
-        connection: Connection,
-        request_id: int,
-        data: bytes,
-        *,
-        holds_slot: bool,
-        started: float,
-        expires: float,
-    ) -> None:
-        self._connection = connection
-        self.request_id = request_id
-        #: The frame until it is written (then released).
-        self.data = data
-        self.holds_slot = holds_slot
-        self.sent = False
-        self.withdrawn = False
-        #: The node answered from a stored outcome (a keyed write's repeat).
-        self.replayed = False
-        self.started = started
-        #: When an orphan of this request is forgotten if never confirmed.
-        self.expires = expires
-        self._done = False
-        self._task: trio.lowlevel.Task | None = None
-        self._result: Any = None
-        self._error: BaseException | None = None
-
-    @property
-    def done(self) -> bool:
-        """Whether a reply (or failure) was delivered."""
-        return self._done
-
-    def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._result = result
-        self._error = error
-        task, self._task = self._task, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
-
-    def _abort(self, raise_cancel: Any) -> trio.lowlevel.Abort:
-        self._task = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
-    async def wait(self) -> Any:
-        """Wait for the reply; return the result or raise the typed error.
-
-        Cancellation withdraws an unsent frame, or orphans a sent one.
-        """
-        if self._done:
-            await trio.lowlevel.checkpoint()
-        else:
-            self._task = trio.lowlevel.current_task()
-            try:
-                await trio.lowlevel.wait_task_rescheduled(self._abort)
-            except BaseException:
-                self._connection._abandon(self)
-                raise
-        if self._error is not None:
-            raise self._error
-        return self._result
 
 
 class Connection:
@@ -390,8 +299,10 @@ class Connection:
         *,
         deadline_ms: int | None = None,
         idempotency_key: str | None = None,
+        now: float | None = None,
     ) -> PendingRequest:
-        """Queue a REQUEST on a reserved slot, synchronously.
+        """Queue a REQUEST on a reserved slot, synchronously (``now``: the trio
+        time, if the caller has just read it).
 
         Raises at once (nothing sent, the slot given back) if the connection is
         unusable, the arguments can't be encoded, or the frame exceeds the
@@ -407,7 +318,8 @@ class Connection:
             self.unreserve()
             raise
         self.requests_sent += 1
-        now = trio.current_time()
+        if now is None:
+            now = trio.current_time()
         budget = deadline_ms / 1000 if deadline_ms is not None else 3600.0
         return self._enqueue(request_id, data, holds_slot=True, now=now, expires=now + budget)
 

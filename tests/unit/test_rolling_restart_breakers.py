@@ -196,4 +196,4 @@ async def test_has_alternative_for_a_node_outside_the_cached_candidates(
         for _ in range(5):
             first.breaker.record_failure(now, cause="overload")
         assert not first.breaker.would_allow(now) and other.breaker.would_allow(now)
-        assert cluster.has_alternative(c, ())  # the shortcut once looked at only one
+        assert cluster.has_alternative(c, (), now)  # the shortcut once looked at only one
