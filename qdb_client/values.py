@@ -121,13 +121,25 @@ def prepare_params(params: Any) -> list[Any] | dict[str, Any] | None:
     (named), each value checked; InvalidArgument before anything is sent."""
     if params is None:
         return None
+    low, high = _INT64
     if isinstance(params, Mapping):
         out: dict[str, Any] = {}
         for name, value in params.items():
             if not isinstance(name, str):
                 raise InvalidArgument("named parameters must have str names")
-            out[name] = check_value(value, f"parameter {name!r}")
+            kind = type(value)
+            if kind in _PLAIN or (kind is int and low <= value <= high):
+                out[name] = value  # the common case, without building the error's text
+            else:
+                out[name] = check_value(value, f"parameter {name!r}")
         return out
     if isinstance(params, Sequence) and not isinstance(params, (str, bytes, bytearray)):
-        return [check_value(value, f"parameter {i}") for i, value in enumerate(params)]
+        values: list[Any] = []
+        for i, value in enumerate(params):
+            kind = type(value)
+            if kind in _PLAIN or (kind is int and low <= value <= high):
+                values.append(value)
+            else:
+                values.append(check_value(value, f"parameter {i}"))
+        return values
     raise InvalidArgument(f"params must be a sequence or a mapping, not {type(params).__name__}")

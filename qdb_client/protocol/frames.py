@@ -35,6 +35,7 @@ __all__ = [
     "MAX_REQUEST_ID",
     "Frame",
     "FrameDecoder",
+    "checked_frame",
     "encode_frame",
 ]
 
@@ -79,9 +80,17 @@ def encode_frame(kind: int, request_id: int, body: bytes, flags: int = 0) -> byt
         raise ValueNotEncodable("frame request id must be an integer within 0..2**64-1")
     if HEADER_SIZE + len(body) > MAX_FRAME_LENGTH:
         raise FrameTooLarge(HEADER_SIZE + len(body), MAX_FRAME_LENGTH)
-    head = _HEADER.pack(MAGIC, flags, kind, HEADER_SIZE + len(body), request_id)
-    crc = zlib.crc32(body, zlib.crc32(head))
-    return b"".join((head, _CRC.pack(crc), body))
+    return checked_frame(kind, request_id, body, flags)
+
+
+def checked_frame(kind: int, request_id: int, body: bytes, flags: int = 0) -> bytes:
+    """:func:`encode_frame` for a caller that has checked ``kind``, ``flags`` and
+    ``request_id`` itself (the request path); only the length is checked here."""
+    length = HEADER_SIZE + len(body)
+    if length > MAX_FRAME_LENGTH:
+        raise FrameTooLarge(length, MAX_FRAME_LENGTH)
+    head = _HEADER.pack(MAGIC, flags, kind, length, request_id)
+    return b"".join((head, _CRC.pack(zlib.crc32(body, zlib.crc32(head))), body))
 
 
 class FrameDecoder:

@@ -18,7 +18,7 @@ import attrs
 from .codec import decode_body, encode_body, encode_flat_body
 from .codes import ErrorCode
 from .errors import MessageError, ValueNotEncodable
-from .frames import MAX_REQUEST_ID, Frame, encode_frame
+from .frames import MAX_REQUEST_ID, Frame, checked_frame, encode_frame
 from .stream_codec import decode_page_body
 
 __all__ = [
@@ -738,7 +738,7 @@ def encode_request(
         if type(idempotency_key) is not str:
             raise ValueNotEncodable("idem_key must be text")
         body["idem_key"] = idempotency_key
-    return encode_frame(Kind.REQUEST, request_id, encode_flat_body(body, args))
+    return checked_frame(Kind.REQUEST, request_id, encode_flat_body(body, args))  # id checked
 
 
 def decode_message(frame: Frame) -> Message:
