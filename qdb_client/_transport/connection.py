@@ -66,6 +66,7 @@ from ..protocol import (
     receive_event,
     receive_events,
 )
+from ..protocol.reader import ByteSource
 from .direct import DirectWriter
 from .feeds import FEED_KINDS, Feed
 from .pending import PendingRequest
@@ -641,7 +642,9 @@ class Connection:
 
     async def _read_loop(self) -> None:
         protocol = self._protocol
-        stream = self._stream
+        stream: ByteSource = self._stream
+        if self._direct is not None:
+            stream = self._direct.reader(self._stream)
         while True:
             events = await receive_events(protocol, stream)
             if events is None:
