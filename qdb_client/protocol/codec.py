@@ -123,9 +123,9 @@ def _shallow(value: Any) -> bool:
     if kind in _FLAT:
         return True
     if kind is list or kind is tuple:
-        return all(type(item) in _FLAT for item in value)
+        return _FLAT.issuperset(map(type, value))
     if kind is dict:
-        return all(type(item) in _FLAT for item in value.values())
+        return _FLAT.issuperset(map(type, value.values()))
     return False
 
 
@@ -137,8 +137,10 @@ def encode_flat_body(body: dict[str, Any], nested: dict[str, Any]) -> bytes:
     argument holds containers within containers (a driver's own bodies and
     flat parameters can't nest deeper than 3 levels).
     """
-    if not all(_shallow(value) for value in nested.values()):
-        _check_depth(body)
+    for value in nested.values():
+        if not _shallow(value):
+            _check_depth(body)
+            break
     try:
         return cbor2.dumps(body)
     except (cbor2.CBOREncodeError, TypeError, ValueError, OverflowError) as exc:

@@ -24,7 +24,7 @@ import attrs
 
 from .codec import decode_body
 from .errors import FrameTooLarge, MessageError, ProtocolViolation
-from .frames import DEFAULT_MAX_FRAME_SIZE, FrameDecoder
+from .frames import DEFAULT_MAX_FRAME_SIZE, Frame, FrameDecoder
 from .messages import (
     PROTOCOL_VERSIONS,
     Error,
@@ -96,6 +96,8 @@ _SENT_BY = {
         }
     ),
 }
+#: The kind the reply fast path looks for, as a plain int (compared per frame).
+_RESPONSE = int(Kind.RESPONSE)
 _HANDSHAKE_KINDS = {Role.CLIENT: {Kind.HELLO}, Role.SERVER: {Kind.WELCOME, Kind.ERROR}}
 
 
@@ -201,18 +203,16 @@ class ProtocolConnection:
     def next_event(self) -> Message | BadMessage | None:
         """The next message or bad message received, or None if more bytes are needed."""
         try:
-            frame = self._decoder.next_frame()
-            if frame is None:
+            taken = self._decoder.take()
+            if taken is None:
                 return None
-            if (
-                frame.kind == Kind.RESPONSE
-                and self.role is Role.CLIENT
-                and self.state is State.OPEN
-            ):
+            kind, request_id, body, flags = taken
+            if kind == _RESPONSE and self.role is Role.CLIENT and self.state is State.OPEN:
                 # The reply fast path: a RESPONSE is a map with a "result".
-                raw = decode_body(frame.body, request_id=frame.request_id, kind=frame.kind)
+                raw = decode_body(body, request_id=request_id, kind=kind)
                 if type(raw) is dict and "result" in raw and len(raw) == 1:
-                    return Response(frame.request_id, raw["result"])
+                    return Response(request_id, raw["result"])
+            frame = Frame(kind=kind, request_id=request_id, body=body, flags=flags)
             message = decode_message(frame)
         except MessageError as exc:
             return BadMessage(exc)

@@ -126,6 +126,15 @@ class FrameDecoder:
 
     def next_frame(self) -> Frame | None:
         """Return the next whole frame, or None if more bytes are needed."""
+        taken = self.take()
+        if taken is None:
+            return None
+        kind, request_id, body, flags = taken
+        return Frame(kind=kind, request_id=request_id, body=body, flags=flags)
+
+    def take(self) -> tuple[int, int, bytes, int] | None:
+        """:meth:`next_frame` as a tuple ``(kind, request_id, body, flags)``,
+        without building the Frame (for a reader that only needs its parts)."""
         if self._broken is not None:
             raise self._broken
         buf = self._buffer
@@ -157,7 +166,7 @@ class FrameDecoder:
             raise MessageError(
                 f"frame uses unsupported flags {flags:#04x}", request_id=request_id, kind=kind
             )
-        return Frame(kind=kind, request_id=request_id, body=body, flags=flags)
+        return kind, request_id, body, flags
 
     def check_eof(self) -> None:
         """Raise FrameError if the peer closed in the middle of a frame."""
