@@ -5,10 +5,17 @@ frame splitter, ``cbor2.loads`` of each reply body, one task: nothing else.
 At more than one request in flight it keeps that many pipelined from its
 one task (no demultiplexing, no waiters), which only works for a single
 caller: the floor a driver serving many callers can approach, not reach.
+
+:func:`bare_multiplexed` is the floor for many callers: one task per caller
+sends its frame straight to the socket and sleeps until a reader task hands
+it its reply by request id (``trio.lowlevel.reschedule``). No deadlines, no
+retries, no balancing, no checks: what any trio driver that lets many tasks
+share one connection must at least pay.
 """
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 import zlib
@@ -18,7 +25,14 @@ import trio
 
 from qdb_client.protocol import HEADER_SIZE, Hello, encode_message
 
-__all__ = ["BareConnection", "bare_pipelined", "bare_sequential", "request_body", "request_frame"]
+__all__ = [
+    "BareConnection",
+    "bare_multiplexed",
+    "bare_pipelined",
+    "bare_sequential",
+    "request_body",
+    "request_frame",
+]
 
 _HEADER = struct.Struct(">2sBBIQ")
 
@@ -101,3 +115,52 @@ async def bare_pipelined(
         latencies.append(time.perf_counter() - sent_at.pop(request_id))
         if next_id <= n:
             await send(1)
+
+
+async def bare_multiplexed(
+    conn: BareConnection, body: bytes, n: int, callers: int, latencies: list[float]
+) -> None:
+    """``n`` requests from ``callers`` tasks sharing the connection.
+
+    Each caller writes its frame synchronously (a non-blocking ``send`` on a
+    duplicate descriptor: the frames are small enough never to block here) and
+    sleeps until the reader wakes it with its reply.
+    """
+    trio_socket = conn.stream.socket
+    raw = socket.fromfd(trio_socket.fileno(), trio_socket.family, trio_socket.type)
+    raw.setblocking(False)
+    waiting: dict[int, trio.lowlevel.Task] = {}
+    replies: dict[int, object] = {}
+    ids = iter(range(1, n + callers + 1))
+    remaining = n
+
+    def abort(_: object) -> trio.lowlevel.Abort:
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def caller() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            request_id = next(ids)
+            started = time.perf_counter()
+            raw.send(request_frame(request_id, body))
+            waiting[request_id] = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            replies.pop(request_id)
+            latencies.append(time.perf_counter() - started)
+
+    async def reader() -> None:
+        while True:
+            request_id, reply = await conn.read_frame()
+            replies[request_id] = reply
+            trio.lowlevel.reschedule(waiting.pop(request_id))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            async with trio.open_nursery() as inner:
+                for _ in range(callers):
+                    inner.start_soon(caller)
+            nursery.cancel_scope.cancel()
+    finally:
+        raw.close()

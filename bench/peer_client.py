@@ -7,8 +7,10 @@ time per request (``time.process_time()``, measured inside this process only
 around the calls), throughput and latency percentiles.
 
 Systems: ``qdb`` (qdb_client, one connection), ``bare`` (the bare trio loop of
-``bare_loop.py``: same frames, nothing else), ``redis`` (redis-py asyncio,
-GET/SET), ``asyncpg`` (prepared SELECT/INSERT on one connection).
+``bare_loop.py``: same frames, nothing else), ``bare-mux`` (its many-caller
+floor: a task per caller, one reader handing out replies), ``redis``
+(redis-py asyncio, GET/SET), ``asyncpg`` (prepared SELECT/INSERT on one
+connection).
 
 For ``qdb`` (used by ``bench/bench_scaling.py``): ``--address`` may list
 several nodes (``h:p1,h:p2``); ``--connections`` (per node),
@@ -30,7 +32,13 @@ import time
 from collections.abc import Awaitable, Callable
 
 import trio
-from bare_loop import BareConnection, bare_pipelined, bare_sequential, request_body
+from bare_loop import (
+    BareConnection,
+    bare_multiplexed,
+    bare_pipelined,
+    bare_sequential,
+    request_body,
+)
 
 Call = Callable[[], Awaitable[object]]
 
@@ -148,7 +156,9 @@ async def qdb(
         return result
 
 
-async def bare(address: str, workload: str, n: int, in_flight: int) -> dict[str, float]:
+async def bare(
+    address: str, workload: str, n: int, in_flight: int, *, multiplexed: bool = False
+) -> dict[str, float]:
     conn = await BareConnection.open(*split(address))
     if workload == "read":
         body = request_body(
@@ -163,7 +173,9 @@ async def bare(address: str, workload: str, n: int, in_flight: int) -> dict[str,
     await bare_sequential(conn, body, 200, [])
     latencies: list[float] = []
     cpu, wall = time.process_time(), time.perf_counter()
-    if in_flight == 1:
+    if multiplexed:
+        await bare_multiplexed(conn, body, n, in_flight, latencies)
+    elif in_flight == 1:
         await bare_sequential(conn, body, n, latencies)
     else:
         await bare_pipelined(conn, body, n, in_flight, latencies)
@@ -239,7 +251,7 @@ async def asyncpg_client(dsn: str, workload: str, n: int, in_flight: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--system", choices=["qdb", "bare", "redis", "asyncpg"], required=True)
+    parser.add_argument("--system", choices=["qdb", "bare", "bare-mux", "redis", "asyncpg"], required=True)
     parser.add_argument("--workload", choices=["read", "write"], default="read")
     parser.add_argument("--in-flight", type=int, default=1)
     parser.add_argument("--requests", type=int, default=5000)
@@ -267,6 +279,8 @@ def main() -> None:
         result = trio.run(functools.partial(qdb, *work, **options))
     elif args.system == "bare":
         result = trio.run(bare, *work)
+    elif args.system == "bare-mux":
+        result = trio.run(functools.partial(bare, *work, multiplexed=True))
     elif args.system == "redis":
         result = asyncio.run(redis_client(*work))
     else:
