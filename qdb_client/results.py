@@ -36,6 +36,22 @@ class _Columns:
         for position, name in enumerate(self.names):
             self.index.setdefault(name, position)  # a duplicated name: its first column
 
+    @classmethod
+    def shared(cls, names: list[str]) -> _Columns:
+        """The columns of a result from a node: results of the same statement share
+        one (bounded: when the cache is full it starts again)."""
+        key = tuple(names)
+        columns = _SHARED_COLUMNS.get(key)
+        if columns is None:
+            if len(_SHARED_COLUMNS) >= _MAX_SHARED_COLUMNS:
+                _SHARED_COLUMNS.clear()
+            columns = _SHARED_COLUMNS[key] = cls(key)
+        return columns
+
+
+_SHARED_COLUMNS: dict[tuple[str, ...], _Columns] = {}
+_MAX_SHARED_COLUMNS = 512
+
 
 class Row(Sequence[Any]):
     """One row: index by position (``row[0]``) or by column name (``row["name"]``).
@@ -177,7 +193,12 @@ class QueryResult(Sequence[Row]):
             and all(t is None or (isinstance(t, str) and len(t) <= 64) for t in types)
         ):
             raise ProtocolError(f"malformed query result from node: bad types {_preview(types)}")
-        return cls(columns, rows, types)
+        result = cls.__new__(cls)
+        shared = _Columns.shared(columns)
+        result.columns = shared.names
+        result.rows = _rows(rows, shared)
+        result.types = tuple(types) if types is not None else (None,) * len(columns)
+        return result
 
     @overload
     def __getitem__(self, index: int) -> Row: ...
@@ -217,6 +238,18 @@ class QueryResult(Sequence[Row]):
     def as_dicts(self) -> list[dict[str, Any]]:
         """Every row as ``{column: value}`` (a duplicated name keeps its first value)."""
         return [row.as_dict() for row in self.rows]
+
+
+def _rows(rows: list[list[Any]], columns: _Columns) -> list[Row]:
+    """Rows already checked (lists of one value per column) sharing ``columns``."""
+    new = Row.__new__
+    out = []
+    for values in rows:
+        row = new(Row)
+        row._values = tuple(values)
+        row._columns = columns
+        out.append(row)
+    return out
 
 
 def _to_columns(value: Any) -> tuple[str, ...]:

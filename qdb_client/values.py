@@ -41,6 +41,7 @@ __all__ = ["JSON_TAG", "TIME_TAG", "Json", "check_value", "prepare_params"]
 
 _INT64 = (-(2**63), 2**63 - 1)
 _PLAIN = frozenset({type(None), bool, float, str, bytes})
+_LISTS = frozenset({list, tuple})
 
 
 @attrs.frozen
@@ -122,7 +123,7 @@ def prepare_params(params: Any) -> list[Any] | dict[str, Any] | None:
     if params is None:
         return None
     low, high = _INT64
-    if isinstance(params, Mapping):
+    if type(params) not in _LISTS and isinstance(params, Mapping):  # (an ABC check is slow)
         out: dict[str, Any] = {}
         for name, value in params.items():
             if not isinstance(name, str):
@@ -133,7 +134,9 @@ def prepare_params(params: Any) -> list[Any] | dict[str, Any] | None:
             else:
                 out[name] = check_value(value, f"parameter {name!r}")
         return out
-    if isinstance(params, Sequence) and not isinstance(params, (str, bytes, bytearray)):
+    if type(params) in _LISTS or (
+        isinstance(params, Sequence) and not isinstance(params, (str, bytes, bytearray))
+    ):
         values: list[Any] = []
         for i, value in enumerate(params):
             kind = type(value)
