@@ -12,7 +12,6 @@ clock is the point (statement timing).
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -410,16 +409,18 @@ async def test_welcome_from_a_client_is_answered_with_its_request_id(autojump_cl
 
 
 async def test_select_zeroblob_200000000_is_refused_before_it_is_built():
-    # Real time: the point is that nothing of 200 MB gets built.
+    # The point is that nothing of 200 MB gets built: SQLite's length limit
+    # (SQLITE_TOOBIG, checked before it allocates) refuses the value, and both
+    # replies say that is what refused it, not a size check of a built result.
     async with running() as (node, nursery):
         client = await attach(node, nursery)
         client.timeout = 30.0
-        for method, name in (("query", "FRAME_TOO_LARGE"), ("execute", "SQL_ERROR")):
-            start = time.perf_counter()
-            reply = await client.request(method, {"sql": "select zeroblob(200000000)"})
-            elapsed = time.perf_counter() - start
-            assert isinstance(reply, Error) and reply.name == name, reply
-            assert elapsed < 0.05, f"{method} took {elapsed:.3f} s: the value was built"
+        query = await client.request("query", {"sql": "select zeroblob(200000000)"})
+        assert isinstance(query, Error) and query.name == "FRAME_TOO_LARGE", query
+        assert "a string or blob the query builds or reads exceeds" in query.message
+        execute = await client.request("execute", {"sql": "select zeroblob(200000000)"})
+        assert isinstance(execute, Error) and execute.name == "SQL_ERROR", execute
+        assert execute.details["sqlite_error"] == "SQLITE_TOOBIG"
         inserted = await client.request("execute", {"sql": "select zeroblob(17000000)"})
         assert isinstance(inserted, Error) and inserted.details["sqlite_error"] == "SQLITE_TOOBIG"
 
@@ -440,12 +441,13 @@ async def test_the_118_byte_comment_statement_returns_within_milliseconds():
         await client.call("execute", {"sql": "create table t(x)"})
         sql = "/**/" * 26 + " delete from t"
         assert len(sql) == 118
-        start = time.perf_counter()
-        assert await client.call("execute", {"sql": sql}) == {
-            "rows_affected": 0,
-            "last_insert_id": None,
-        }
-        assert time.perf_counter() - start < 0.05
+        # A backtracking pattern over these comments took minutes; a hang guard
+        # with a wide margin, not a timing goal.
+        with trio.fail_after(10):
+            assert await client.call("execute", {"sql": sql}) == {
+                "rows_affected": 0,
+                "last_insert_id": None,
+            }
 
 
 async def test_goaway_from_the_client_with_a_huge_id_is_refused_and_the_connection_kept(
