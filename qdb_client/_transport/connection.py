@@ -92,7 +92,8 @@ class ConnectionListener(Protocol):
         fails or closes."""
 
     def slot_freed(self, connection: Connection) -> None:
-        """A request slot became free (a reply, a confirmed orphan, a withdrawal)."""
+        """One or more request slots became free (a reply, a batch of replies, a
+        confirmed orphan, a withdrawal)."""
 
     def orphaned(self, connection: Connection, forget_at: float) -> None:
         """A request became an orphan, forgotten at ``forget_at`` if never confirmed
@@ -471,9 +472,9 @@ class Connection:
             self._in_flight -= 1
             self._slot_freed()
 
-    def _slot_freed(self) -> None:
+    def _slot_freed(self, count: int = 1) -> None:
         if self._slot_lot:
-            self._slot_lot.unpark()
+            self._slot_lot.unpark(count=count)
         if self._listener is not None:
             self._listener.slot_freed(self)
 
@@ -659,7 +660,21 @@ class Connection:
             # then go out together through the writer (one send for all)
             # instead of one direct send each.
             self._coalesce = len(events) > 1
+            freed = 0
             for event in events:
+                if type(event) is Response and not self._feeds:
+                    pending = self._waiting.pop(event.request_id, None)
+                    if pending is not None:
+                        # The common reply, inline (what _deliver does); the slots
+                        # it frees are announced once for the whole batch, below.
+                        if event.replayed:
+                            pending.replayed = True
+                        if pending.holds_slot:
+                            pending.holds_slot = False
+                            self._in_flight -= 1
+                            freed += 1
+                        pending._finish(event.result)
+                        continue
                 try:
                     self._dispatch(event)
                 except Exception as exc:  # a bad reply fails its own request only
@@ -668,6 +683,8 @@ class Connection:
                         getattr(event, "request_id", 0),
                         error=MessageError(f"unusable reply from {self.address}: {exc!r:.300}"),
                     )
+            if freed:
+                self._slot_freed(freed)
 
     def _dispatch(self, event: Message | BadMessage) -> None:
         if self._feeds and isinstance(event, FEED_KINDS):

@@ -15,7 +15,7 @@ import trio.testing
 from qdb_client._transport import ORPHAN_GRACE
 from qdb_client._transport import connection as connection_module
 from qdb_client.errors import MessageError
-from qdb_client.protocol import Cancel, ErrorCode, GoAway, Request, error_message
+from qdb_client.protocol import Cancel, ErrorCode, GoAway, Request, Response, error_message
 
 from .test_transport_connection import connected
 
@@ -179,3 +179,29 @@ async def test_pins_take_no_slot_and_end_with_the_connection(autojump_clock):
         assert conn.pinned == 1
         conn.close()
         assert conn.pinned == 0
+
+
+async def test_a_batch_of_replies_frees_a_slot_for_each_waiting_sender(autojump_clock):
+    # Replies that arrive in one read are handed out together and their freed
+    # slots announced once: every sender waiting for a slot must still get one.
+    async with connected(max_in_flight=2, node_max_in_flight=2) as (conn, node, nursery):
+        results: dict[int, object] = {}
+
+        async def call(n: int) -> None:
+            results[n] = await conn.request("query", {"n": n})
+
+        for n in range(4):
+            nursery.start_soon(call, n)
+        first = [await node.receive_request() for _ in range(2)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.in_flight == 2  # the other two wait for a slot
+        await node.send_raw(
+            b"".join(node.protocol.send(Response(r.request_id, r.args["n"])) for r in first)
+        )
+        with trio.fail_after(5):  # (virtual time: a slot never freed fails here)
+            second = [await node.receive_request() for _ in range(2)]
+        for request in second:
+            await node.reply(request, request.args["n"])
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == {0: 0, 1: 1, 2: 2, 3: 3}
+        assert conn.in_flight == 0
