@@ -20,7 +20,15 @@ import cbor2
 
 from .errors import MessageError, ValueNotEncodable
 
-__all__ = ["JSON_TAG", "MAX_DEPTH", "TIME_TAG", "decode_body", "encode_body", "encode_flat_body"]
+__all__ = [
+    "JSON_TAG",
+    "MAX_DEPTH",
+    "TIME_TAG",
+    "BodyDecoder",
+    "decode_body",
+    "encode_body",
+    "encode_flat_body",
+]
 
 #: Deepest container nesting accepted in a body.
 MAX_DEPTH = 32
@@ -149,29 +157,56 @@ def encode_flat_body(body: dict[str, Any], nested: dict[str, Any]) -> bytes:
 
 def decode_body(data: bytes, *, request_id: int = 0, kind: int | None = None) -> Any:
     """Decode exactly one CBOR item from ``data`` or raise MessageError."""
-    if not data:
-        raise MessageError("empty message body", request_id=request_id, kind=kind)
-    fp = io.BytesIO(data)
-    try:
-        decoder = cbor2.CBORDecoder(
-            fp,
-            max_depth=MAX_DEPTH,
-            allow_indefinite=False,
-            strict_hashable_types=True,
-            allow_duplicate_keys=False,
-            semantic_decoders=_SEMANTIC_DECODERS,
-        )
-        value = decoder.decode()
-    except RecursionError as exc:
-        raise MessageError("CBOR body nested too deeply", request_id=request_id, kind=kind) from exc
-    except Exception as exc:  # cbor2 and its tag decoders raise many types
-        raise MessageError(
-            f"undecodable CBOR body: {exc}", request_id=request_id, kind=kind
-        ) from exc
-    if fp.tell() != len(data):
-        raise MessageError(
-            f"{len(data) - fp.tell()} trailing bytes after the CBOR body",
-            request_id=request_id,
-            kind=kind,
-        )
-    return value
+    return BodyDecoder().decode(data, request_id=request_id, kind=kind)
+
+
+class BodyDecoder:
+    """:func:`decode_body` keeping one CBOR decoder from one body to the next.
+
+    For one reader (a connection's replies): building a decoder costs more
+    than decoding a small reply. Nothing carries over between bodies: the
+    tags that keep state across items (28/29, shared values) are refused, and
+    after any failure the decoder is dropped and the next body gets a new one.
+    """
+
+    __slots__ = ("_decoder",)
+
+    def __init__(self) -> None:
+        self._decoder: cbor2.CBORDecoder | None = None
+
+    def decode(self, data: bytes, *, request_id: int = 0, kind: int | None = None) -> Any:
+        """Decode exactly one CBOR item from ``data`` or raise MessageError."""
+        if not data:
+            raise MessageError("empty message body", request_id=request_id, kind=kind)
+        fp = io.BytesIO(data)
+        try:
+            decoder = self._decoder
+            if decoder is None:
+                decoder = self._decoder = cbor2.CBORDecoder(
+                    fp,
+                    max_depth=MAX_DEPTH,
+                    allow_indefinite=False,
+                    strict_hashable_types=True,
+                    allow_duplicate_keys=False,
+                    semantic_decoders=_SEMANTIC_DECODERS,
+                )
+            else:
+                decoder.fp = fp
+            value = decoder.decode()
+        except RecursionError as exc:
+            self._decoder = None
+            raise MessageError(
+                "CBOR body nested too deeply", request_id=request_id, kind=kind
+            ) from exc
+        except Exception as exc:  # cbor2 and its tag decoders raise many types
+            self._decoder = None
+            raise MessageError(
+                f"undecodable CBOR body: {exc}", request_id=request_id, kind=kind
+            ) from exc
+        if fp.tell() != len(data):
+            raise MessageError(
+                f"{len(data) - fp.tell()} trailing bytes after the CBOR body",
+                request_id=request_id,
+                kind=kind,
+            )
+        return value

@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from .codec import decode_body
+from .codec import BodyDecoder
 from .errors import FrameTooLarge, MessageError, ProtocolViolation
 from .frames import DEFAULT_MAX_FRAME_SIZE, Frame, FrameDecoder
 from .messages import (
@@ -131,6 +131,7 @@ class ProtocolConnection:
         #: Whether this side sent GOAWAY.
         self.sent_goaway = False
         self._decoder = FrameDecoder(max_frame_size)
+        self._bodies = BodyDecoder()
         self._peer = Role.SERVER if role is Role.CLIENT else Role.CLIENT
 
     @property
@@ -209,7 +210,7 @@ class ProtocolConnection:
             kind, request_id, body, flags = taken
             if kind == _RESPONSE and self.role is Role.CLIENT and self.state is State.OPEN:
                 # The reply fast path: a RESPONSE is a map with a "result".
-                raw = decode_body(body, request_id=request_id, kind=kind)
+                raw = self._bodies.decode(body, request_id=request_id, kind=kind)
                 if type(raw) is dict and "result" in raw and len(raw) == 1:
                     return Response(request_id, raw["result"])
             frame = Frame(kind=kind, request_id=request_id, body=body, flags=flags)

@@ -12,6 +12,7 @@ import math
 import struct
 from typing import Any
 
+import cbor2
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -51,7 +52,7 @@ from qdb_client.protocol import (
     encode_frame,
     encode_message,
 )
-from qdb_client.protocol.codec import MAX_DEPTH
+from qdb_client.protocol.codec import MAX_DEPTH, BodyDecoder, decode_body
 
 CI = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PER_KIND = settings(CI, max_examples=60)
@@ -705,3 +706,40 @@ def test_handshake_reply_is_a_message_a_bad_message_or_a_violation(
     else:
         assert isinstance(event, (Welcome, Error))
         _check_decoded(event, event.kind, 0)
+
+
+def _outcome(decode: Any, body: bytes) -> tuple[str, Any]:
+    try:
+        return "value", decode(body)
+    except MessageError as exc:
+        return "error", str(exc)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(
+    bodies=st.lists(
+        st.one_of(
+            values.map(cbor2.dumps),
+            st.binary(max_size=24),  # garbage: most of it undecodable
+            st.tuples(values, st.binary(min_size=1, max_size=3)).map(
+                lambda pair: cbor2.dumps(pair[0]) + pair[1]  # trailing bytes
+            ),
+            values.map(lambda value: cbor2.dumps(value)[:-1]),  # cut short
+            st.just(cbor2.dumps(cbor2.CBORTag(28, [1]))),  # a shared value: refused
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_a_reused_body_decoder_decodes_each_body_as_a_fresh_one_would(bodies: list[bytes]) -> None:
+    # The reply fast path keeps one decoder per connection: nothing a body
+    # leaves behind (a value, a failure half-way) may change the next one.
+    reused = BodyDecoder()
+    for body in bodies:
+        got = _outcome(reused.decode, body)
+        expected = _outcome(decode_body, body)
+        assert got[0] == expected[0], body
+        if got[0] == "value":
+            assert same(got[1], expected[1]), body
+        else:
+            assert got[1] == expected[1], body
