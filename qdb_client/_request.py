@@ -535,7 +535,8 @@ class RequestPipeline:
         timeouts = self.attempt_timeouts
         if not timeouts.enabled:
             return math.inf
-        if not self.cluster.has_alternative(node, call.tried, now):
+        cluster = self.cluster
+        if len(cluster.nodes) == 1 or not cluster.has_alternative(node, call.tried, now):
             return math.inf  # the last node left gets the whole deadline
         quantile = node.latency.reply_quantile
         if quantile is None or len(self.cluster.nodes) > 1:

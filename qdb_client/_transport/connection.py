@@ -395,14 +395,16 @@ class Connection:
                 return pending
         self._queued_bytes += len(data)
         self._outbox.append(pending)
-        self._outbox_lot.unpark()
+        if self._outbox_lot:  # (the writer may be awake already)
+            self._outbox_lot.unpark()
         return pending
 
     def _queue_bytes(self, data: bytes) -> None:
         """Queue raw frame bytes (CANCEL, PONG, a partly written frame)."""
         self._queued_bytes += len(data)
         self._outbox.append(data)
-        self._outbox_lot.unpark()
+        if self._outbox_lot:  # (the writer may be awake already)
+            self._outbox_lot.unpark()
 
     def _abandon(self, pending: PendingRequest) -> None:
         """The caller stopped waiting (cancelled)."""
