@@ -228,10 +228,9 @@ class RequestPipeline:
         call.observe = self.events.wants(RequestStarted)
         self.counters.calls += 1
         self.budget.record_request(now)
-        started = now
         try:
             while True:
-                result, attempt = await self._attempt(call, args, started)
+                result, attempt = await self._attempt(call, args)
                 if attempt is None:
                     if call.suspects:
                         self._judge(call, answered_in=self._last_reply_time)
@@ -243,7 +242,6 @@ class RequestPipeline:
                         self._judge(call, answered_in=None)
                     raise self._final(call, attempt, decision)
                 await self._next(call, attempt, decision)
-                started = trio.current_time()
         except BaseException:
             if call.suspects:
                 self._judge(call, answered_in=None, blame=False)  # cancelled: release probes
@@ -293,11 +291,11 @@ class RequestPipeline:
 
     # ------------------------------------------------------------ attempts
 
-    async def _attempt(
-        self, call: _Call, args: Arguments, started: float
-    ) -> tuple[Any, _Try | None]:
-        """One attempt, starting at trio time ``started`` (now): (result, None) on
-        success, else (None, what happened)."""
+    async def _attempt(self, call: _Call, args: Arguments) -> tuple[Any, _Try | None]:
+        """One attempt: (result, None) on success, else (None, what happened)."""
+        # Read afresh, never the call's start: the call's own bookkeeping takes
+        # time, and a request whose deadline has passed must not be sent.
+        started = trio.current_time()
         node = None
         if self.expiries.running and started < call.deadline:
             await trio.lowlevel.checkpoint_if_cancelled()
