@@ -537,6 +537,9 @@ class RequestPipeline:
         if len(cluster.nodes) == 1 or not cluster.has_alternative(node, call.tried, now):
             return math.inf  # the last node left gets the whole deadline
         quantile = node.latency.reply_quantile
+        if quantile is not None and timeouts.factor * quantile <= timeouts.minimum:
+            # The floor, whatever the others: their quantiles can only lower this one.
+            return timeouts.minimum
         if quantile is None or len(self.cluster.nodes) > 1:
             # A node is judged beside the others: one that slows down by
             # degrees must not raise its own timeout to the whole deadline.

@@ -143,6 +143,9 @@ class Cluster:
         self._closed = False
         #: Cached ``candidates()`` without exclusions; None when stale.
         self._live: list[Node] | None = None
+        #: Nodes whose breaker is not CLOSED (none: every breaker admits, so the
+        #: request path need not ask each one).
+        self._not_closed: set[Node] = set()
         #: Pools of nodes merged into another (closed with the client).
         self._merged_pools: list[NodePool] = []
         #: Announced members not added because ``max_members`` nodes are known.
@@ -232,6 +235,7 @@ class Cluster:
             node.tasks.cancel()
         self._merged_pools.append(node.pool)
         self.nodes.remove(node)
+        self._not_closed.discard(node)
         self._monitors.pop(node.address, None)
         self._by_address[node.address] = alias_of
         self._changed()
@@ -383,6 +387,10 @@ class Cluster:
         self, node: Node, previous: BreakerState, state: BreakerState, now: float
     ) -> None:
         self._lot.unpark_all()  # callers waiting for an admitting breaker look again
+        if state is BreakerState.CLOSED:
+            self._not_closed.discard(node)
+        else:
+            self._not_closed.add(node)
         self.events.emit(
             BreakerStateChanged(
                 now,
@@ -416,6 +424,7 @@ class Cluster:
         if node.tasks is not None:
             node.tasks.cancel()
         self.nodes.remove(node)
+        self._not_closed.discard(node)
         self._monitors.pop(node.address, None)
         self._by_address.pop(node.address, None)
         self._nursery.start_soon(node.pool.abandon, "no longer announced and DOWN")
@@ -528,8 +537,10 @@ class Cluster:
         No checkpoint."""
         if self._closed:
             return None
-        admitted = [n for n in self.candidates(exclude) if n.breaker.would_allow(now)]
-        return self.balancer.pick(admitted, now) if admitted else None
+        candidates = self.candidates(exclude)
+        if self._not_closed:
+            candidates = [n for n in candidates if n.breaker.would_allow(now)]
+        return self.balancer.pick(candidates, now) if candidates else None
 
     async def select(self, exclude: Sequence[Node] = ()) -> Node:
         """A node for the next attempt, waiting for one to come UP if needed.
