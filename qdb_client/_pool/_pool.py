@@ -469,8 +469,8 @@ class NodePool:
         if (
             record is not None
             and record.idle
-            and self.state.active > self.state.limits.min_connections
             and record.last_used + self.state.limits.idle_timeout < self._maintenance_at
+            and self.state.active > self.state.limits.min_connections
         ):
             # It just went idle and may expire before maintenance would look
             # again. (Most releases skip this: a busy connection's expiry is
