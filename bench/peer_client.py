@@ -251,7 +251,9 @@ async def asyncpg_client(dsn: str, workload: str, n: int, in_flight: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--system", choices=["qdb", "bare", "bare-mux", "redis", "asyncpg"], required=True)
+    parser.add_argument(
+        "--system", choices=["qdb", "bare", "bare-mux", "redis", "asyncpg"], required=True
+    )
     parser.add_argument("--workload", choices=["read", "write"], default="read")
     parser.add_argument("--in-flight", type=int, default=1)
     parser.add_argument("--requests", type=int, default=5000)
