@@ -155,6 +155,10 @@ class _Call:
         return not self.read_only and any(a.maybe_applied for a in self.attempts)
 
 
+class _Late(Exception):  # internal: never leaves the attempt
+    """The call's deadline passed while the attempt waited to send."""
+
+
 class _Try:
     """What one attempt left behind, for the call to decide on."""
 
@@ -376,6 +380,7 @@ class RequestPipeline:
         timeout = math.inf
         error: QdbError | None = None
         result: Any = None
+        late = False
         with trio.CancelScope(deadline=call.deadline) as scope:
             try:
                 node = (
@@ -398,6 +403,12 @@ class RequestPipeline:
                 node.requests_sent += 1
                 connection = await node.pool.acquire_slot()
                 sent_at = trio.current_time()
+                if sent_at >= call.deadline:
+                    # trio looks at deadlines once per scheduler pass: a slot
+                    # granted in the pass the deadline went by would still send.
+                    connection.unreserve()
+                    late = True
+                    raise _Late
                 pending = connection.send_reserved(
                     call.method,
                     _arguments(args, connection),
@@ -415,6 +426,8 @@ class RequestPipeline:
                     self._replayed(call, node)
                 if call.parse is not None:
                     result = call.parse(result)  # a malformed reply is a corrupted one
+            except _Late:
+                pass
             except QdbError as exc:
                 error = exc
             except BaseException:
@@ -423,6 +436,11 @@ class RequestPipeline:
                 if node is not None and generation != _NOT_ADMITTED and not scope.cancel_called:
                     self._cancelled(call, node, generation, pending, sent_at, timeout)
                 raise
+        if late:  # as if the scope had fired at the call's deadline, before the send
+            return self._conclude(
+                call, node, generation, None, None, None, started, sent_at, timeout,
+                timed_out=True, ours=False,
+            )  # fmt: skip
         return self._conclude(
             call, node, generation, pending, error, result, started, sent_at, timeout,
             timed_out=scope.cancelled_caught, ours=scope.deadline < call.deadline,

@@ -192,3 +192,38 @@ async def test_the_timer_path_ends_attempts_as_the_scope_path_does(
     assert paths["timer"] == 0
     assert runs[0] == runs[1]
     assert runs[0][1] > 0  # something was waited for: an attempt or a call timed out
+
+
+async def test_a_write_whose_deadline_passes_while_it_waits_for_a_slot_is_not_sent(
+    network: FakeNetwork, autojump_clock, monkeypatch: pytest.MonkeyPatch
+):
+    # trio checks deadlines once per scheduler pass: a waiter granted its slot in
+    # the pass the call's deadline went by resumes uncancelled and must look at
+    # the clock itself. Here the time that passes between the grant and the
+    # send is a jump of the clock inside the grant.
+    writes: list[Request] = []
+
+    async def record(node: FakeNode, request: Request) -> None:
+        writes.append(request)
+        await echo(node, request)
+
+    network.handlers["a:1"] = record
+    async with qdb_client.open_client("a:1", **{**EXACT, "max_retries": 0}) as client:
+        await client._call("query", {}, 1.0, read_only=True)
+        writes.clear()
+        pool = client._cluster.nodes[0].pool
+        granted = pool.acquire_slot
+
+        async def slow_grant():  # type: ignore[no-untyped-def]
+            connection = await granted()
+            autojump_clock.jump(2.0)  # past the write's 1 s deadline, no checkpoint
+            return connection
+
+        monkeypatch.setattr(pool, "try_acquire_slot", lambda now: None)  # the waiting path
+        monkeypatch.setattr(pool, "acquire_slot", slow_grant)
+        with pytest.raises(RequestTimeout) as info:
+            await client._call("execute", {}, 1.0, idempotency_key=False)
+        assert (info.value.request_sent, info.value.maybe_applied) == (False, False)
+        await trio.testing.wait_all_tasks_blocked()
+        assert writes == []
+        assert all(c.in_flight == 0 for c in pool.connections())  # the slot was given back
