@@ -39,7 +39,11 @@ class _Columns:
     @classmethod
     def shared(cls, names: list[str]) -> _Columns:
         """The columns of a result from a node: results of the same statement share
-        one (bounded: when the cache is full it starts again)."""
+        one. Only small shapes are kept (at most 64 names, 4096 characters, 512
+        shapes; when full the cache starts again), so a cached shape never holds
+        much memory after its results are gone."""
+        if len(names) > _MAX_SHARED_NAMES or sum(map(len, names)) > _MAX_SHARED_CHARS:
+            return cls(names)
         key = tuple(names)
         columns = _SHARED_COLUMNS.get(key)
         if columns is None:
@@ -51,6 +55,8 @@ class _Columns:
 
 _SHARED_COLUMNS: dict[tuple[str, ...], _Columns] = {}
 _MAX_SHARED_COLUMNS = 512
+_MAX_SHARED_NAMES = 64
+_MAX_SHARED_CHARS = 4096
 
 
 class Row(Sequence[Any]):

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qdb_client import ExecuteResult, QueryResult, Row
+from qdb_client import results as results_module
 from qdb_client.errors import InvalidArgument, ProtocolError
 from qdb_client.results import _preview
 
@@ -314,3 +315,19 @@ def test_batch_results_from_wire() -> None:
             ExecuteResult.batch_from_wire(bad)
     with pytest.raises(ProtocolError, match="malformed execute result"):
         ExecuteResult.batch_from_wire({"results": [{"rows_affected": HUGE}]})
+
+
+def test_results_of_one_statement_share_their_columns_but_big_shapes_are_not_kept():
+    small = {"columns": ["id", "name"], "rows": [[1, "ada"]], "types": None}
+    first, second = QueryResult.from_wire(small), QueryResult.from_wire(small)
+    assert first[0]._columns is second[0]._columns
+    assert first[0]["name"] == "ada" and first[0] == Row((1, "ada"), ["id", "name"])
+    # Long names (an expression column is named by its SQL text) are not
+    # cached: they would stay in memory after every result holding them is gone.
+    wide = ["x" * 5000]
+    big = QueryResult.from_wire({"columns": wide, "rows": [[1]]})
+    assert tuple(wide) not in results_module._SHARED_COLUMNS
+    assert big[0][wide[0]] == 1
+    many = [f"c{i}" for i in range(65)]
+    QueryResult.from_wire({"columns": many, "rows": []})
+    assert tuple(many) not in results_module._SHARED_COLUMNS
