@@ -160,6 +160,10 @@ def decode_body(data: bytes, *, request_id: int = 0, kind: int | None = None) ->
     return BodyDecoder().decode(data, request_id=request_id, kind=kind)
 
 
+#: What a kept decoder reads from between bodies.
+_NO_BODY = io.BytesIO(b"")
+
+
 class BodyDecoder:
     """:func:`decode_body` keeping one CBOR decoder from one body to the next.
 
@@ -193,6 +197,7 @@ class BodyDecoder:
             else:
                 decoder.fp = fp
             value = decoder.decode()
+            decoder.fp = _NO_BODY  # keep no reply alive past its decoding
         except RecursionError as exc:
             self._decoder = None
             raise MessageError(

@@ -7,9 +7,11 @@ Pure: no sockets, no trio. Everything goes through the public functions of
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import struct
+import tracemalloc
 from typing import Any
 
 import cbor2
@@ -743,3 +745,17 @@ def test_a_reused_body_decoder_decodes_each_body_as_a_fresh_one_would(bodies: li
             assert same(got[1], expected[1]), body
         else:
             assert got[1] == expected[1], body
+
+
+def test_a_reused_body_decoder_keeps_no_body_alive():
+    reused = BodyDecoder()
+    tracemalloc.start()
+    try:
+        body = cbor2.dumps({"result": b"x" * 5_000_000})
+        value = reused.decode(body)
+        del value, body
+        gc.collect()
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept < 1_000_000  # neither the 5 MB body nor its value
