@@ -235,6 +235,7 @@ class Cluster:
             node.tasks.cancel()
         self._merged_pools.append(node.pool)
         self.nodes.remove(node)
+        node.breaker.on_transition = None  # attempts still on it no longer count here
         self._not_closed.discard(node)
         self._monitors.pop(node.address, None)
         self._by_address[node.address] = alias_of
@@ -424,6 +425,7 @@ class Cluster:
         if node.tasks is not None:
             node.tasks.cancel()
         self.nodes.remove(node)
+        node.breaker.on_transition = None  # attempts still on it no longer count here
         self._not_closed.discard(node)
         self._monitors.pop(node.address, None)
         self._by_address.pop(node.address, None)

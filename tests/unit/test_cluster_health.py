@@ -241,3 +241,20 @@ async def test_an_unreachable_alias_merged_away_does_not_disturb_the_client(
         assert states(client) == {"localhost:1": "UP", "b:2": "UP"}
         for _ in range(4):
             await client._call("query", {}, None, read_only=True)
+
+
+async def test_a_node_the_cluster_dropped_no_longer_reports_its_breaker(network, autojump_clock):
+    # Attempts still in flight on a node merged away (or forgotten) may fail
+    # after it left: its breaker must not mark the cluster as having a breaker
+    # open, which would make every selection ask every breaker again.
+    network.handlers["a:1"] = echo
+    network.handlers["b:2"] = echo
+    async with qdb_client.open_client(["a:1", "b:2"], **EXACT) as client:
+        cluster = client._cluster
+        dropped = cluster.find("b:2")
+        cluster._remove(dropped, cluster.find("a:1"))
+        now = trio.current_time()
+        for _ in range(10):
+            dropped.breaker.record_failure(now, cause="connection")
+        assert dropped.breaker.state(now).value == "OPEN"
+        assert not cluster._not_closed
