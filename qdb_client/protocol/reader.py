@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from .connection import BadMessage, ProtocolConnection
+from .errors import FrameError
 from .messages import Message
 
 __all__ = ["READ_SIZE", "ByteSource", "receive_event", "receive_events"]
@@ -62,8 +63,15 @@ async def receive_events(
     """
     events: list[Message | BadMessage] = []
     while True:
-        while (event := protocol.next_event()) is not None:
-            events.append(event)
+        try:
+            while (event := protocol.next_event()) is not None:
+                events.append(event)
+        except FrameError:
+            if events:
+                # The replies in front of a broken frame arrived whole: hand them
+                # out. A broken stream stays broken, so the next call raises again.
+                return events
+            raise
         if events:
             return events
         data = await stream.receive_some(read_size)

@@ -14,7 +14,7 @@ import trio.testing
 
 from qdb_client._transport import ORPHAN_GRACE
 from qdb_client._transport import connection as connection_module
-from qdb_client.errors import MessageError
+from qdb_client.errors import ConnectionLost, MessageError, QdbError
 from qdb_client.protocol import Cancel, ErrorCode, GoAway, Request, Response, error_message
 
 from .test_transport_connection import connected
@@ -205,3 +205,22 @@ async def test_a_batch_of_replies_frees_a_slot_for_each_waiting_sender(autojump_
         await trio.testing.wait_all_tasks_blocked()
         assert results == {0: 0, 1: 1, 2: 2, 3: 3}
         assert conn.in_flight == 0
+
+
+async def test_replies_in_front_of_a_broken_frame_reach_their_callers(autojump_clock):
+    async with connected() as (conn, node, nursery):
+        got: dict[str, object] = {}
+
+        async def call() -> None:
+            try:
+                got["reply"] = await conn.request("query", {})
+            except QdbError as exc:
+                got["reply"] = exc
+
+        nursery.start_soon(call)
+        request = await node.receive_request()
+        # One read: an intact reply, then bytes that can't start a frame.
+        await node.send_raw(node.protocol.send(Response(request.request_id, "answer")) + b"XX" * 20)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == {"reply": "answer"}
+        assert not conn.usable and isinstance(conn.error, ConnectionLost)
