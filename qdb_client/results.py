@@ -336,7 +336,17 @@ class ExecuteResult:
                 f" signed 64-bit integer, got {_preview(last_id)}"
             )
         if "columns" not in result and "rows" not in result:
-            return cls(affected, last_id)
+            # Checked already: the fields set directly, without the converters
+            # and checks of __init__ (the common reply of a write).
+            plain = object.__new__(cls)
+            for name, value in (
+                ("rows_affected", affected),
+                ("last_insert_id", last_id),
+                ("columns", ()),
+                ("rows", []),
+            ):
+                object.__setattr__(plain, name, value)
+            return plain
         columns, rows = _check_rows(result, "execute")
         shared = _Columns(columns)
         return cls(affected, last_id, shared.names, [Row(values, shared) for values in rows])

@@ -331,3 +331,14 @@ def test_results_of_one_statement_share_their_columns_but_big_shapes_are_not_kep
     many = [f"c{i}" for i in range(65)]
     QueryResult.from_wire({"columns": many, "rows": []})
     assert tuple(many) not in results_module._SHARED_COLUMNS
+
+
+def test_an_execute_reply_without_rows_builds_the_same_result_as_the_constructor():
+    wire = ExecuteResult.from_wire({"rows_affected": 3, "last_insert_id": None})
+    made = ExecuteResult(3, None)
+    assert wire == made and hash(wire) == hash(made) and repr(wire) == repr(made)
+    assert (wire.columns, wire.rows, len(wire), bool(wire)) == ((), [], 0, True)
+    other = ExecuteResult.from_wire({"rows_affected": 0, "last_insert_id": 7})
+    assert other.rows is not wire.rows  # each result its own (empty) list
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        wire.rows_affected = 4  # type: ignore[misc]
