@@ -360,27 +360,14 @@ class NodePool:
         waiter = _Waiter(exclusive)
         self._queue.append(waiter)
         waiter.queued = True
-        failures_before = self._open_failures
         try:
+            if trio.current_effective_deadline() < trio.current_time() + self._acquire_timeout:
+                # The caller's own deadline comes first (the usual case: a call's
+                # timeout is no longer than the pool's), so the pool's timeout
+                # could never fire: no scope of its own.
+                return await self._wait_granted(waiter)
             with trio.move_on_after(self._acquire_timeout):
-                while True:
-                    if waiter.granted is not None:
-                        granted, waiter.granted = waiter.granted, None
-                        return granted
-                    self._check_serving()
-                    if (
-                        self._open_failures != failures_before
-                        and self.last_open_error is not None
-                        and not self.state.connections
-                    ):
-                        # The node refused since we began waiting and nothing
-                        # is open: fail now, not at the timeout (attempts
-                        # still under way would most likely fail the same way).
-                        raise _copy(self.last_open_error)
-                    if self.state.opening < len(self._queue) and self._may_open():
-                        self._start_open()  # no more opens under way than callers waiting
-                    waiter.event = trio.Event()
-                    await waiter.event.wait()
+                return await self._wait_granted(waiter)
         finally:
             if waiter.queued:  # gave up (cancelled, timed out, failed) still queued
                 waiter.queued = False
@@ -395,6 +382,28 @@ class NodePool:
             node=self.address,
             in_use=self._describe(),
         )
+
+    async def _wait_granted(self, waiter: _Waiter) -> tuple[int, Connection]:
+        """Wait in the queue until ``waiter`` is granted a connection (or fail)."""
+        failures_before = self._open_failures
+        while True:
+            if waiter.granted is not None:
+                granted, waiter.granted = waiter.granted, None
+                return granted
+            self._check_serving()
+            if (
+                self._open_failures != failures_before
+                and self.last_open_error is not None
+                and not self.state.connections
+            ):
+                # The node refused since we began waiting and nothing is open:
+                # fail now, not at the timeout (attempts still under way would
+                # most likely fail the same way).
+                raise _copy(self.last_open_error)
+            if self.state.opening < len(self._queue) and self._may_open():
+                self._start_open()  # no more opens under way than callers waiting
+            waiter.event = trio.Event()
+            await waiter.event.wait()
 
     def _grant(self) -> None:
         """Serve queued callers strictly in arrival order while there is room."""

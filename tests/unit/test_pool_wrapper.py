@@ -311,6 +311,36 @@ async def test_pool_timeout_is_exact_and_says_what_is_in_use(nursery, autojump_c
     assert pool.statistics() == stats(open=1, in_flight=1)
 
 
+@pytest.mark.parametrize("caller_deadline", [1.0, 2.5, 4.0])
+async def test_a_waiter_ends_at_the_earlier_of_its_own_deadline_and_the_pools(
+    nursery, autojump_clock, caller_deadline
+):
+    # Under a caller's deadline earlier than the pool's timeout the waiter needs
+    # no scope of its own; later, the pool's timeout wins. (At a tie trio hands
+    # the cancellation to the outermost scope: the caller's, as it always did.)
+    server = FakeServer(nursery, max_in_flight=1)
+    pool = make_pool(nursery, server, max_connections=1, acquire_timeout=2.5)
+
+    async def hold() -> None:
+        async with pool.reserve() as slot:
+            await slot.request("query", {"delay": 100.0})
+
+    nursery.start_soon(hold)
+    await trio.sleep(1.0)
+    started = trio.current_time()
+    timed_out = None
+    with trio.move_on_after(caller_deadline) as scope:
+        try:
+            await pool.acquire_slot()
+            pytest.fail("must not get a connection")
+        except PoolTimeout as exc:
+            timed_out = exc
+    assert trio.current_time() - started == min(caller_deadline, 2.5)
+    assert (timed_out is None) == (caller_deadline <= 2.5) == scope.cancelled_caught
+    assert pool.statistics() == stats(open=1, in_flight=1)  # nobody left queued
+    assert not pool._queue
+
+
 async def test_lease_timeout_names_the_lease(nursery, autojump_clock):
     server = FakeServer(nursery)
     pool = make_pool(nursery, server, max_connections=1, acquire_timeout=4.0)
