@@ -9,6 +9,10 @@ insert at 1, 16 and 64 in flight, for:
 - ``bare``: the bare trio loop of ``bench/bare_loop.py`` against the same
   stub: the same frames, cbor2 and crc32, nothing else (pipelined from one
   task when more than one request is in flight);
+- ``bare-mux``: the floor for many callers (``bare_multiplexed``): a task per
+  caller writing its own frame, one reader handing each reply to its caller
+  by id; what any trio driver that shares a connection among tasks pays at
+  least (at 1 in flight: two tasks per round trip instead of one);
 - ``redis``: redis-py asyncio GET/SET against a local ``redis-server``, when
   both are installed;
 - ``asyncpg``: asyncpg prepared SELECT/INSERT on one connection against a
@@ -184,7 +188,7 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     print(f"{args.rounds} rounds x {args.requests} requests; {os.cpu_count()} cores")
     with stub_node() as stub, redis_server() as redis, postgres() as pg:
-        systems: dict[str, str] = {"bare": stub, "qdb": stub}
+        systems: dict[str, str] = {"bare": stub, "bare-mux": stub, "qdb": stub}
         if redis:
             systems["redis"] = redis
         if pg:
