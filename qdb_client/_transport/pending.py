@@ -18,6 +18,8 @@ expiry and the waiter running wins: it is returned, not thrown away.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +57,7 @@ class PendingRequest:
         "_error",
         "_result",
         "_task",
+        "_timer_key",
         "data",
         "expires",
         "holds_slot",
@@ -91,6 +94,8 @@ class PendingRequest:
         self._task: trio.lowlevel.Task | None = None
         self._result: Any = None
         self._error: BaseException | None = None
+        #: This wait's key in the Expiries that holds it (see wait_until).
+        self._timer_key = -1
 
     @property
     def done(self) -> bool:
@@ -179,18 +184,33 @@ class Expiries:
     """
 
     def __init__(self) -> None:
-        self._waiting: dict[PendingRequest, float] = {}
+        #: The waits held, by the key each was given when added.
+        self._live: dict[int, PendingRequest] = {}
+        #: (expires, key) of every wait added, ended ones included until they
+        #: reach the top or the heap is rebuilt (it never holds the requests).
+        self._heap: list[tuple[float, int]] = []
+        self._keys = itertools.count()
         self._wake_at = math.inf
         self._scope: trio.CancelScope | None = None
         #: Whether ``run`` is serving (waits may be given to it).
         self.running = False
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return len(self._live)
 
     def add(self, pending: PendingRequest, expires: float) -> None:
         """Expire ``pending``'s wait at ``expires`` unless discarded before."""
-        self._waiting[pending] = expires
+        key = next(self._keys)
+        pending._timer_key = key
+        self._live[key] = pending
+        heap = self._heap
+        heapq.heappush(heap, (expires, key))
+        if len(heap) > 2 * len(self._live) + 64:
+            # Ended waits outnumber the live ones: drop them (amortised O(1) per
+            # wait), so the heap stays within twice what is waiting.
+            live = self._live
+            heap[:] = [entry for entry in heap if entry[1] in live]
+            heapq.heapify(heap)
         if expires < self._wake_at:
             # Rare in steady traffic: expiries come in about the order they are set.
             self._wake_at = expires
@@ -199,7 +219,7 @@ class Expiries:
 
     def discard(self, pending: PendingRequest) -> None:
         """Forget ``pending`` (its wait ended some other way)."""
-        self._waiting.pop(pending, None)
+        self._live.pop(pending._timer_key, None)
 
     async def run(self) -> None:
         """Expire waits as their time comes, until cancelled."""
@@ -214,17 +234,18 @@ class Expiries:
         finally:
             self.running = False
             self._scope = None
-            waiting, self._waiting = self._waiting, {}
-            for pending in waiting:
+            live, self._live = self._live, {}
+            self._heap.clear()
+            for pending in live.values():
                 pending._expire(_UNTIMED)
 
     def _expire_due(self, now: float) -> None:
-        wake_at = math.inf
-        waiting = self._waiting
-        for pending, expires in list(waiting.items()):
-            if expires <= now:
-                del waiting[pending]
+        """Expire what is due (O(log n) each) and find the next wake-up."""
+        heap, live = self._heap, self._live
+        while heap and heap[0][0] <= now:
+            pending = live.pop(heapq.heappop(heap)[1], None)
+            if pending is not None:
                 pending._expire()
-            elif expires < wake_at:
-                wake_at = expires
-        self._wake_at = wake_at
+        while heap and heap[0][1] not in live:
+            heapq.heappop(heap)  # ended waits: nothing to wake up for
+        self._wake_at = heap[0][0] if heap else math.inf

@@ -174,3 +174,49 @@ async def test_an_expiry_never_set_leaves_the_timer_asleep(autojump_clock, expir
         nursery.start_soon(node.reply, await node.receive_request(), "x")
         assert await pending.wait_until(math.inf, expiries) == "x"
         assert len(expiries) == 0
+
+
+class _Wait:
+    """What the timer needs of a waiting request (its key, and a wake-up)."""
+
+    __slots__ = ("_timer_key", "expired_at")
+
+    def __init__(self) -> None:
+        self._timer_key = -1
+        self.expired_at: float | None = None
+
+    def _expire(self, why: object = None) -> None:
+        self.expired_at = trio.current_time()
+
+
+async def test_waits_with_distinct_expiries_each_expire_at_their_own_time(autojump_clock, expiries):
+    start = trio.current_time()
+    waits = [_Wait() for _ in range(500)]
+    # Added out of order: the timer must still wake for each at its time.
+    for i in reversed(range(500)):
+        expiries.add(waits[i], start + 1.0 + i * 0.01)  # type: ignore[arg-type]
+    await trio.sleep(10.0)
+    assert [w.expired_at for w in waits] == [
+        pytest.approx(start + 1.0 + i * 0.01) for i in range(500)
+    ]
+    assert len(expiries) == 0 and not expiries._heap
+
+
+async def test_the_timer_keeps_no_more_than_twice_what_waits(autojump_clock, expiries):
+    # Waits that end before their expiry (the usual case: the reply came) leave
+    # their heap entry behind; the heap is rebuilt before it outgrows the live
+    # waits, so memory follows what is waiting, not what was ever sent.
+    start = trio.current_time()
+    steady = [_Wait() for _ in range(10)]
+    for wait in steady:
+        expiries.add(wait, start + 100.0)  # type: ignore[arg-type]
+    largest = 0
+    for i in range(10_000):
+        wait = _Wait()
+        expiries.add(wait, start + 50.0 + i * 1e-3)  # type: ignore[arg-type]
+        expiries.discard(wait)  # type: ignore[arg-type]
+        largest = max(largest, len(expiries._heap))
+    assert len(expiries) == 10
+    assert largest <= 2 * 11 + 64 + 1
+    await trio.sleep(200.0)
+    assert all(w.expired_at == pytest.approx(start + 100.0) for w in steady)
