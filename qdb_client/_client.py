@@ -2,7 +2,7 @@
 
 The client turns calls into wire requests (arguments, idempotency keys,
 results), applies the client-wide bulkhead, and hands each call to the
-request pipeline (``_request.py``), which owns deadlines, node selection,
+request pipeline (``_request/``), which owns deadlines, node selection,
 breakers and retries. It owns the background tasks: the cluster's pools and
 health monitors run in the nursery of ``open_client``.
 """

@@ -14,8 +14,9 @@ import trio
 import trio.testing
 
 import qdb_client
-from qdb_client import _request
 from qdb_client import events as ev
+from qdb_client._request import attempt as attempt_module
+from qdb_client._request import pipeline as pipeline_module
 from qdb_client.protocol import ErrorCode, Request
 
 from .fake_network import FakeNetwork, echo
@@ -196,7 +197,9 @@ async def test_with_nobody_listening_request_events_are_not_built(
         return Counting
 
     for name in ("RequestStarted", "RequestSucceeded", "RetryScheduled"):
-        monkeypatch.setattr(_request, name, counting(getattr(ev, name)))
+        for module in (attempt_module, pipeline_module):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, counting(getattr(ev, name)))
     network.handlers["a:1"] = echo
     logging.getLogger("qdb_client").setLevel(logging.WARNING)
     try:
