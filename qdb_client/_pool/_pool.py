@@ -150,15 +150,17 @@ class NodePool:
             if not slot.used:
                 slot.connection.unreserve()
 
-    async def acquire_slot(self) -> Connection:
+    async def acquire_slot(self, bounded_by: float = math.inf) -> Connection:
         """A connection with one request slot reserved on it.
 
         Send on it at once with ``connection.send_reserved(...)`` (which gives
         the slot back if it raises), or give the slot back with
         ``connection.unreserve()``; the connection frees it when the reply
-        comes.
+        comes. ``bounded_by``: a trio time the caller's own scope is sure to
+        cancel the wait by, whatever else changes (the request pipeline's);
+        before the pool's timeout, the pool then needs no scope of its own.
         """
-        return (await self._acquire(exclusive=False))[1]
+        return (await self._acquire(exclusive=False, bounded_by=bounded_by))[1]
 
     def try_acquire_slot(self, now: float) -> Connection | None:
         """:meth:`acquire_slot` at trio time ``now`` when it would not wait (room
@@ -344,7 +346,9 @@ class NodePool:
                 failure_id=failure_id,
             )
 
-    async def _acquire(self, *, exclusive: bool) -> tuple[int, Connection]:
+    async def _acquire(
+        self, *, exclusive: bool, bounded_by: float = math.inf
+    ) -> tuple[int, Connection]:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._disabled is None and not self._closed and not self._queue:
             picked = self._pick(exclusive)  # fast path: room now, nobody queued
@@ -361,10 +365,10 @@ class NodePool:
         self._queue.append(waiter)
         waiter.queued = True
         try:
-            if trio.current_effective_deadline() < trio.current_time() + self._acquire_timeout:
-                # The caller's own deadline comes first (the usual case: a call's
-                # timeout is no longer than the pool's), so the pool's timeout
-                # could never fire: no scope of its own.
+            if bounded_by < trio.current_time() + self._acquire_timeout:
+                # The caller's own scope ends the wait first, and nothing can
+                # move it (a deadline read from the scopes now could be raised
+                # or shielded later): the pool's timeout could never fire.
                 return await self._wait_granted(waiter)
             with trio.move_on_after(self._acquire_timeout):
                 return await self._wait_granted(waiter)

@@ -165,7 +165,8 @@ class AttemptRunner:
                 generation = breaker.generation
                 self.counters.attempts += 1
                 node.requests_sent += 1
-                connection = await node.pool.acquire_slot()
+                # The scope's deadline stays put while the pool is waited for.
+                connection = await node.pool.acquire_slot(bounded_by=scope.deadline)
                 sent_at = trio.current_time()
                 if sent_at >= call.deadline:
                     # trio looks at deadlines once per scheduler pass: a slot

@@ -214,8 +214,8 @@ async def test_a_write_whose_deadline_passes_while_it_waits_for_a_slot_is_not_se
         pool = client._cluster.nodes[0].pool
         granted = pool.acquire_slot
 
-        async def slow_grant():  # type: ignore[no-untyped-def]
-            connection = await granted()
+        async def slow_grant(**options):  # type: ignore[no-untyped-def]
+            connection = await granted(**options)
             autojump_clock.jump(2.0)  # past the write's 1 s deadline, no checkpoint
             return connection
 

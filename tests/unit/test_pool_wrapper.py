@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -311,13 +312,15 @@ async def test_pool_timeout_is_exact_and_says_what_is_in_use(nursery, autojump_c
     assert pool.statistics() == stats(open=1, in_flight=1)
 
 
+@pytest.mark.parametrize("promised", [False, True])
 @pytest.mark.parametrize("caller_deadline", [1.0, 2.5, 4.0])
 async def test_a_waiter_ends_at_the_earlier_of_its_own_deadline_and_the_pools(
-    nursery, autojump_clock, caller_deadline
+    nursery, autojump_clock, caller_deadline, promised
 ):
-    # Under a caller's deadline earlier than the pool's timeout the waiter needs
-    # no scope of its own; later, the pool's timeout wins. (At a tie trio hands
-    # the cancellation to the outermost scope: the caller's, as it always did.)
+    # A caller that promises its deadline (``bounded_by``, the request
+    # pipeline) waits without a scope of the pool's when that comes first; the
+    # outcome is the same either way: the earlier deadline wins. (At a tie trio
+    # hands the cancellation to the outermost scope: the caller's.)
     server = FakeServer(nursery, max_in_flight=1)
     pool = make_pool(nursery, server, max_connections=1, acquire_timeout=2.5)
 
@@ -331,13 +334,48 @@ async def test_a_waiter_ends_at_the_earlier_of_its_own_deadline_and_the_pools(
     timed_out = None
     with trio.move_on_after(caller_deadline) as scope:
         try:
-            await pool.acquire_slot()
+            await pool.acquire_slot(bounded_by=scope.deadline if promised else math.inf)
             pytest.fail("must not get a connection")
         except PoolTimeout as exc:
             timed_out = exc
     assert trio.current_time() - started == min(caller_deadline, 2.5)
     assert (timed_out is None) == (caller_deadline <= 2.5) == scope.cancelled_caught
     assert pool.statistics() == stats(open=1, in_flight=1)  # nobody left queued
+    assert not pool._queue
+
+
+@pytest.mark.parametrize("change", ["raised", "shielded"])
+async def test_a_waiter_whose_deadline_moves_away_still_gets_the_pools_timeout(
+    nursery, autojump_clock, change
+):
+    # A deadline read from the caller's scopes when it joins the queue can be
+    # raised or shielded later: only a promised bound may stand in for the
+    # pool's own timeout (a review found waits with no bound at all).
+    server = FakeServer(nursery, max_in_flight=1)
+    pool = make_pool(nursery, server, max_connections=1, acquire_timeout=2.5)
+
+    async def hold() -> None:
+        async with pool.reserve() as slot:
+            await slot.request("query", {"delay": 1000.0})
+
+    nursery.start_soon(hold)
+    await trio.sleep(1.0)
+    started = trio.current_time()
+    outer = trio.CancelScope(deadline=started + 1.0)
+    inner = trio.CancelScope()
+
+    async def move() -> None:
+        await trio.sleep(0.5)
+        if change == "raised":
+            outer.deadline = math.inf
+        else:
+            inner.shield = True
+
+    nursery.start_soon(move)
+    with trio.move_on_after(50.0) as guard, outer, inner, pytest.raises(PoolTimeout):
+        await pool.acquire_slot()
+    assert not guard.cancelled_caught
+    assert trio.current_time() - started == 2.5
     assert not pool._queue
 
 
