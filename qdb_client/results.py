@@ -336,6 +336,8 @@ class ExecuteResult:
                 f" signed 64-bit integer, got {_preview(last_id)}"
             )
         if "columns" not in result and "rows" not in result:
+            if cls is not ExecuteResult:
+                return cls(affected, last_id)  # a subclass: its own __init__
             # Checked already: the fields set directly, without the converters
             # and checks of __init__ (the common reply of a write).
             plain = object.__new__(cls)

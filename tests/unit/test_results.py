@@ -342,3 +342,12 @@ def test_an_execute_reply_without_rows_builds_the_same_result_as_the_constructor
     assert other.rows is not wire.rows  # each result its own (empty) list
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         wire.rows_affected = 4  # type: ignore[misc]
+
+
+def test_an_execute_reply_for_a_subclass_goes_through_the_subclass():
+    @attrs.frozen(repr=False)
+    class Noted(ExecuteResult):
+        note: str = "x"
+
+    noted = Noted.from_wire({"rows_affected": 1, "last_insert_id": 2})
+    assert noted == Noted(1, 2) and noted.note == "x"
