@@ -478,12 +478,15 @@ class NodePool:
         self._close_if_drained(connection_id)
         if self._queue:
             self._grant()
-        record = self.state.connections.get(connection_id)
+        connections = self.state.connections
+        record = connections.get(connection_id)
+        limits = self.state.limits
         if (
             record is not None
+            and len(connections) > limits.min_connections  # (active counts no more)
             and record.idle
-            and record.last_used + self.state.limits.idle_timeout < self._maintenance_at
-            and self.state.active > self.state.limits.min_connections
+            and record.last_used + limits.idle_timeout < self._maintenance_at
+            and self.state.active > limits.min_connections
         ):
             # It just went idle and may expire before maintenance would look
             # again. (Most releases skip this: a busy connection's expiry is
