@@ -158,6 +158,16 @@ def make_pool(
     )
 
 
+def hold_the_only_slot(nursery: trio.Nursery, pool: NodePool, seconds: float) -> None:
+    """Keep one request in flight for ``seconds`` (the only slot of a one-slot pool)."""
+
+    async def hold() -> None:
+        async with pool.reserve() as slot:
+            await slot.request("query", {"delay": seconds})
+
+    nursery.start_soon(hold)
+
+
 def stats(**expected: int) -> dict[str, int]:
     return {**ALL_ZERO, **expected}
 
@@ -293,11 +303,7 @@ async def test_pool_timeout_is_exact_and_says_what_is_in_use(nursery, autojump_c
     server = FakeServer(nursery, max_in_flight=1)
     pool = make_pool(nursery, server, max_connections=1, acquire_timeout=2.5)
 
-    async def hold() -> None:
-        async with pool.reserve() as slot:
-            await slot.request("query", {"delay": 100.0})
-
-    nursery.start_soon(hold)
+    hold_the_only_slot(nursery, pool, 100.0)
     await trio.sleep(1.0)
     with pytest.raises(PoolTimeout) as info:
         async with pool.reserve():
@@ -324,11 +330,7 @@ async def test_a_waiter_ends_at_the_earlier_of_its_own_deadline_and_the_pools(
     server = FakeServer(nursery, max_in_flight=1)
     pool = make_pool(nursery, server, max_connections=1, acquire_timeout=2.5)
 
-    async def hold() -> None:
-        async with pool.reserve() as slot:
-            await slot.request("query", {"delay": 100.0})
-
-    nursery.start_soon(hold)
+    hold_the_only_slot(nursery, pool, 100.0)
     await trio.sleep(1.0)
     started = trio.current_time()
     timed_out = None
@@ -354,11 +356,7 @@ async def test_a_waiter_whose_deadline_moves_away_still_gets_the_pools_timeout(
     server = FakeServer(nursery, max_in_flight=1)
     pool = make_pool(nursery, server, max_connections=1, acquire_timeout=2.5)
 
-    async def hold() -> None:
-        async with pool.reserve() as slot:
-            await slot.request("query", {"delay": 1000.0})
-
-    nursery.start_soon(hold)
+    hold_the_only_slot(nursery, pool, 1000.0)
     await trio.sleep(1.0)
     started = trio.current_time()
     outer = trio.CancelScope(deadline=started + 1.0)
