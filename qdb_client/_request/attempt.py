@@ -87,16 +87,7 @@ class AttemptRunner:
         result: Any = None
         expires = call.deadline
         try:
-            breaker = node.breaker
-            if not breaker.allow(started):
-                connection.unreserve()
-                raise CircuitOpen(
-                    f"circuit breaker of {node.address} is open",
-                    reopens_in={node.address: _reopens_in(node)},
-                )
-            generation = breaker.generation
-            self.counters.attempts += 1
-            node.requests_sent += 1
+            generation = self._admit(node, started, connection)
             pending = connection.send_reserved(
                 call.method,
                 _arguments(args, connection),
@@ -156,15 +147,7 @@ class AttemptRunner:
                     # answers the handshake) counts too: nothing is sent yet,
                     # so any request may then go elsewhere.
                     scope.deadline = started + timeout
-                breaker = node.breaker
-                if not breaker.allow(started):
-                    raise CircuitOpen(
-                        f"circuit breaker of {node.address} is open",
-                        reopens_in={node.address: _reopens_in(node)},
-                    )
-                generation = breaker.generation
-                self.counters.attempts += 1
-                node.requests_sent += 1
+                generation = self._admit(node, started)
                 # The scope's deadline stays put while the pool is waited for.
                 connection = await node.pool.acquire_slot(bounded_by=scope.deadline)
                 sent_at = trio.current_time()
@@ -210,6 +193,21 @@ class AttemptRunner:
             call, node, generation, pending, error, result, started, sent_at, timeout,
             timed_out=scope.cancelled_caught, ours=scope.deadline < call.deadline,
         )  # fmt: skip
+
+    def _admit(self, node: Node, now: float, reserved: Connection | None = None) -> int:
+        """Count the attempt if ``node``'s breaker admits it and return the breaker's
+        generation; else give back the ``reserved`` slot and raise CircuitOpen."""
+        breaker = node.breaker
+        if not breaker.allow(now):
+            if reserved is not None:
+                reserved.unreserve()
+            raise CircuitOpen(
+                f"circuit breaker of {node.address} is open",
+                reopens_in={node.address: _reopens_in(node)},
+            )
+        self.counters.attempts += 1
+        node.requests_sent += 1
+        return breaker.generation
 
     def _started(
         self,

@@ -22,14 +22,7 @@ from qdb_client.protocol import Request
 
 from .fake_network import FakeNetwork, echo, never_answer
 from .fake_peer import FakeNode
-
-EXACT = {
-    "retry_jitter": "none",
-    "reconnect_jitter": 0.0,
-    "slow_start": 0.0,
-    "random_seed": 7,
-    "heartbeat_interval": 1000.0,
-}
+from .test_pipeline_attempts import EXACT
 
 
 @pytest.fixture
