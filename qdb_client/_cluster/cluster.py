@@ -441,6 +441,10 @@ class Cluster:
     def has_alternative(self, node: Node, tried: Sequence[Node], now: float) -> bool:
         """Whether a candidate other than ``node`` and those in ``tried`` exists
         whose breaker would admit a request at trio time ``now``."""
+        if not tried and not self._not_closed:
+            # Every breaker is CLOSED, so any other candidate would do.
+            candidates = self.candidates(())
+            return len(candidates) > 1 or (len(candidates) == 1 and candidates[0] is not node)
         candidates = self.candidates(tried)
         if not tried and len(candidates) == 2 and node in candidates:
             # The common case (cached candidates): a glance at the other node.

@@ -197,3 +197,27 @@ async def test_has_alternative_for_a_node_outside_the_cached_candidates(
             first.breaker.record_failure(now, cause="overload")
         assert not first.breaker.would_allow(now) and other.breaker.would_allow(now)
         assert cluster.has_alternative(c, (), now)  # the shortcut once looked at only one
+
+
+async def test_has_alternative_with_every_breaker_closed(network: FakeNetwork, autojump_clock):
+    """The shortcut taken while no breaker is open must answer as the full search:
+    another candidate exists for each of two live nodes, and for the last live
+    node none does, while a node outside the candidates still has one."""
+    for address in ("a:1", "b:2", "c:3"):
+        network.handlers[address] = echo
+    async with qdb_client.open_client(
+        ["a:1", "b:2", "c:3"], heartbeat_interval=1.0, retry_jitter="none", slow_start=0.0
+    ) as client:
+        cluster = client._cluster
+        await client._call("query", {}, 5.0, read_only=True)
+        now = trio.current_time()
+        a, b, c = (cluster.find(address) for address in ("a:1", "b:2", "c:3"))
+        assert all(cluster.has_alternative(n, (), now) for n in (a, b, c))
+        network.muted.update({"b:2", "c:3"})
+        with trio.fail_after(30):
+            while cluster.candidates(()) != [a]:  # noqa: ASYNC110 - a state, no event
+                await trio.sleep(0.1)
+        now = trio.current_time()
+        assert not cluster._not_closed  # the shortcut's case: every breaker CLOSED
+        assert not cluster.has_alternative(a, (), now)
+        assert cluster.has_alternative(b, (), now)
