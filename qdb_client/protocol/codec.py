@@ -160,58 +160,69 @@ def decode_body(data: bytes, *, request_id: int = 0, kind: int | None = None) ->
     return BodyDecoder().decode(data, request_id=request_id, kind=kind)
 
 
-#: What a kept decoder reads from between bodies.
-_NO_BODY = io.BytesIO(b"")
+#: Bodies up to this size may stay referenced by a kept decoder's buffer
+#: until the next one (bigger ones are let go at once).
+_KEPT_BODY_LIMIT = 64 * 1024
 
 
 class BodyDecoder:
-    """:func:`decode_body` keeping one CBOR decoder from one body to the next.
+    """:func:`decode_body` keeping one CBOR decoder, and the buffer it reads,
+    from one body to the next.
 
     For one reader (a connection's replies): building a decoder costs more
-    than decoding a small reply. Nothing carries over between bodies: the
-    tags that keep state across items (28/29, shared values) are refused, and
-    after any failure the decoder is dropped and the next body gets a new one.
+    than decoding a small reply, and so does handing it a new buffer (the
+    decoder asks the new one what it can do); the kept buffer is refilled
+    instead. Nothing carries over between bodies: the tags that keep state
+    across items (28/29, shared values) are refused, and after any failure
+    the decoder is dropped and the next body gets a new one.
     """
 
-    __slots__ = ("_decoder",)
+    __slots__ = ("_buffer", "_decoder")
 
     def __init__(self) -> None:
         self._decoder: cbor2.CBORDecoder | None = None
+        self._buffer = io.BytesIO()
 
     def decode(self, data: bytes, *, request_id: int = 0, kind: int | None = None) -> Any:
         """Decode exactly one CBOR item from ``data`` or raise MessageError."""
         if not data:
             raise MessageError("empty message body", request_id=request_id, kind=kind)
-        fp = io.BytesIO(data)
+        buffer = self._buffer
+        buffer.__init__(data)  # type: ignore[misc]  # refill: the decoder keeps reading it
         try:
             decoder = self._decoder
             if decoder is None:
                 decoder = self._decoder = cbor2.CBORDecoder(
-                    fp,
+                    buffer,
                     max_depth=MAX_DEPTH,
                     allow_indefinite=False,
                     strict_hashable_types=True,
                     allow_duplicate_keys=False,
                     semantic_decoders=_SEMANTIC_DECODERS,
                 )
-            else:
-                decoder.fp = fp
             value = decoder.decode()
-            decoder.fp = _NO_BODY  # keep no reply alive past its decoding
         except RecursionError as exc:
-            self._decoder = None
+            self._drop()
             raise MessageError(
                 "CBOR body nested too deeply", request_id=request_id, kind=kind
             ) from exc
         except Exception as exc:  # cbor2 and its tag decoders raise many types
-            self._decoder = None
+            self._drop()
             raise MessageError(
                 f"undecodable CBOR body: {exc}", request_id=request_id, kind=kind
             ) from exc
-        if fp.tell() != len(data):
+        consumed = buffer.tell()
+        if len(data) > _KEPT_BODY_LIMIT:
+            buffer.__init__(b"")  # type: ignore[misc]  # keep no large reply alive
+        if consumed != len(data):
             raise MessageError(
-                f"{len(data) - fp.tell()} trailing bytes after the CBOR body",
+                f"{len(data) - consumed} trailing bytes after the CBOR body",
                 request_id=request_id,
                 kind=kind,
             )
         return value
+
+    def _drop(self) -> None:
+        """Forget the decoder and its buffer after a failure (a new pair next time)."""
+        self._decoder = None
+        self._buffer = io.BytesIO()
