@@ -71,6 +71,7 @@ class RequestPipeline(AttemptRunner):
         self.expiries = Expiries()
         #: Reply time of the last successful attempt (read right after it).
         self._last_reply_time = 0.0
+        self._now = _clock_reader()
 
     async def call(
         self,
@@ -90,7 +91,7 @@ class RequestPipeline(AttemptRunner):
         callable taking the connection the attempt goes on (a prepared
         statement's id depends on it).
         """
-        now = trio.current_time()
+        now = self._now()
         call = CallState(method, now, budget_seconds, read_only, idempotency_key, parse)
         call.observe = self.events.wants(RequestStarted)
         self.counters.calls += 1
@@ -292,3 +293,13 @@ def retry_backoff(config: ClientConfig) -> Backoff:
         jitter=config.retry_jitter,
         factor=config.retry_jitter_factor,
     )
+
+
+def _clock_reader() -> Callable[[], float]:
+    """What reads trio's clock on the request path: the run's clock itself when
+    made inside a run (``trio.current_time`` asks the run for it at each read;
+    a client lives in one run), else ``trio.current_time``."""
+    try:
+        return trio.lowlevel.current_clock().current_time
+    except RuntimeError:
+        return trio.current_time
