@@ -28,13 +28,24 @@ class _Columns:
     Shared by every row of one result.
     """
 
-    __slots__ = ("index", "names")
+    __slots__ = ("index", "names", "untyped")
 
     def __init__(self, names: Iterable[str]) -> None:
         self.names: tuple[str, ...] = tuple(names)
         self.index: dict[str, int] = {}
         for position, name in enumerate(self.names):
             self.index.setdefault(name, position)  # a duplicated name: its first column
+        #: The ``types`` of a result that reports none: None for each column.
+        self.untyped: tuple[None, ...] = (None,) * len(self.names)
+
+    @staticmethod
+    def cached(names: list[Any]) -> _Columns | None:
+        """The shared columns already made for ``names`` (names once checked to be
+        text), or None: not seen, too big to keep, or not even hashable."""
+        try:
+            return _SHARED_COLUMNS.get(tuple(names))
+        except TypeError:  # a name that is a list or a map: not columns anyway
+            return None
 
     @classmethod
     def shared(cls, names: list[str]) -> _Columns:
@@ -57,6 +68,27 @@ _SHARED_COLUMNS: dict[tuple[str, ...], _Columns] = {}
 _MAX_SHARED_COLUMNS = 512
 _MAX_SHARED_NAMES = 64
 _MAX_SHARED_CHARS = 4096
+
+#: ``types`` of results already checked (as for the columns: small shapes only).
+_CHECKED_TYPES: dict[tuple[str | None, ...], tuple[str | None, ...]] = {}
+
+
+def _remember_types(types: tuple[str | None, ...]) -> None:
+    """Keep checked ``types`` (of columns that are kept) so the next result skips the check."""
+    if len(_CHECKED_TYPES) >= _MAX_SHARED_COLUMNS:
+        _CHECKED_TYPES.clear()
+    _CHECKED_TYPES[types] = types
+
+
+def _cached_types(types: Any, columns: list[Any]) -> tuple[str | None, ...] | None:
+    """The checked tuple for ``types`` if the same were checked before and they
+    fit ``columns``, else None."""
+    if type(types) is not list or len(types) != len(columns):
+        return None
+    try:
+        return _CHECKED_TYPES.get(tuple(types))
+    except TypeError:
+        return None
 
 
 class Row(Sequence[Any]):
@@ -187,6 +219,29 @@ class QueryResult(Sequence[Row]):
     @classmethod
     def from_wire(cls, result: Any) -> QueryResult:
         """Build from a ``query`` RESPONSE result, checking its shape (else ProtocolError)."""
+        if type(result) is dict:
+            # The common reply: columns and types seen before (so already checked),
+            # rows of the right width.
+            columns = result.get("columns")
+            rows = result.get("rows")
+            if type(columns) is list and type(rows) is list:
+                shared = _Columns.cached(columns)
+                if shared is not None:
+                    types = result.get("types")
+                    kinds = shared.untyped if types is None else _cached_types(types, columns)
+                    if kinds is not None:
+                        built = _checked_rows(rows, len(columns), shared)
+                        if built is not None:
+                            made = cls.__new__(cls)
+                            made.columns = shared.names
+                            made.rows = built
+                            made.types = kinds
+                            return made
+        return cls._from_wire_checked(result)
+
+    @classmethod
+    def _from_wire_checked(cls, result: Any) -> QueryResult:
+        """:meth:`from_wire` checking every part (and raising for a bad one)."""
         if not isinstance(result, dict):
             raise ProtocolError(
                 f"malformed query result from node: expected a map, got {_preview(result)}"
@@ -203,7 +258,9 @@ class QueryResult(Sequence[Row]):
         shared = _Columns.shared(columns)
         result.columns = shared.names
         result.rows = _rows(rows, shared)
-        result.types = tuple(types) if types is not None else (None,) * len(columns)
+        result.types = tuple(types) if types is not None else shared.untyped
+        if types is not None and shared is _Columns.cached(columns):
+            _remember_types(result.types)
         return result
 
     @overload
@@ -244,6 +301,21 @@ class QueryResult(Sequence[Row]):
     def as_dicts(self) -> list[dict[str, Any]]:
         """Every row as ``{column: value}`` (a duplicated name keeps its first value)."""
         return [row.as_dict() for row in self.rows]
+
+
+def _checked_rows(rows: list[Any], width: int, columns: _Columns) -> list[Row] | None:
+    """:func:`_rows` checking each row (a list of ``width`` values) as it goes;
+    None at the first that is not (the caller then checks it all again, to say why)."""
+    new = Row.__new__
+    out = []
+    for values in rows:
+        if type(values) is not list or len(values) != width:
+            return None
+        row = new(Row)
+        row._values = tuple(values)
+        row._columns = columns
+        out.append(row)
+    return out
 
 
 def _rows(rows: list[list[Any]], columns: _Columns) -> list[Row]:

@@ -143,6 +143,48 @@ def test_malformed_query_results_are_protocol_errors(result: Any) -> None:
     assert len(str(info.value)) < 400
 
 
+@pytest.mark.parametrize(
+    "result",
+    [
+        *MALFORMED_QUERY_RESULTS,
+        {"columns": ["a"], "rows": [[1]], "types": ["TEXT", "TEXT"]},
+        {"columns": ["a"], "rows": [[1]], "types": "TEXT"},
+        {"columns": ["a"], "rows": [[1]], "types": [1]},
+        {"columns": ["a"], "rows": [[1]], "types": [["TEXT"]]},
+        {"columns": ["a"], "rows": [[1]], "types": ["T" * 65]},
+        {"columns": ["a", "b"], "rows": [[1, 2]], "types": ["TEXT"]},
+    ],
+    ids=lambda r: type(r).__name__,
+)
+def test_a_shape_seen_before_is_still_checked_in_full(result: Any) -> None:
+    # Results whose columns and types were seen before skip re-checking them:
+    # what differs from the shape seen must still be refused.
+    for seen in (
+        {"columns": ["a"], "rows": [[1]]},
+        {"columns": ["a"], "rows": [[1]], "types": ["TEXT"]},
+        {"columns": ["a", "b"], "rows": [[1, 2]]},
+    ):
+        QueryResult.from_wire(seen)
+    assert results_module._Columns.cached(["a"]) is not None
+    with pytest.raises(ProtocolError, match="malformed query result"):
+        QueryResult.from_wire(result)
+
+
+def test_a_shape_seen_before_builds_the_same_result() -> None:
+    wire = {"columns": ["id", "name"], "rows": [[1, "ada"], [2, None]], "types": ["INTEGER", None]}
+    first = QueryResult.from_wire(wire)
+    again = QueryResult.from_wire(wire)  # the shape is known now
+    assert results_module._Columns.cached(["id", "name"]) is not None
+    assert results_module._cached_types(["INTEGER", None], ["id", "name"]) == ("INTEGER", None)
+    for result in (first, again):
+        assert result.columns == ("id", "name")
+        assert result.types == ("INTEGER", None)
+        assert [tuple(row) for row in result] == [(1, "ada"), (2, None)]
+        assert result[1]["name"] is None and result[0]["id"] == 1
+    untyped = QueryResult.from_wire({"columns": ["id", "name"], "rows": []})
+    assert untyped.types == (None, None) and len(untyped) == 0
+
+
 def test_huge_column_count_is_a_protocol_error_not_a_value_error() -> None:
     """The original report: ``{"columns": 10**5000}`` raised ValueError from repr."""
     with pytest.raises(ProtocolError):
