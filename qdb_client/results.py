@@ -391,6 +391,31 @@ class ExecuteResult:
         null or a signed 64-bit integer; ``columns`` and ``rows`` come
         together or not at all.
         """
+        if cls is ExecuteResult and type(result) is dict:
+            # The common reply of a write: two counts, no rows. Checked here, the
+            # fields are set directly, without the converters and checks of
+            # __init__ (a subclass goes through its own __init__, below).
+            affected = result.get("rows_affected")
+            last_id = result.get("last_insert_id")
+            if (
+                type(affected) is int
+                and 0 <= affected <= _MAX_COUNT
+                and (last_id is None or (type(last_id) is int and _MIN_ID <= last_id <= _MAX_ID))
+                and "columns" not in result
+                and "rows" not in result
+            ):
+                plain = object.__new__(ExecuteResult)
+                set_field = object.__setattr__
+                set_field(plain, "rows_affected", affected)
+                set_field(plain, "last_insert_id", last_id)
+                set_field(plain, "columns", ())
+                set_field(plain, "rows", [])
+                return plain
+        return cls._from_wire_checked(result)
+
+    @classmethod
+    def _from_wire_checked(cls, result: Any) -> ExecuteResult:
+        """:meth:`from_wire` checking every part (and raising for a bad one)."""
         if not isinstance(result, dict):
             raise ProtocolError(
                 f"malformed execute result from node: expected a map, got {_preview(result)}"
@@ -408,19 +433,7 @@ class ExecuteResult:
                 f" signed 64-bit integer, got {_preview(last_id)}"
             )
         if "columns" not in result and "rows" not in result:
-            if cls is not ExecuteResult:
-                return cls(affected, last_id)  # a subclass: its own __init__
-            # Checked already: the fields set directly, without the converters
-            # and checks of __init__ (the common reply of a write).
-            plain = object.__new__(cls)
-            for name, value in (
-                ("rows_affected", affected),
-                ("last_insert_id", last_id),
-                ("columns", ()),
-                ("rows", []),
-            ):
-                object.__setattr__(plain, name, value)
-            return plain
+            return cls(affected, last_id)
         columns, rows = _check_rows(result, "execute")
         shared = _Columns(columns)
         return cls(affected, last_id, shared.names, [Row(values, shared) for values in rows])
