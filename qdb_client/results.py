@@ -44,7 +44,7 @@ class _Columns:
         text), or None: not seen, too big to keep, or not even hashable."""
         try:
             return _SHARED_COLUMNS.get(tuple(names))
-        except TypeError:  # a name that is a list or a map: not columns anyway
+        except Exception:  # a name that can't be hashed (a list, a tag around one): not columns
             return None
 
     @classmethod
@@ -87,7 +87,7 @@ def _cached_types(types: Any, columns: list[Any]) -> tuple[str | None, ...] | No
         return None
     try:
         return _CHECKED_TYPES.get(tuple(types))
-    except TypeError:
+    except Exception:  # unhashable (cbor2's tags raise RuntimeError): not types anyway
         return None
 
 

@@ -3,12 +3,13 @@ pipeline (virtual time, scripted nodes)."""
 
 from __future__ import annotations
 
+import cbor2
 import pytest
 import trio
 import trio.testing
 
 import qdb_client
-from qdb_client.errors import QdbError, RetryExhausted
+from qdb_client.errors import ProtocolError, QdbError, RetryExhausted
 from qdb_client.protocol import Request
 
 from .fake_network import FakeNetwork, echo, never_answer
@@ -184,6 +185,24 @@ async def test_a_write_whose_reply_is_malformed_says_it_was_sent_and_may_be_appl
         error = info.value
         facts = (error.request_sent, error.maybe_applied, error.idempotency_key, error.attempts)
         assert facts[:3] == (True, True, "order-1"), (type(error).__name__, facts)
+
+
+async def test_a_query_reply_whose_column_cannot_be_hashed_is_a_protocol_error(
+    network: FakeNetwork, autojump_clock
+):
+    """A column name that is a tag around a list: hashing it (to find the shape
+    among those seen before) raises RuntimeError, which once escaped
+    client.query untyped instead of the ProtocolError of a malformed reply."""
+    column = cbor2.CBORTag(4000, cbor2.CBORTag(262, b"[1]"))
+
+    async def bad_columns(node: FakeNode, request: Request) -> None:
+        await node.reply(request, {"columns": [column], "rows": []})
+
+    network.handlers["a:1"] = bad_columns
+    async with qdb_client.open_client("a:1", **{**EXACT, "max_retries": 0}) as client:
+        with pytest.raises(RetryExhausted, match="corrupted reply") as info:
+            await client.query("SELECT 1")
+        assert isinstance(info.value.__cause__, ProtocolError)
 
 
 async def test_a_stalled_node_under_load_spending_the_retry_budget_raises_qdb_errors_only(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+import cbor2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from qdb_client import ExecuteResult, QueryResult, Row
 from qdb_client import results as results_module
 from qdb_client.errors import InvalidArgument, ProtocolError
+from qdb_client.protocol.codec import decode_body
 from qdb_client.results import _preview
 
 HUGE = 10**5000  # str() refuses it: more than 4300 digits
@@ -166,6 +168,27 @@ def test_a_shape_seen_before_is_still_checked_in_full(result: Any) -> None:
     ):
         QueryResult.from_wire(seen)
     assert results_module._Columns.cached(["a"]) is not None
+    with pytest.raises(ProtocolError, match="malformed query result"):
+        QueryResult.from_wire(result)
+
+
+#: An unknown tag around embedded JSON: the JSON decodes to a list, so the tag
+#: can't be hashed, and hashing it raises RuntimeError (not TypeError).
+UNHASHABLE_TAG = cbor2.CBORTag(4000, cbor2.CBORTag(262, b"[1]"))
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        {"columns": [UNHASHABLE_TAG], "rows": []},
+        {"columns": ["a"], "rows": [], "types": [UNHASHABLE_TAG]},
+    ],
+    ids=["column", "type"],
+)
+def test_a_name_or_type_that_cannot_be_hashed_is_a_protocol_error(wire: dict) -> None:
+    # The shapes seen before are looked up by hashing what the node sent.
+    QueryResult.from_wire({"columns": ["a"], "rows": [], "types": ["INTEGER"]})
+    result = decode_body(cbor2.dumps(wire))  # as a connection decodes the reply
     with pytest.raises(ProtocolError, match="malformed query result"):
         QueryResult.from_wire(result)
 
