@@ -28,7 +28,7 @@ from .._policies import (
     classify,
 )
 from .._transport import Connection, Expired, Expiries, PendingRequest
-from ..errors import CircuitOpen, QdbError, RequestTimeout
+from ..errors import CircuitOpen, ProtocolError, QdbError, RequestTimeout
 from ..events import (
     EventBus,
     IdempotentReplay,
@@ -106,7 +106,7 @@ class AttemptRunner:
             if pending.replayed:
                 self._replayed(call, node)
             if call.parse is not None:
-                result = call.parse(result)  # a malformed reply is a corrupted one
+                result = _parsed(call.parse, result)  # a malformed reply is a corrupted one
         except Expired:
             return self._conclude(
                 call, node, generation, pending, None, None, started, started, timeout,
@@ -176,7 +176,7 @@ class AttemptRunner:
                 if pending.replayed:
                     self._replayed(call, node)
                 if call.parse is not None:
-                    result = call.parse(result)  # a malformed reply is a corrupted one
+                    result = _parsed(call.parse, result)  # a malformed reply is a corrupted one
             except DeadlinePassed:
                 pass
             except QdbError as exc:
@@ -409,6 +409,19 @@ def _arguments(args: Arguments, connection: Connection) -> dict[str, Any]:
     except BaseException:
         connection.unreserve()
         raise
+
+
+def _parsed(parse: Any, result: Any) -> Any:
+    """``parse(result)``; what it raises other than a QdbError (a parser's
+    oversight about what a node can send) becomes the ProtocolError of a
+    malformed reply, never an untyped error, nor one taken for the caller's
+    own cancellation."""
+    try:
+        return parse(result)
+    except QdbError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"unusable result from node: {exc!r:.300}") from exc
 
 
 def _reopens_in(node: Node) -> float:

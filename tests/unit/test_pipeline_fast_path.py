@@ -17,7 +17,7 @@ import trio.testing
 
 import qdb_client
 from qdb_client._request import RequestPipeline
-from qdb_client.errors import QdbError, RequestTimeout
+from qdb_client.errors import ProtocolError, QdbError, RequestTimeout, RetryExhausted
 from qdb_client.protocol import Request
 
 from .fake_network import FakeNetwork, echo, never_answer
@@ -220,3 +220,24 @@ async def test_a_write_whose_deadline_passes_while_it_waits_for_a_slot_is_not_se
         await trio.testing.wait_all_tasks_blocked()
         assert writes == []
         assert all(c.in_flight == 0 for c in pool.connections())  # the slot was given back
+
+
+@pytest.mark.parametrize("path", ["timer", "scope"])
+async def test_a_parser_failing_untyped_is_a_corrupted_reply_on_either_path(
+    network: FakeNetwork, autojump_clock, monkeypatch: pytest.MonkeyPatch, path: str
+):
+    # A result parser that trips on something a node sent (a KeyError, say)
+    # must give the caller the ProtocolError of a malformed reply: the error
+    # once escaped raw, taken for the caller's own cancellation.
+    network.handlers["a:1"] = echo
+    if path == "scope":
+        _force_scope(monkeypatch)
+
+    def parse(result: object) -> object:
+        return {}["missing"]
+
+    async with qdb_client.open_client("a:1", **{**EXACT, "max_retries": 0}) as client:
+        with pytest.raises(RetryExhausted, match="corrupted reply") as info:
+            await client._call("query", {}, 5.0, read_only=True, parse=parse)
+        assert isinstance(info.value.__cause__, ProtocolError)
+        assert isinstance(info.value.__cause__.__cause__, KeyError)
