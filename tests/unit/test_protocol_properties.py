@@ -747,6 +747,40 @@ def test_a_reused_body_decoder_decodes_each_body_as_a_fresh_one_would(bodies: li
             assert got[1] == expected[1], body
 
 
+_BIG_SIZES = st.sampled_from([4095, 4096, 4097, 65535, 65536, 65537, 140_000])
+_BIG_VALUES = st.one_of(
+    _BIG_SIZES.map(lambda n: {"result": b"b" * n}),
+    _BIG_SIZES.map(lambda n: {"result": {"rows": [["t" * (n // 2), 1], ["u" * (n // 2), 2]]}}),
+    st.just({"result": {"columns": ["id"], "rows": [[1]]}}),
+)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    bodies=st.lists(
+        st.one_of(
+            _BIG_VALUES.map(cbor2.dumps),
+            _BIG_VALUES.map(lambda value: cbor2.dumps(value)[:-1]),  # cut short
+            _BIG_VALUES.map(lambda value: cbor2.dumps(value) + b"\x00"),  # trailing byte
+            _BIG_VALUES.map(lambda value: cbor2.dumps(value)[:4096]),  # cut at the read-ahead
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_a_reused_body_decoder_decodes_big_bodies_as_a_fresh_one_would(
+    bodies: list[bytes],
+) -> None:
+    # Bodies around cbor2's 4096-byte read-ahead and the 64 KiB the kept buffer
+    # may hold: a body that fails part-way, or is let go, must not change the next.
+    reused = BodyDecoder()
+    for body in bodies:
+        got = _outcome(reused.decode, body)
+        assert got == _outcome(decode_body, body), len(body)
+        if got[0] == "value":
+            assert got[1] == cbor2.loads(body)
+
+
 def test_a_reused_body_decoder_keeps_no_body_alive():
     reused = BodyDecoder()
     tracemalloc.start()
