@@ -15,9 +15,12 @@ events, and carries out the actions that come back.
 - SUSPECT: probed every ``suspect_interval`` (0.5 s, MongoDB's floor); each
   failure counts; ``failures_to_down`` consecutive failures make it DOWN.
   A connection failure also makes it SUSPECT with an immediate probe, and a
-  probe that can't even connect makes it DOWN at once.
-- DOWN: the pool is disabled. A fresh connection is attempted after
-  ``reconnect.delay(n)`` (exponential, jittered). Success makes it UP and
+  probe that can't even connect makes it DOWN at once. A probe that must
+  open a connection gets ``ping_timeout`` for it (a hung handshake is a
+  failed probe, like a late PONG), not the whole ``connect_timeout``.
+- DOWN: the pool is disabled (and abandons the connects under way). A
+  fresh connection is attempted after ``reconnect.delay(n)`` (exponential,
+  jittered). Success makes it UP and
   re-enables the pool, whose warm-up is capped at two connections opening at
   once, so a recovering node isn't stampeded; failure waits longer.
 - AUTH_FAILED (the node refused the client's credentials): no probe, no
@@ -229,7 +232,11 @@ class HealthMonitor:
         return f"no PONG within {self.settings.ping_timeout:g} s"
 
     async def _suspect_probe(self) -> None:
-        reason, connected = await self._probe()
+        # A probe that must open a connection gets ping_timeout for it, as for
+        # the PING: a handshake that hangs (its reply lost on a connection a
+        # middlebox black-holed) must not keep a node that answers again
+        # SUSPECT for all of connect_timeout; the next probe tries a new one.
+        reason, connected = await self._probe(connect_within=self.settings.ping_timeout)
         if reason == NO_VERDICT:
             return  # the probed connection went away under us: probe again
         if reason is not None:
@@ -241,18 +248,27 @@ class HealthMonitor:
         else:
             self.report(HealthEvent.PROBE_FAILED, reason)
 
-    async def _probe(self) -> tuple[str | None, bool]:
-        """Ping over an existing connection, or over a fresh one if none is open.
+    async def _probe(self, connect_within: float | None = None) -> tuple[str | None, bool]:
+        """Ping over an existing connection, or over a fresh one if none is open
+        (opened within ``connect_within`` seconds if given, else the client's
+        ``connect_timeout``).
 
-        Returns (why it failed or None, whether a connection was there to ping).
+        Returns (why it failed or None, whether the node was reached at all:
+        False when the connection was refused or failed, True when a ping was
+        sent or the connection was still being opened at ``connect_within``).
         """
         connection = self.node.pool.any_connection()
         if connection is not None:
             return await self._ping(connection), True
+        opened: Connection | None = None
         try:
-            connection = await self._connect()
+            with trio.move_on_after(math.inf if connect_within is None else connect_within):
+                opened = await self._connect()
         except QdbError as exc:
             return f"connect failed: {exc}", False
+        if opened is None:
+            return f"no connection within {connect_within:g} s", True
+        connection = opened
         try:
             return await self._ping(connection), True
         finally:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import trio
 import trio.testing
 
 import qdb_client
-from qdb_client.errors import NoAvailableNode
+from qdb_client.errors import NoAvailableNode, QdbError
 from qdb_client.protocol import GoAway, Member, Request
 
 from .fake_network import FakeNetwork, echo
@@ -258,3 +260,67 @@ async def test_a_node_the_cluster_dropped_no_longer_reports_its_breaker(network,
             dropped.breaker.record_failure(now, cause="connection")
         assert dropped.breaker.state(now).value == "OPEN"
         assert not cluster._not_closed
+
+
+async def test_a_suspect_probe_gives_a_hanging_connect_only_the_ping_timeout(
+    network: FakeNetwork, autojump_clock
+):
+    # The node's connection went silent and new connections hang in their
+    # handshake (their replies lost, as behind a middlebox that black-holed
+    # them). Each SUSPECT probe must give up after ping_timeout, as for a late
+    # PONG, not hold the node SUSPECT for all of connect_timeout.
+    network.handlers["a:1"] = echo
+    network.handlers["b:2"] = echo
+    options = dict(
+        heartbeat_interval=5.0, ping_timeout=2.0, failures_to_down=3, connect_timeout=30.0, **EXACT
+    )
+    async with qdb_client.open_client(["a:1", "b:2"], **options) as client:
+        start = trio.current_time()
+        network.muted.add("a:1")
+        network.handlers["a:1"] = "hang"
+        suspect_at = await wait_for_state(client, "a:1", "SUSPECT")
+        down_at = await wait_for_state(client, "a:1", "DOWN")
+        # heartbeat at 5 s, no PONG by 7 s; probes at 7.5 and 10 connect in vain 2 s each.
+        assert suspect_at - start == pytest.approx(7.0, abs=0.002)
+        assert down_at - start == pytest.approx(12.0, abs=0.002)
+        assert "no connection within 2 s" in node_stats(client, "a:1")["reason"]
+
+
+async def test_a_node_that_goes_down_abandons_the_connects_it_had_under_way(
+    network: FakeNetwork, autojump_clock
+):
+    # A connect that hangs when its node goes DOWN is abandoned: it would hold
+    # its place in the pool (no other connect starts) for all of
+    # connect_timeout after the node is back, then fail and knock it out.
+    network.handlers["a:1"] = echo
+    options = dict(
+        heartbeat_interval=5.0,
+        ping_timeout=0.5,
+        failures_to_down=3,
+        connect_timeout=30.0,
+        reconnect_initial=1.0,
+        **EXACT,
+    )
+    async with qdb_client.open_client("a:1", **options) as client, trio.open_nursery() as calls:
+        network.handlers["a:1"] = "hang"
+        for node in network.nodes_at("a:1"):
+            await node.stream.aclose()  # the connection dies; reopening it hangs
+        await wait_for_state(client, "a:1", "SUSPECT")
+
+        async def read() -> None:
+            with contextlib.suppress(QdbError):
+                await client._call("query", {}, 10.0, read_only=True)
+
+        calls.start_soon(read)  # the pool opens a connection for it: the connect hangs
+        with trio.fail_after(1.0):
+            while node_stats(client, "a:1")["connections"]["opening"] == 0:  # noqa: ASYNC110
+                await trio.sleep(0.001)
+        await wait_for_state(client, "a:1", "DOWN")
+        await trio.testing.wait_all_tasks_blocked()
+        assert node_stats(client, "a:1")["connections"]["opening"] == 0  # abandoned
+        network.handlers["a:1"] = echo
+        up_at = await wait_for_state(client, "a:1", "UP")
+        assert await client._call("query", {}, 1.0, read_only=True)
+        await trio.sleep(35.0)  # past the old attempt's connect_timeout
+        assert states(client)["a:1"] == "UP"
+        assert trio.current_time() - up_at >= 35.0
