@@ -114,6 +114,8 @@ class NodePool:
         self._max_waiters = max_waiters
         self._listener = listener or PoolListener()
         self._connections: dict[int, Connection] = {}
+        #: The cancel scopes of the connection attempts in progress.
+        self._opening: set[trio.CancelScope] = set()
         self._ids = itertools.count(1)
         #: Callers waiting for room, served first come, first served.
         self._queue: deque[_Waiter] = deque()
@@ -220,6 +222,11 @@ class NodePool:
         for connection_id in list(self._connections):
             self.state.retire(connection_id)
             self._close_if_drained(connection_id)
+        for attempt in self._opening:
+            # Whatever they opened would be closed unused; one that hangs (a
+            # handshake whose reply was lost) would also hold its place in the
+            # pool for all of connect_timeout after the node is back.
+            attempt.cancel()
         self._wake_waiters()
 
     def enable(self) -> None:
@@ -524,8 +531,11 @@ class NodePool:
 
     async def _open_one(self) -> None:
         started = trio.current_time()
+        attempt = trio.CancelScope()
+        self._opening.add(attempt)
         try:
-            connection = await self._connect(self)
+            with attempt:
+                connection = await self._connect(self)
         except Exception as exc:
             if not isinstance(exc, QdbError):  # defensive: connect translates errors
                 exc = ConnectError(
@@ -550,6 +560,14 @@ class NodePool:
         except BaseException:
             self.state.open_finished(None, trio.current_time())
             raise
+        finally:
+            self._opening.discard(attempt)
+        if attempt.cancelled_caught:
+            # Abandoned (disable): the node went out of service while this was
+            # opening. It is no failure of its own, and frees its place.
+            self.state.open_finished(None, trio.current_time())
+            self._wake_maintenance()
+            return
         if self._closed or self._disabled is not None:
             # The node went out of service (DOWN, or found to be another
             # node's alias) while this was opening: nothing may use it.

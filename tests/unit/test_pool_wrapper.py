@@ -948,15 +948,18 @@ async def test_6_waiters_are_woken_when_the_reopen_delay_ends(nursery, autojump_
     assert server.connect_times == [0.0, 1.0]
 
 
-async def test_6_an_open_that_finishes_in_a_disabled_pool_is_closed(nursery, autojump_clock):
+async def test_6_an_open_under_way_when_the_pool_is_disabled_is_abandoned(nursery, autojump_clock):
     """A node found to be another's alias (or DOWN) while a connection to it
-    was opening: the connection is closed, never kept unused and open."""
+    was opening: the attempt is abandoned at once, so no connection is ever
+    kept unused and open, and none holds a place in the pool."""
     server = FakeServer(nursery, connect_delay=1.0)
     pool = make_pool(nursery, server)
     pool.ensure_connection()
     await trio.sleep(0.5)
+    assert pool.statistics()["opening"] == 1
     pool.disable("same node as other:1")
+    await trio.testing.wait_all_tasks_blocked()
+    assert pool.statistics() == ALL_ZERO
     await sleep_until(2.0)
-    assert len(server.connections) == 1
-    assert server.closed_at == {"node-1": 1.0}
+    assert server.connections == []  # the connect never completed
     assert pool.statistics() == ALL_ZERO
