@@ -114,8 +114,10 @@ class NodePool:
         self._max_waiters = max_waiters
         self._listener = listener or PoolListener()
         self._connections: dict[int, Connection] = {}
-        #: The cancel scopes of the connection attempts in progress.
-        self._opening: set[trio.CancelScope] = set()
+        #: The cancel scope of each connection attempt in progress, and when it began.
+        self._opening: dict[trio.CancelScope, float] = {}
+        #: Seconds the last connection that opened took (connect and handshake).
+        self.last_connect_seconds: float | None = None
         self._ids = itertools.count(1)
         #: Callers waiting for room, served first come, first served.
         self._queue: deque[_Waiter] = deque()
@@ -222,12 +224,20 @@ class NodePool:
         for connection_id in list(self._connections):
             self.state.retire(connection_id)
             self._close_if_drained(connection_id)
-        for attempt in self._opening:
-            # Whatever they opened would be closed unused; one that hangs (a
-            # handshake whose reply was lost) would also hold its place in the
-            # pool for all of connect_timeout after the node is back.
-            attempt.cancel()
+        # Whatever they opened would be closed unused; one that hangs (a
+        # handshake whose reply was lost) would also hold its place in the
+        # pool for all of connect_timeout after the node is back.
+        self.abandon_connects()
         self._wake_waiters()
+
+    def abandon_connects(self, started_before: float = math.inf) -> None:
+        """Give up the connection attempts under way that began before trio time
+        ``started_before`` (all by default): e.g. a newer connection to the node
+        was just opened at once, so older attempts still under way are stuck
+        (their handshake reply lost), and would hold their places in the pool."""
+        for attempt, began in self._opening.items():
+            if began < started_before:
+                attempt.cancel()
 
     def enable(self) -> None:
         """Serve again and re-warm ``min_connections``."""
@@ -526,13 +536,16 @@ class NodePool:
 
     def _start_open(self) -> None:
         self.state.open_started()
-        self._events.emit(ConnectionCreated(trio.current_time(), self.address))
-        self._nursery.start_soon(self._open_one)
-
-    async def _open_one(self) -> None:
-        started = trio.current_time()
+        now = trio.current_time()
+        self._events.emit(ConnectionCreated(now, self.address))
+        # The scope exists from now: an attempt abandoned before its task runs
+        # is abandoned all the same.
         attempt = trio.CancelScope()
-        self._opening.add(attempt)
+        self._opening[attempt] = now
+        self._nursery.start_soon(self._open_one, attempt)
+
+    async def _open_one(self, attempt: trio.CancelScope) -> None:
+        started = trio.current_time()
         try:
             with attempt:
                 connection = await self._connect(self)
@@ -561,12 +574,13 @@ class NodePool:
             self.state.open_finished(None, trio.current_time())
             raise
         finally:
-            self._opening.discard(attempt)
+            self._opening.pop(attempt, None)
         if attempt.cancelled_caught:
-            # Abandoned (disable): the node went out of service while this was
-            # opening. It is no failure of its own, and frees its place.
+            # Abandoned (see abandon_connects): no failure of the node's, and
+            # its place is free. Callers that counted on it look again.
             self.state.open_finished(None, trio.current_time())
             self._wake_maintenance()
+            self._wake_waiters()
             return
         if self._closed or self._disabled is not None:
             # The node went out of service (DOWN, or found to be another
@@ -579,6 +593,7 @@ class NodePool:
         connection.tag = connection_id
         self._connections[connection_id] = connection
         self.state.open_finished(connection_id, trio.current_time(), connection)
+        self.last_connect_seconds = trio.current_time() - started
         self.last_open_error = None
         self._reopen_at = math.inf
         self._warm_after_failure = True

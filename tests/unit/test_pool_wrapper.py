@@ -963,3 +963,35 @@ async def test_6_an_open_under_way_when_the_pool_is_disabled_is_abandoned(nurser
     await sleep_until(2.0)
     assert server.connections == []  # the connect never completed
     assert pool.statistics() == ALL_ZERO
+
+
+async def test_6_an_open_not_yet_started_when_the_pool_is_disabled_is_abandoned(
+    nursery, autojump_clock
+):
+    server = FakeServer(nursery, connect_delay=30.0)
+    pool = make_pool(nursery, server)
+    pool.ensure_connection()  # its task has not run yet
+    pool.disable("DOWN")
+    await trio.testing.wait_all_tasks_blocked()
+    assert pool.statistics()["opening"] == 0
+    pool.enable()
+    await trio.sleep(29.0)
+    assert pool.statistics()["opening"] == 0 and pool.state.can_open()
+
+
+async def test_6_callers_open_again_after_a_disable_and_an_enable_in_one_turn(
+    nursery, autojump_clock
+):
+    # (An operator's mark_node_unhealthy() then mark_node_healthy().) The open
+    # under way is abandoned: a caller queued behind it must not wait for it.
+    server = FakeServer(nursery, connect_delay=1.0)
+    pool = make_pool(nursery, server, acquire_timeout=5.0)
+    nursery.start_soon(pool.maintain)
+    pool.ensure_connection()
+    await trio.sleep(0.5)
+    pool.disable("marked unhealthy by operator")
+    pool.enable()
+    start = trio.current_time()
+    async with pool.reserve() as slot:
+        await slot.request("echo", {})
+    assert trio.current_time() - start == pytest.approx(1.0)  # a new connect, not a timeout
