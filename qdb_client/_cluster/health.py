@@ -16,11 +16,14 @@ events, and carries out the actions that come back.
   failure counts; ``failures_to_down`` consecutive failures make it DOWN.
   A connection failure also makes it SUSPECT with an immediate probe, and a
   probe that can't even connect makes it DOWN at once. A probe that must
-  open a connection gets ``ping_timeout`` for it (a hung handshake is a
-  failed probe, like a late PONG), not the whole ``connect_timeout``.
+  open a connection gets ``ping_timeout`` for it, or twice the node's last
+  connect time if more (a hung handshake is a failed probe, like a late
+  PONG), not the whole ``connect_timeout``; one that connects gives up the
+  pool's older connects still under way (they are stuck).
 - DOWN: the pool is disabled (and abandons the connects under way). A
   fresh connection is attempted after ``reconnect.delay(n)`` (exponential,
-  jittered). Success makes it UP and
+  jittered), its connect bounded as a SUSPECT probe's, the bound doubled
+  after each reconnect it cut short. Success makes it UP and
   re-enables the pool, whose warm-up is capped at two connections opening at
   once, so a recovering node isn't stampeded; failure waits longer.
 - AUTH_FAILED (the node refused the client's credentials): no probe, no
@@ -94,6 +97,12 @@ class HealthMonitor:
         self._probe_now = False
         self._retry_now = False
         self._last_early_heartbeat = -math.inf
+        #: Seconds the last connection a probe opened took (None: none yet).
+        self._connect_seconds: float | None = None
+        #: Whether the last probe that opened a connection gave up on it at its bound.
+        self._cut_short = False
+        #: Reconnects in a row whose connect was given up at its bound.
+        self._reconnects_cut_short = 0
 
     # ------------------------------------------------------------ events
 
@@ -233,10 +242,11 @@ class HealthMonitor:
 
     async def _suspect_probe(self) -> None:
         # A probe that must open a connection gets ping_timeout for it, as for
-        # the PING: a handshake that hangs (its reply lost on a connection a
-        # middlebox black-holed) must not keep a node that answers again
-        # SUSPECT for all of connect_timeout; the next probe tries a new one.
-        reason, connected = await self._probe(connect_within=self.settings.ping_timeout)
+        # the PING (or twice what the node's last connection took, if more): a
+        # handshake that hangs (its reply lost on a connection a middlebox
+        # black-holed) must not keep a node that answers again SUSPECT for all
+        # of connect_timeout; the next probe tries a new one.
+        reason, connected = await self._probe(connect_within=self._connect_bound())
         if reason == NO_VERDICT:
             return  # the probed connection went away under us: probe again
         if reason is not None:
@@ -247,6 +257,15 @@ class HealthMonitor:
             self.report(HealthEvent.PROBE_CONNECT_FAILED, reason)
         else:
             self.report(HealthEvent.PROBE_FAILED, reason)
+
+    def _connect_bound(self) -> float:
+        """Seconds a probe gives a connection it opens: ``ping_timeout``, or twice
+        what the node's last connection took if that is more."""
+        within = self.settings.ping_timeout
+        for seconds in (self.node.pool.last_connect_seconds, self._connect_seconds):
+            if seconds is not None:
+                within = max(within, 2 * seconds)
+        return within
 
     async def _probe(self, connect_within: float | None = None) -> tuple[str | None, bool]:
         """Ping over an existing connection, or over a fresh one if none is open
@@ -261,14 +280,23 @@ class HealthMonitor:
         if connection is not None:
             return await self._ping(connection), True
         opened: Connection | None = None
+        self._cut_short = False
+        began = trio.current_time()
         try:
             with trio.move_on_after(math.inf if connect_within is None else connect_within):
                 opened = await self._connect()
         except QdbError as exc:
             return f"connect failed: {exc}", False
+        self._cut_short = opened is None
         if opened is None:
             return f"no connection within {connect_within:g} s", True
         connection = opened
+        self._connect_seconds = trio.current_time() - began
+        # This connection opened while older attempts of the pool's are still
+        # under way: those are stuck (a lost handshake reply), and would hold
+        # the pool's places until connect_timeout, then fail and call the node
+        # DOWN. They are given up; the pool opens new ones as it needs them.
+        self.node.pool.abandon_connects(started_before=began)
         try:
             return await self._ping(connection), True
         finally:
@@ -291,7 +319,13 @@ class HealthMonitor:
         self._retry_now = False
         self._probe_now = False
         node.next_reconnect_at = None
-        reason, _ = await self._probe()
+        # As a SUSPECT probe, a reconnect gives its connect a short bound (a
+        # handshake that hangs is no reason to wait connect_timeout); each one
+        # cut short doubles it for the next (connect_timeout still caps it),
+        # so a node whose handshakes became slow still gets back.
+        within = self._connect_bound() * 2 ** min(self._reconnects_cut_short, 30)
+        reason, _ = await self._probe(connect_within=within)
+        self._reconnects_cut_short = self._reconnects_cut_short + 1 if self._cut_short else 0
         if reason == NO_VERDICT:
             return
         if reason is None:

@@ -10,6 +10,7 @@ import trio.testing
 
 import qdb_client
 from qdb_client.errors import NoAvailableNode, QdbError
+from qdb_client.events import NodeStateChanged
 from qdb_client.protocol import GoAway, Member, Request
 
 from .fake_network import FakeNetwork, echo
@@ -324,3 +325,100 @@ async def test_a_node_that_goes_down_abandons_the_connects_it_had_under_way(
         await trio.sleep(35.0)  # past the old attempt's connect_timeout
         assert states(client)["a:1"] == "UP"
         assert trio.current_time() - up_at >= 35.0
+
+
+async def test_a_node_back_from_suspect_gives_up_the_connects_that_hung(
+    network: FakeNetwork, autojump_clock
+):
+    # While the node was SUSPECT its pool's connects hung (their handshake
+    # replies lost). Once a probe connects at once, those are given up: calls
+    # get new connections, and the hung ones can't time out later and call
+    # the node DOWN again.
+    network.handlers["a:1"] = echo
+    options = dict(
+        heartbeat_interval=5.0, ping_timeout=2.0, failures_to_down=3, connect_timeout=20.0, **EXACT
+    )
+    changes: list[tuple[float, str]] = []
+
+    def listen(event: object) -> None:
+        if isinstance(event, NodeStateChanged):
+            changes.append((trio.current_time(), event.state))
+
+    async with (
+        qdb_client.open_client("a:1", listeners=[listen], **options) as client,
+        trio.open_nursery() as calls,
+    ):
+        network.handlers["a:1"] = "hang"
+        for node in network.nodes_at("a:1"):
+            await node.stream.aclose()  # the connection dies; new handshakes hang
+        await wait_for_state(client, "a:1", "SUSPECT")
+
+        async def read() -> None:
+            with contextlib.suppress(QdbError):
+                await client._call("query", {}, 8.0, read_only=True)
+
+        for _ in range(3):
+            calls.start_soon(read)  # the pool opens connections for them: they hang
+        with trio.fail_after(1.0):
+            while node_stats(client, "a:1")["connections"]["opening"] == 0:  # noqa: ASYNC110
+                await trio.sleep(0.001)
+        network.handlers["a:1"] = echo  # the node answers again
+        up_at = await wait_for_state(client, "a:1", "UP")
+        with trio.fail_after(1.0):
+            await client._call("query", {}, 8.0, read_only=True)
+        await trio.sleep(25.0)  # past the hung connects' connect_timeout
+        assert states(client)["a:1"] == "UP"
+    assert changes[-1][1] == "UP" and changes[-1][0] <= up_at  # and it stayed UP
+
+
+async def test_a_node_whose_handshakes_are_slow_is_not_called_down_by_its_probes(
+    network: FakeNetwork, autojump_clock
+):
+    # Its handshake takes longer than ping_timeout (TLS far away, say), as it
+    # always has: a probe that connects gets twice the last connect's time.
+    network.handlers["a:1"] = echo
+    network.handlers["b:2"] = echo
+    network.connect_delay["a:1"] = 1.5
+    options = dict(heartbeat_interval=5.0, ping_timeout=1.0, connect_timeout=10.0, **EXACT)
+    changes: list[str] = []
+
+    def listen(event: object) -> None:
+        if isinstance(event, NodeStateChanged) and event.node == "a:1":
+            changes.append(event.state)
+
+    async with qdb_client.open_client(["a:1", "b:2"], listeners=[listen], **options) as client:
+        with trio.fail_after(5.0):
+            while node_stats(client, "a:1")["connections"]["open"] == 0:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        for node in network.nodes_at("a:1"):
+            await node.stream.aclose()  # one connection lost: SUSPECT, then probes
+        await wait_for_state(client, "a:1", "SUSPECT")
+        await wait_for_state(client, "a:1", "UP")
+    assert changes == ["SUSPECT", "UP"]
+
+
+async def test_a_node_whose_handshakes_became_slow_still_gets_back(
+    network: FakeNetwork, autojump_clock
+):
+    # Its handshakes suddenly take 2.5 s, more than ping_timeout and than twice
+    # the last one: its SUSPECT probes give up on them and it goes DOWN, but
+    # each reconnect cut short doubles the next one's bound, so it gets back.
+    network.handlers["a:1"] = echo
+    network.handlers["b:2"] = echo
+    options = dict(
+        heartbeat_interval=5.0,
+        ping_timeout=2.0,
+        connect_timeout=5.0,
+        reconnect_initial=0.5,
+        reconnect_max=1.0,
+        **EXACT,
+    )
+    async with qdb_client.open_client(["a:1", "b:2"], **options) as client:
+        network.connect_delay["a:1"] = 2.5
+        for node in network.nodes_at("a:1"):
+            await node.stream.aclose()
+        await wait_for_state(client, "a:1", "DOWN")
+        with trio.fail_after(15.0):  # reconnects cut short at 2 s, then given 4 s
+            await wait_for_state(client, "a:1", "UP")
+        await trio.sleep(10.0)
+        assert states(client)["a:1"] == "UP"
