@@ -16,10 +16,10 @@ events, and carries out the actions that come back.
   failure counts; ``failures_to_down`` consecutive failures make it DOWN.
   A connection failure also makes it SUSPECT with an immediate probe, and a
   probe that can't even connect makes it DOWN at once. A probe that must
-  open a connection gets ``ping_timeout`` for it, or twice the node's last
-  connect time if more (a hung handshake is a failed probe, like a late
-  PONG), not the whole ``connect_timeout``; one that connects gives up the
-  pool's older connects still under way (they are stuck).
+  open a connection gets twice ``ping_timeout`` for it, or four times the
+  node's last connect time if more (a hung handshake is a failed probe, like
+  a late PONG), not the whole ``connect_timeout``; one that connects gives
+  up the pool's older connects still under way (they are stuck).
 - DOWN: the pool is disabled (and abandons the connects under way). A
   fresh connection is attempted after ``reconnect.delay(n)`` (exponential,
   jittered), its connect bounded as a SUSPECT probe's, the bound doubled
@@ -155,6 +155,7 @@ class HealthMonitor:
         """Operator override: DOWN until marked healthy, or UP now."""
         if healthy:
             self.node.consecutive_failures = 0
+            self._reconnects_cut_short = 0
             self.report(HealthEvent.MARKED_UP)
         else:
             self.report(HealthEvent.MARKED_DOWN, reason)
@@ -259,13 +260,15 @@ class HealthMonitor:
             self.report(HealthEvent.PROBE_FAILED, reason)
 
     def _connect_bound(self) -> float:
-        """Seconds a probe gives a connection it opens: ``ping_timeout``, or twice
-        what the node's last connection took if that is more."""
+        """Seconds a probe gives a connection it opens: twice ``ping_timeout``, or
+        four times what the node's last connection took if that is more. (Twice:
+        a password login may first wait up to half of it for another login under
+        way, see ``Authenticator.begin``.)"""
         within = self.settings.ping_timeout
         for seconds in (self.node.pool.last_connect_seconds, self._connect_seconds):
             if seconds is not None:
                 within = max(within, 2 * seconds)
-        return within
+        return 2 * within
 
     async def _probe(self, connect_within: float | None = None) -> tuple[str | None, bool]:
         """Ping over an existing connection, or over a fresh one if none is open
@@ -291,12 +294,11 @@ class HealthMonitor:
         if opened is None:
             return f"no connection within {connect_within:g} s", True
         connection = opened
-        self._connect_seconds = trio.current_time() - began
-        # This connection opened while older attempts of the pool's are still
-        # under way: those are stuck (a lost handshake reply), and would hold
-        # the pool's places until connect_timeout, then fail and call the node
-        # DOWN. They are given up; the pool opens new ones as it needs them.
-        self.node.pool.abandon_connects(started_before=began)
+        now = trio.current_time()
+        self._connect_seconds = now - began
+        # The pool's attempts under way since before this one, for much longer,
+        # are stuck (a lost handshake reply): the pool gives them up.
+        self.node.pool.connected(began, now)
         try:
             return await self._ping(connection), True
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -38,6 +39,10 @@ class FakeNetwork:
         self.node_ids: dict[str, str] = {}
         #: Seconds an address takes to accept a connection.
         self.connect_delay: dict[str, float] = {}
+        #: Per address, which of its connections (numbered from 0 in the order
+        #: they are made) get a node that reads the HELLO and never answers.
+        self.silent_handshakes: dict[str, set[int]] = {}
+        self._connections_made: dict[str, int] = {}
 
     def nodes_at(self, address: str) -> list[FakeNode]:
         node_id = self.node_ids.get(address, f"fake-{address}")
@@ -64,8 +69,25 @@ class FakeNetwork:
         node_id = self.node_ids.get(address, f"fake-{address}")
         node = FakeNode(node_end, node_id=node_id, members=self.members)
         self.nodes.append(node)
-        self.nursery.start_soon(_serve, self, address, node, handler)
+        number = self._connections_made.get(address, 0)
+        self._connections_made[address] = number + 1
+        if number in self.silent_handshakes.get(address, ()):
+            self.nursery.start_soon(_never_welcome, node)
+        else:
+            self.nursery.start_soon(_serve, self, address, node, handler)
         return client_end
+
+    def connections_made(self, address: str) -> int:
+        """Connections made to ``address`` so far (the next one's number)."""
+        return self._connections_made.get(address, 0)
+
+
+async def _never_welcome(node: FakeNode) -> None:
+    """A node whose WELCOME is lost: it reads until the client hangs up."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while await node.stream.receive_some(65536):
+            pass
+    node.finished = True
 
 
 async def _serve(network: FakeNetwork, address: str, node: FakeNode, handler: Handler) -> None:
