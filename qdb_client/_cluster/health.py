@@ -45,7 +45,7 @@ import trio
 
 from .._policies import Backoff
 from .._transport import Connection
-from ..errors import ClientClosed, ConnectionDraining, QdbError
+from ..errors import ClientClosed, ConnectionDraining, ConnectTimeout, QdbError
 from ..events import EventBus, HeartbeatFailed, HeartbeatSucceeded, NodeStateChanged
 from .health_state import Action, HealthEvent, NodeState
 from .node import Node
@@ -277,7 +277,8 @@ class HealthMonitor:
 
         Returns (why it failed or None, whether the node was reached at all:
         False when the connection was refused or failed, True when a ping was
-        sent or the connection was still being opened at ``connect_within``).
+        sent or the connect was only slow: still under way at
+        ``connect_within``, or past the client's ``connect_timeout``).
         """
         connection = self.node.pool.any_connection()
         if connection is not None:
@@ -288,17 +289,23 @@ class HealthMonitor:
         try:
             with trio.move_on_after(math.inf if connect_within is None else connect_within):
                 opened = await self._connect()
+        except ConnectTimeout as exc:
+            # Slow, not refused (connect_timeout came before our bound): a
+            # failed probe like one cut short, not a reason for DOWN at once.
+            self._cut_short = True
+            return f"connect failed: {exc}", True
         except QdbError as exc:
             return f"connect failed: {exc}", False
         self._cut_short = opened is None
         if opened is None:
             return f"no connection within {connect_within:g} s", True
         connection = opened
-        now = trio.current_time()
-        self._connect_seconds = now - began
-        # The pool's attempts under way since before this one, for much longer,
-        # are stuck (a lost handshake reply): the pool gives them up.
-        self.node.pool.connected(began, now)
+        self._connect_seconds = trio.current_time() - began
+        # This connection opened while older attempts of the pool's are still
+        # under way: those are stuck (a lost handshake reply), and would hold
+        # the pool's places until connect_timeout, then fail and call the node
+        # DOWN. They are given up; the pool opens new ones as it needs them.
+        self.node.pool.abandon_connects(started_before=began)
         try:
             return await self._ping(connection), True
         finally:

@@ -90,11 +90,6 @@ class PoolListener:
         """An open connection died (not a GOAWAY drain, not our own close)."""
 
 
-#: Seconds a connect must have been under way (and at least twice what one
-#: that just succeeded took) to be judged stuck and given up.
-STUCK_CONNECT_AFTER = 1.0
-
-
 class NodePool:
     """Connections to one node, shared by multiplexing or leased whole."""
 
@@ -123,8 +118,6 @@ class NodePool:
         self._opening: dict[trio.CancelScope, float] = {}
         #: Seconds the last connection that opened took (connect and handshake).
         self.last_connect_seconds: float | None = None
-        #: trio time a connection to the node last opened (see ``connected``).
-        self._reached_at = -math.inf
         self._ids = itertools.count(1)
         #: Callers waiting for room, served first come, first served.
         self._queue: deque[_Waiter] = deque()
@@ -237,44 +230,14 @@ class NodePool:
         self.abandon_connects()
         self._wake_waiters()
 
-    def abandon_connects(self) -> None:
-        """Give up every connection attempt under way (the node went DOWN)."""
-        for attempt in self._opening:
-            attempt.cancel()
-
-    def connected(self, began: float, now: float) -> None:
-        """A connection to the node (this pool's, or a health probe's) was opened
-        from trio time ``began`` to ``now``: attempts under way since before it
-        are judged by it (see :meth:`_abandon_stuck`)."""
-        self._note_connected(began, now)
-        if self._queue:
-            self._wake_waiters()  # they look again, and time their next look
-
-    def _note_connected(self, began: float, now: float) -> None:
-        self._reached_at = now
-        self.last_connect_seconds = now - began
-        self._abandon_stuck(now)
-
-    def _abandon_stuck(self, now: float) -> float:
-        """Give up the attempts that are stuck at trio time ``now``, and return
-        when the next one would be (inf: none can be yet).
-
-        An attempt is stuck when a connection to the node opened since it began
-        and it has been under way for STUCK_CONNECT_AFTER and twice as long as
-        that connection took: its handshake reply was lost, and it would hold
-        its place in the pool until connect_timeout, then fail and call the
-        node DOWN.
-        """
-        reached = self._reached_at
-        patience = max(2 * (self.last_connect_seconds or 0.0), STUCK_CONNECT_AFTER)
-        next_at = math.inf
+    def abandon_connects(self, started_before: float = math.inf) -> None:
+        """Give up the connection attempts under way that began before trio time
+        ``started_before`` (all by default): e.g. a health probe's connection,
+        begun after them, opened while they still hang, so they are stuck
+        (their handshake reply lost), and would hold their places in the pool."""
         for attempt, began in self._opening.items():
-            if began <= reached:
-                if now >= began + patience:
-                    attempt.cancel()
-                else:
-                    next_at = min(next_at, began + patience)
-        return next_at
+            if began < started_before:
+                attempt.cancel()
 
     def enable(self) -> None:
         """Serve again and re-warm ``min_connections``."""
@@ -458,17 +421,10 @@ class NodePool:
                 # fail now, not at the timeout (attempts still under way would
                 # most likely fail the same way).
                 raise _copy(self.last_open_error)
-            recheck_at = self._abandon_stuck(trio.current_time())
             if self.state.opening < len(self._queue) and self._may_open():
                 self._start_open()  # no more opens under way than callers waiting
             waiter.event = trio.Event()
-            if recheck_at == math.inf:
-                await waiter.event.wait()
-            else:
-                # An attempt this caller may be counting on could be judged stuck
-                # by then: look again (its abandon wakes the queue).
-                with trio.move_on_at(recheck_at):
-                    await waiter.event.wait()
+            await waiter.event.wait()
 
     def _grant(self) -> None:
         """Serve queued callers strictly in arrival order while there is room."""
@@ -636,12 +592,12 @@ class NodePool:
         connection_id = next(self._ids)
         connection.tag = connection_id
         self._connections[connection_id] = connection
-        now = trio.current_time()
-        self.state.open_finished(connection_id, now, connection)
-        self._note_connected(started, now)  # (the waiters are woken below)
+        self.state.open_finished(connection_id, trio.current_time(), connection)
+        self.last_connect_seconds = trio.current_time() - started
         self.last_open_error = None
         self._reopen_at = math.inf
         self._warm_after_failure = True
+        now = trio.current_time()
         self._events.emit(
             ConnectionReady(
                 now, self.address, connection.serial, connection.node_id or "", now - started
