@@ -334,7 +334,10 @@ class HealthMonitor:
         # so a node whose handshakes became slow still gets back.
         within = self._connect_bound() * 2 ** min(self._reconnects_cut_short, 30)
         reason, _ = await self._probe(connect_within=within)
-        self._reconnects_cut_short = self._reconnects_cut_short + 1 if self._cut_short else 0
+        if self._cut_short and node.state is NodeState.DOWN and not node.forced_down:
+            self._reconnects_cut_short += 1
+        else:  # (an operator's mark during the probe ends the episode too)
+            self._reconnects_cut_short = 0
         if reason == NO_VERDICT:
             return
         if reason is None:

@@ -449,3 +449,35 @@ async def test_a_probe_whose_connect_times_out_is_a_failed_probe_not_a_refusal(
         with trio.fail_after(10.0):
             await wait_for_state(client, "a:1", "UP")
     assert changes == ["SUSPECT", "UP"]
+
+
+async def test_a_mark_healthy_during_a_reconnect_ends_its_doubling(
+    network: FakeNetwork, autojump_clock
+):
+    # A reconnect cut short after the operator marked the node healthy must not
+    # leave the next DOWN episode's first reconnect a doubled bound.
+    network.handlers["a:1"] = echo
+    network.handlers["b:2"] = echo
+    options = dict(
+        heartbeat_interval=5.0,
+        ping_timeout=1.0,
+        connect_timeout=30.0,
+        reconnect_initial=0.5,
+        reconnect_max=0.5,
+        **EXACT,
+    )
+    async with qdb_client.open_client(["a:1", "b:2"], **options) as client:
+        assert client._cluster is not None
+        monitor = client._cluster._monitors["a:1"]
+        await network.kill("a:1")
+        await wait_for_state(client, "a:1", "DOWN")
+        network.handlers["a:1"] = "hang"
+        with trio.fail_after(5.0):  # a reconnect starts, and hangs
+            while node_stats(client, "a:1")["next_reconnect_in"] is not None:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        await trio.sleep(0.1)
+        network.handlers["a:1"] = echo
+        client.mark_node_healthy("a:1")
+        await trio.sleep(10.0)
+        assert states(client)["a:1"] == "UP"
+        assert monitor._reconnects_cut_short == 0
