@@ -35,6 +35,22 @@ async def wait_for_state(client: qdb_client.Client, address: str, state: str) ->
     return trio.current_time()
 
 
+class StateChanges(list[tuple[float, str]]):
+    """A listener keeping (trio time, state) of every NodeStateChanged of ``node``."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.node = node
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, NodeStateChanged) and event.node == self.node:
+            self.append((trio.current_time(), event.state))
+
+    @property
+    def states(self) -> list[str]:
+        return [state for _, state in self]
+
+
 async def test_heartbeats_ping_idle_connections_on_the_interval(network, autojump_clock):
     network.handlers["a:1"] = echo
     async with qdb_client.open_client("a:1", heartbeat_interval=5.0, **EXACT):
@@ -339,14 +355,10 @@ async def test_a_node_back_from_suspect_gives_up_the_connects_that_hung(
     options = dict(
         heartbeat_interval=5.0, ping_timeout=2.0, failures_to_down=3, connect_timeout=20.0, **EXACT
     )
-    changes: list[tuple[float, str]] = []
-
-    def listen(event: object) -> None:
-        if isinstance(event, NodeStateChanged):
-            changes.append((trio.current_time(), event.state))
+    changes = StateChanges("a:1")
 
     async with (
-        qdb_client.open_client("a:1", listeners=[listen], **options) as client,
+        qdb_client.open_client("a:1", listeners=[changes], **options) as client,
         trio.open_nursery() as calls,
     ):
         network.handlers["a:1"] = "hang"
@@ -381,13 +393,9 @@ async def test_a_node_whose_handshakes_are_slow_is_not_called_down_by_its_probes
     network.handlers["b:2"] = echo
     network.connect_delay["a:1"] = 1.5
     options = dict(heartbeat_interval=5.0, ping_timeout=1.0, connect_timeout=10.0, **EXACT)
-    changes: list[str] = []
+    changes = StateChanges("a:1")
 
-    def listen(event: object) -> None:
-        if isinstance(event, NodeStateChanged) and event.node == "a:1":
-            changes.append(event.state)
-
-    async with qdb_client.open_client(["a:1", "b:2"], listeners=[listen], **options) as client:
+    async with qdb_client.open_client(["a:1", "b:2"], listeners=[changes], **options) as client:
         with trio.fail_after(5.0):
             while node_stats(client, "a:1")["connections"]["open"] == 0:  # noqa: ASYNC110
                 await trio.sleep(0.01)
@@ -395,7 +403,7 @@ async def test_a_node_whose_handshakes_are_slow_is_not_called_down_by_its_probes
             await node.stream.aclose()  # one connection lost: SUSPECT, then probes
         await wait_for_state(client, "a:1", "SUSPECT")
         await wait_for_state(client, "a:1", "UP")
-    assert changes == ["SUSPECT", "UP"]
+    assert changes.states == ["SUSPECT", "UP"]
 
 
 async def test_a_node_whose_handshakes_became_slow_still_gets_back(
@@ -434,13 +442,9 @@ async def test_a_probe_whose_connect_times_out_is_a_failed_probe_not_a_refusal(
     # DOWN at once (disabling its pool); the next probe gets through.
     network.handlers["a:1"] = echo
     options = dict(heartbeat_interval=5.0, ping_timeout=3.0, connect_timeout=5.0, **EXACT)
-    changes: list[str] = []
+    changes = StateChanges("a:1")
 
-    def listen(event: object) -> None:
-        if isinstance(event, NodeStateChanged):
-            changes.append(event.state)
-
-    async with qdb_client.open_client("a:1", listeners=[listen], **options) as client:
+    async with qdb_client.open_client("a:1", listeners=[changes], **options) as client:
         await trio.testing.wait_all_tasks_blocked()
         network.silent_handshakes["a:1"] = {network.connections_made("a:1")}
         for node in network.nodes_at("a:1"):
@@ -448,7 +452,7 @@ async def test_a_probe_whose_connect_times_out_is_a_failed_probe_not_a_refusal(
         await wait_for_state(client, "a:1", "SUSPECT")
         with trio.fail_after(10.0):
             await wait_for_state(client, "a:1", "UP")
-    assert changes == ["SUSPECT", "UP"]
+    assert changes.states == ["SUSPECT", "UP"]
 
 
 async def test_a_mark_healthy_during_a_reconnect_ends_its_doubling(
