@@ -35,6 +35,12 @@ async def wait_for_state(client: qdb_client.Client, address: str, state: str) ->
     return trio.current_time()
 
 
+async def drop_connections(network: FakeNetwork, address: str) -> None:
+    """Close every open connection of ``address``'s nodes from the node's side."""
+    for node in network.nodes_at(address):
+        await node.stream.aclose()
+
+
 class StateChanges(list[tuple[float, str]]):
     """A listener keeping (trio time, state) of every NodeStateChanged of ``node``."""
 
@@ -321,8 +327,7 @@ async def test_a_node_that_goes_down_abandons_the_connects_it_had_under_way(
     )
     async with qdb_client.open_client("a:1", **options) as client, trio.open_nursery() as calls:
         network.handlers["a:1"] = "hang"
-        for node in network.nodes_at("a:1"):
-            await node.stream.aclose()  # the connection dies; reopening it hangs
+        await drop_connections(network, "a:1")  # the connection dies; reopening it hangs
         await wait_for_state(client, "a:1", "SUSPECT")
 
         async def read() -> None:
@@ -362,8 +367,7 @@ async def test_a_node_back_from_suspect_gives_up_the_connects_that_hung(
         trio.open_nursery() as calls,
     ):
         network.handlers["a:1"] = "hang"
-        for node in network.nodes_at("a:1"):
-            await node.stream.aclose()  # the connection dies; new handshakes hang
+        await drop_connections(network, "a:1")  # the connection dies; new handshakes hang
         await wait_for_state(client, "a:1", "SUSPECT")
 
         async def read() -> None:
@@ -399,8 +403,7 @@ async def test_a_node_whose_handshakes_are_slow_is_not_called_down_by_its_probes
         with trio.fail_after(5.0):
             while node_stats(client, "a:1")["connections"]["open"] == 0:  # noqa: ASYNC110
                 await trio.sleep(0.01)
-        for node in network.nodes_at("a:1"):
-            await node.stream.aclose()  # one connection lost: SUSPECT, then probes
+        await drop_connections(network, "a:1")  # one connection lost: SUSPECT, then probes
         await wait_for_state(client, "a:1", "SUSPECT")
         await wait_for_state(client, "a:1", "UP")
     assert changes.states == ["SUSPECT", "UP"]
@@ -424,8 +427,7 @@ async def test_a_node_whose_handshakes_became_slow_still_gets_back(
     )
     async with qdb_client.open_client(["a:1", "b:2"], **options) as client:
         network.connect_delay["a:1"] = 4.5
-        for node in network.nodes_at("a:1"):
-            await node.stream.aclose()
+        await drop_connections(network, "a:1")
         await wait_for_state(client, "a:1", "DOWN")
         with trio.fail_after(15.0):  # reconnects cut short at 4 s, then given 8 s
             await wait_for_state(client, "a:1", "UP")
@@ -447,8 +449,7 @@ async def test_a_probe_whose_connect_times_out_is_a_failed_probe_not_a_refusal(
     async with qdb_client.open_client("a:1", listeners=[changes], **options) as client:
         await trio.testing.wait_all_tasks_blocked()
         network.silent_handshakes["a:1"] = {network.connections_made("a:1")}
-        for node in network.nodes_at("a:1"):
-            await node.stream.aclose()  # lost; the probe's first new one loses its WELCOME
+        await drop_connections(network, "a:1")  # lost; the probe's first new one loses its WELCOME
         await wait_for_state(client, "a:1", "SUSPECT")
         with trio.fail_after(10.0):
             await wait_for_state(client, "a:1", "UP")
