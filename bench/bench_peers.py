@@ -217,6 +217,12 @@ def report(runs: dict[tuple[str, str, int], list[dict]], levels: list[int], syst
             return float("nan")
         return statistics.median(x[field] / y[field] for x, y in zip(runs[a], runs[b], strict=True))
 
+    def spread(a: tuple[str, str, int], b: tuple[str, str, int], field: str) -> tuple[float, float]:
+        if a not in runs or b not in runs:
+            return float("nan"), float("nan")
+        ratios = [x[field] / y[field] for x, y in zip(runs[a], runs[b], strict=True)]
+        return min(ratios), max(ratios)
+
     print("\nclient CPU per request, us (median of rounds)")
     header = "  ".join(f"{w}@{n:<3}" for w in WORKLOADS for n in levels)
     print(f"  {'system':<8} {header}")
@@ -237,6 +243,17 @@ def report(runs: dict[tuple[str, str, int], list[dict]], levels: list[int], syst
             for level in levels:
                 r = ratio(("qdb", workload, level), (other, workload, level), "cpu_us")
                 cells.append(f"{r:>8.2f}x" if r == r else f"{'-':>9}")
+        print(f"  {other:<8} " + "".join(cells))
+    print("\nthe same ratios' spread over the rounds (lowest-highest): the VM's noise")
+    print(f"  {'vs':<8}" + "".join(f"{f'{w}@{n}':>11}" for w in WORKLOADS for n in levels))
+    for other in systems:
+        if other == "qdb":
+            continue
+        cells = []
+        for workload in WORKLOADS:
+            for level in levels:
+                low, high = spread(("qdb", workload, level), (other, workload, level), "cpu_us")
+                cells.append(f"{f'{low:.2f}-{high:.2f}':>11}" if low == low else f"{'-':>11}")
         print(f"  {other:<8} " + "".join(cells))
     print("\nthroughput, qdb_client / bare loop (median of per-round ratios)")
     cells = []
