@@ -146,6 +146,7 @@ LAYERS: list[set[str]] = [
     {"_request"},
     {"_streams"},
     {"_transaction", "_prepared"},
+    {"_client_core"},
     {"_client"},
     {"__init__"},
     # Applications of the public API shipped with it (the qdb command, the saga
