@@ -1,4 +1,6 @@
-"""Message kinds of protocol v1 and their CBOR bodies.
+"""The messages of protocol v1's handshake, requests and liveness, and the
+encoding and decoding of every message (streams' own are in
+:mod:`.stream_messages`, the base and the kinds in :mod:`.message_base`).
 
 Each message is a frozen attrs class. ``encode_message`` turns one into
 frame bytes; ``decode_message`` turns a :class:`Frame` back into a message,
@@ -9,7 +11,6 @@ are omitted rather than sent as null. See docs/protocol.md for the contract.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -19,7 +20,24 @@ from .codec import decode_body, encode_body, encode_flat_body
 from .codes import ErrorCode
 from .errors import MessageError, ValueNotEncodable
 from .frames import MAX_REQUEST_ID, Frame, checked_frame, encode_frame
+from .message_base import (
+    MAX_ERROR_CODE,
+    MAX_UINT,
+    MAX_VERSION,
+    MIN_ERROR_CODE,
+    MIN_FRAME_LIMIT,
+    MIN_VERSION,
+    PROTOCOL_VERSIONS,
+    Body,
+    Kind,
+    Message,
+    int_text,
+    omit_none,
+    redacted,
+    redacted_auth,
+)
 from .stream_codec import decode_page_body
+from .stream_messages import Event, StreamCredit, StreamEnd, StreamPage
 
 __all__ = [
     "PROTOCOL_VERSIONS",
@@ -45,157 +63,6 @@ __all__ = [
     "error_message",
 ]
 
-#: Smallest max-frame size a peer may announce (room for any ERROR or GOAWAY).
-MIN_FRAME_LIMIT = 1024
-#: Largest value of a ``uint`` field (counts, ids, sizes, milliseconds): u64.
-MAX_UINT = 2**64 - 1
-#: ERROR ``code`` is a 3-digit numeric class, as in HTTP.
-MIN_ERROR_CODE, MAX_ERROR_CODE = 100, 999
-#: A protocol version is one byte's worth, 1..255 (HELLO ``versions``, WELCOME ``version``).
-MIN_VERSION, MAX_VERSION = 1, 255
-
-#: Protocol versions this package speaks, newest last.
-PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
-
-
-class Kind(enum.IntEnum):
-    """The message-kind byte of a frame header."""
-
-    HELLO = 0x01
-    WELCOME = 0x02
-    REQUEST = 0x10
-    RESPONSE = 0x11
-    ERROR = 0x12
-    CANCEL = 0x13
-    PING = 0x20
-    PONG = 0x21
-    GOAWAY = 0x22
-    STREAM_PAGE = 0x30
-    STREAM_END = 0x31
-    STREAM_CREDIT = 0x32
-    EVENT = 0x40
-
-
-class _Body:
-    """Typed access to a decoded body; every mistake is a MessageError."""
-
-    def __init__(self, raw: Any, frame: Frame) -> None:
-        self._frame = frame
-        if not isinstance(raw, dict):
-            self.fail(f"body must be a map, not {type(raw).__name__}")
-        self._raw: dict[str, Any] = raw
-
-    def fail(self, why: str) -> None:
-        name = _kind_name(self._frame.kind)
-        raise MessageError(
-            f"invalid {name} body: {why}",
-            request_id=self._frame.request_id,
-            kind=self._frame.kind,
-        )
-
-    def get(self, key: str, types: type | tuple[type, ...], default: Any = attrs.NOTHING) -> Any:
-        if key not in self._raw:
-            if default is attrs.NOTHING:
-                self.fail(f"missing {key!r}")
-            return default
-        value = self._raw[key]
-        # bool is an int in Python; an int field must not accept True.
-        allowed = _tuple(types)
-        if not isinstance(value, allowed) or (
-            isinstance(value, bool) and int in allowed and bool not in allowed
-        ):
-            self.fail(f"{key!r} must be {_type_names(types)}, not {type(value).__name__}")
-        return value
-
-    def frame_limit(self, key: str, default: Any = attrs.NOTHING) -> Any:
-        """A max-frame announcement: at least MIN_FRAME_LIMIT bytes, at most u64."""
-        return self.int_in(key, MIN_FRAME_LIMIT, MAX_UINT, default, unit=" bytes")
-
-    def count(self, key: str, default: Any = attrs.NOTHING) -> Any:
-        """A ``uint`` field: an integer within 0..2**64-1."""
-        return self.int_in(key, 0, MAX_UINT, default)
-
-    def int_in(
-        self, key: str, low: int, high: int, default: Any = attrs.NOTHING, *, unit: str = ""
-    ) -> Any:
-        """An integer field within ``low..high`` (booleans refused); absent: ``default``."""
-        present = key in self._raw
-        value = self.get(key, int, default)
-        if not present:
-            return value
-        if value < low:
-            if low == 0:
-                self.fail(f"{key!r} must not be negative, not {_int_text(value)}")
-            self.fail(f"{key!r} must be at least {low}{unit}, not {_int_text(value)}")
-        if value > high:
-            self.fail(f"{key!r} must be at most {_int_text(high)}{unit}, not {_int_text(value)}")
-        return value
-
-
-def _int_text(value: int) -> str:
-    """An integer for an error message, short whatever its size.
-
-    ``str()`` of an integer above 4300 digits raises ValueError, and one of a
-    few hundred digits helps nobody: past 20 digits only the size is shown.
-    """
-    if value == MAX_UINT:
-        return "2**64-1"
-    if -(10**20) < value < 10**20:
-        return str(value)
-    return f"{'-' if value < 0 else ''}an integer of {value.bit_length()} bits"
-
-
-def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
-    return types if isinstance(types, tuple) else (types,)
-
-
-def _type_names(types: type | tuple[type, ...]) -> str:
-    return " or ".join(t.__name__ for t in _tuple(types))
-
-
-def _kind_name(kind: int) -> str:
-    try:
-        return Kind(kind).name
-    except ValueError:
-        return f"kind {kind:#04x}"
-
-
-def _omit_none(body: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in body.items() if v is not None}
-
-
-def _redacted(value: Any) -> str:
-    """``repr`` of a secret field: ``'***'`` (None shows as None)."""
-    return "None" if value is None else "'***'"
-
-
-def _redacted_auth(value: Any) -> str:
-    """``repr`` of HELLO ``auth``: the user shows, the password is ``'***'``."""
-    if value is None:
-        return "None"
-    if not isinstance(value, Mapping):
-        return "'***'"
-    return repr({k: ("***" if k != "user" else v) for k, v in value.items()})
-
-
-class Message:
-    """Base of all message classes."""
-
-    kind: ClassVar[Kind]
-    request_id: int
-    #: Integer fields and their bounds (low, high), checked before encoding so
-    #: that what this side sends is what a receiver accepts (None: absent).
-    _bounds: ClassVar[dict[str, tuple[int, int]]] = {}
-
-    def body(self) -> dict[str, Any]:
-        """The CBOR map this message travels as."""
-        raise NotImplementedError
-
-    @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> Message:
-        raise NotImplementedError
-
-
 # ------------------------------------------------------------------ handshake
 
 
@@ -217,15 +84,15 @@ class Hello(Message):
     client_name: str = "qdb_client"
     client_version: str = ""
     #: ``{"user", "password"}``; the password never shows in ``repr``.
-    credentials: Mapping[str, str] | None = attrs.field(default=None, repr=_redacted_auth)
+    credentials: Mapping[str, str] | None = attrs.field(default=None, repr=redacted_auth)
     resume_session: str | None = None
     max_frame_size: int | None = None
     request_id: int = 0
     #: A session token from an earlier WELCOME (section 7.4); ``repr`` shows ``'***'``.
-    session_token: str | None = attrs.field(default=None, repr=_redacted)
+    session_token: str | None = attrs.field(default=None, repr=redacted)
 
     def body(self) -> dict[str, Any]:
-        return _omit_none(
+        return omit_none(
             {
                 "versions": list(self.versions),
                 "client": self.client_name,
@@ -238,7 +105,7 @@ class Hello(Message):
         )
 
     @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> Hello:
+    def from_body(cls, frame: Frame, body: Body) -> Hello:
         versions = body.get("versions", list)
         if not versions or not all(
             isinstance(v, int) and not isinstance(v, bool) and MIN_VERSION <= v <= MAX_VERSION
@@ -285,7 +152,7 @@ class Welcome(Message):
     server_name: str = ""
     request_id: int = 0
     #: A new secret token for ``session_id`` (section 7.4); ``repr`` shows ``'***'``.
-    session_token: str | None = attrs.field(default=None, repr=_redacted)
+    session_token: str | None = attrs.field(default=None, repr=redacted)
     #: Milliseconds ``session_token`` stays valid from now (None without a token).
     session_expires_ms: int | None = None
 
@@ -307,7 +174,7 @@ class Welcome(Message):
         return body
 
     @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> Welcome:
+    def from_body(cls, frame: Frame, body: Body) -> Welcome:
         members = []
         for item in body.get("members", list, []):
             if not (
@@ -347,7 +214,7 @@ class Request(Message):
     idempotency_key: str | None = None
 
     def body(self) -> dict[str, Any]:
-        return _omit_none(
+        return omit_none(
             {
                 "method": self.method,
                 "args": dict(self.args),
@@ -357,7 +224,7 @@ class Request(Message):
         )
 
     @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> Request:
+    def from_body(cls, frame: Frame, body: Body) -> Request:
         return cls(
             request_id=frame.request_id,
             method=body.get("method", str),
@@ -383,7 +250,7 @@ class Response(Message):
         return {"result": self.result}
 
     @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> Response:
+    def from_body(cls, frame: Frame, body: Body) -> Response:
         return cls(
             request_id=frame.request_id,
             result=body.get("result", object),
@@ -409,7 +276,7 @@ class Error(Message):
     details: Mapping[str, Any] = attrs.field(factory=dict)
 
     def body(self) -> dict[str, Any]:
-        return _omit_none(
+        return omit_none(
             {
                 "code": self.code,
                 "name": self.name,
@@ -421,7 +288,7 @@ class Error(Message):
         )
 
     @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> Error:
+    def from_body(cls, frame: Frame, body: Body) -> Error:
         return cls(
             request_id=frame.request_id,
             code=body.int_in("code", MIN_ERROR_CODE, MAX_ERROR_CODE),
@@ -444,7 +311,7 @@ class Cancel(Message):
         return {}
 
     @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> Cancel:
+    def from_body(cls, frame: Frame, body: Body) -> Cancel:
         return cls(request_id=frame.request_id)
 
 
@@ -462,7 +329,7 @@ class Ping(Message):
         return {}
 
     @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> Ping:
+    def from_body(cls, frame: Frame, body: Body) -> Ping:
         return cls(request_id=frame.request_id)
 
 
@@ -477,7 +344,7 @@ class Pong(Message):
         return {}
 
     @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> Pong:
+    def from_body(cls, frame: Frame, body: Body) -> Pong:
         return cls(request_id=frame.request_id)
 
 
@@ -506,140 +373,11 @@ class GoAway(Message):
         }
 
     @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> GoAway:
+    def from_body(cls, frame: Frame, body: Body) -> GoAway:
         return cls(
             reason=body.get("reason", str),
             last_request_id=body.count("last_request_id"),
             message=body.get("message", str, ""),
-        )
-
-
-# -------------------------------------------------------------------- streams
-
-
-@attrs.frozen
-class StreamPage(Message):
-    """One page of the result stream opened by request ``request_id``.
-
-    ``seq`` counts pages from 0. ``resume_token`` lets any node continue the
-    stream after this page. ``columns`` and ``types`` (declared column types,
-    None where unknown) are sent with page 0 only. ``rows_encoding`` is, on a
-    received page, the bytes of its rows as they travelled (the stream
-    digest's input, section 12.4; see :mod:`.stream_codec`); it is not part
-    of the message's value.
-    """
-
-    kind: ClassVar[Kind] = Kind.STREAM_PAGE
-    _bounds: ClassVar[dict[str, tuple[int, int]]] = {"seq": (0, MAX_UINT)}
-    request_id: int
-    seq: int
-    rows: tuple[Any, ...]
-    resume_token: bytes
-    columns: tuple[str, ...] | None = None
-    types: tuple[str | None, ...] | None = None
-    rows_encoding: bytes = attrs.field(default=b"", eq=False, repr=False, kw_only=True)
-
-    def body(self) -> dict[str, Any]:
-        return _omit_none(
-            {
-                "seq": self.seq,
-                "rows": list(self.rows),
-                "token": self.resume_token,
-                "columns": list(self.columns) if self.columns is not None else None,
-                "types": list(self.types) if self.types is not None else None,
-            }
-        )
-
-    @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> StreamPage:
-        columns = body.get("columns", list, None)
-        if columns is not None and not all(isinstance(c, str) for c in columns):
-            body.fail("'columns' must be a list of text")
-        types = body.get("types", list, None)
-        if types is not None and not all(t is None or isinstance(t, str) for t in types):
-            body.fail("'types' must be a list of text or null")
-        rows = body.get("rows", list)
-        if not all(isinstance(row, list) for row in rows):
-            body.fail("'rows' must be a list of arrays")
-        return cls(
-            request_id=frame.request_id,
-            seq=body.count("seq"),
-            rows=tuple(rows),
-            resume_token=body.get("token", bytes),
-            columns=tuple(columns) if columns is not None else None,
-            types=tuple(types) if types is not None else None,
-        )
-
-
-@attrs.frozen
-class StreamEnd(Message):
-    """End of stream ``request_id``: last page number, row count and digest.
-
-    ``digest`` is SHA-256 over the CBOR encoding of every row in order, so a
-    resumed stream can prove it delivered exactly the original result.
-    """
-
-    kind: ClassVar[Kind] = Kind.STREAM_END
-    _bounds: ClassVar[dict[str, tuple[int, int]]] = {
-        "seq": (0, MAX_UINT),
-        "row_count": (0, MAX_UINT),
-    }
-    request_id: int
-    seq: int
-    row_count: int
-    digest: bytes
-
-    def body(self) -> dict[str, Any]:
-        return {"seq": self.seq, "row_count": self.row_count, "digest": self.digest}
-
-    @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> StreamEnd:
-        return cls(
-            request_id=frame.request_id,
-            seq=body.count("seq"),
-            row_count=body.count("row_count"),
-            digest=body.get("digest", bytes),
-        )
-
-
-@attrs.frozen
-class StreamCredit(Message):
-    """The client grants stream ``request_id`` permission for ``pages`` more pages."""
-
-    kind: ClassVar[Kind] = Kind.STREAM_CREDIT
-    _bounds: ClassVar[dict[str, tuple[int, int]]] = {"pages": (1, MAX_UINT)}
-    request_id: int
-    pages: int
-
-    def body(self) -> dict[str, Any]:
-        return {"pages": self.pages}
-
-    @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> StreamCredit:
-        pages = body.count("pages")
-        if pages == 0:
-            body.fail("'pages' must be positive")
-        return cls(request_id=frame.request_id, pages=pages)
-
-
-@attrs.frozen
-class Event(Message):
-    """Server push: ``topic`` and ``data``; ``request_id`` is the subscription (0: none)."""
-
-    kind: ClassVar[Kind] = Kind.EVENT
-    topic: str
-    data: Mapping[str, Any] = attrs.field(factory=dict)
-    request_id: int = 0
-
-    def body(self) -> dict[str, Any]:
-        return {"topic": self.topic, "data": dict(self.data)}
-
-    @classmethod
-    def from_body(cls, frame: Frame, body: _Body) -> Event:
-        return cls(
-            request_id=frame.request_id,
-            topic=body.get("topic", str),
-            data=body.get("data", dict, {}),
         )
 
 
@@ -707,8 +445,8 @@ def _check_int(message: Message, name: str, low: int, high: int) -> None:
         )
     if not low <= value <= high:
         raise ValueNotEncodable(
-            f"{message.kind.name} {name} must be within {_int_text(low)}..{_int_text(high)},"
-            f" not {_int_text(value)}"
+            f"{message.kind.name} {name} must be within {int_text(low)}..{int_text(high)},"
+            f" not {int_text(value)}"
         )
 
 
@@ -752,10 +490,10 @@ def decode_message(frame: Frame) -> Message:
         raw, rows_encoding = decode_page_body(
             frame.body, request_id=frame.request_id, kind=frame.kind
         )
-        page = StreamPage.from_body(frame, _Body(raw, frame))
+        page = StreamPage.from_body(frame, Body(raw, frame))
         return attrs.evolve(page, rows_encoding=rows_encoding)
     raw = decode_body(frame.body, request_id=frame.request_id, kind=frame.kind)
-    return cls.from_body(frame, _Body(raw, frame))
+    return cls.from_body(frame, Body(raw, frame))
 
 
 def error_message(request_id: int, code: ErrorCode, message: str, **extra: Any) -> Error:
