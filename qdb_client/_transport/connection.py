@@ -4,6 +4,9 @@ Layout: a caller encodes its REQUEST and puts it in the outbox (no await
 between the protocol state change and the enqueue); a writer task drains the
 outbox, coalescing frames into one ``send_all``; a reader task decodes
 replies and hands each to the waiter registered under its request id.
+That I/O side (the handshake, both tasks, what each frame from the node
+does, the failure that ends every waiter) is :class:`.connection_io.ConnectionIO`,
+which :class:`Connection` inherits; this module keeps the requests' side.
 
 Why a writer task rather than callers writing under a lock: a caller
 cancelled in the middle of ``send_all`` would leave half a frame on the
@@ -30,77 +33,41 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
 from ..errors import (
     ClientClosed,
-    ConnectError,
     ConnectionDraining,
     ConnectionLost,
-    FrameError,
-    HandshakeError,
-    MessageError,
-    ProtocolError,
-    ProtocolViolation,
     QdbError,
-    VersionMismatch,
 )
 from ..protocol import (
-    BadMessage,
     Cancel,
-    Error,
-    GoAway,
     Hello,
-    Message,
     Ping,
-    Pong,
     ProtocolConnection,
-    Response,
     Role,
     StreamCredit,
-    StreamEnd,
     Welcome,
-    error_from_message,
-    receive_event,
-    receive_events,
 )
-from ..protocol.reader import ByteSource
+from .connection_io import NO_DATA, ConnectionIO, ConnectionListener, copy_error
 from .direct import DirectWriter
-from .feeds import FEED_KINDS, Feed
+from .feeds import Feed
 from .pending import PendingRequest
 
 __all__ = ["ORPHAN_GRACE", "Connection", "ConnectionListener", "PendingRequest"]
 
-_MAX_WRITE_BATCH = 256 * 1024
 #: Bytes queued for the writer beyond which new requests wait (a stalled peer).
 _MAX_QUEUED_BYTES = 8 * 1024 * 1024
 #: Seconds past its deadline after which an unconfirmed orphan is forgotten.
 ORPHAN_GRACE = 2.0
-_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-_EMPTY = b""
 #: Connection serial numbers: the ``failure_id`` of every error one connection's death causes.
 _SERIALS = itertools.count(1)
 
 
-class ConnectionListener(Protocol):
-    """What a connection tells its owner (the pool), synchronously."""
-
-    def connection_unusable(self, connection: Connection) -> None:
-        """It stopped taking new requests: once on the first GOAWAY, once when it
-        fails or closes."""
-
-    def slot_freed(self, connection: Connection) -> None:
-        """One or more request slots became free (a reply, a batch of replies, a
-        confirmed orphan, a withdrawal)."""
-
-    def orphaned(self, connection: Connection, forget_at: float) -> None:
-        """A request became an orphan, forgotten at ``forget_at`` if never confirmed
-        (the owner calls :meth:`Connection.expire_orphans` by then)."""
-
-
-class Connection:
+class Connection(ConnectionIO):
     """A handshaken protocol v1 connection carrying many requests at once.
 
     Create it over any trio stream, then ``welcome = await
@@ -234,7 +201,7 @@ class Connection:
 
     def _check_usable(self) -> None:
         if self.error is not None:
-            raise _copy_error(self.error, request_sent=False)
+            raise copy_error(self.error, request_sent=False)
         if self.draining_reason is not None:
             raise ConnectionDraining(
                 f"{self.address} is draining ({self.draining_reason}); request not sent",
@@ -388,7 +355,7 @@ class Connection:
             written = self._direct.write(data)
             if written:
                 pending.sent = True
-                pending.data = _EMPTY
+                pending.data = NO_DATA
                 self.last_activity = now
                 if written < len(data):
                     self._queue_bytes(data[written:])  # the rest goes through the writer
@@ -398,13 +365,6 @@ class Connection:
         if self._outbox_lot:  # (the writer may be awake already)
             self._outbox_lot.unpark()
         return pending
-
-    def _queue_bytes(self, data: bytes) -> None:
-        """Queue raw frame bytes (CANCEL, PONG, a partly written frame)."""
-        self._queued_bytes += len(data)
-        self._outbox.append(data)
-        if self._outbox_lot:  # (the writer may be awake already)
-            self._outbox_lot.unpark()
 
     def _abandon(self, pending: PendingRequest) -> None:
         """The caller stopped waiting (cancelled)."""
@@ -468,17 +428,15 @@ class Connection:
         retried elsewhere), unlike :meth:`close`, which is the client's own end."""
         self._fail(ConnectionLost(message, node=self.address, failure_id=self.serial))
 
-    def _release_slot(self, pending: PendingRequest) -> None:
-        if pending.holds_slot:  # at most once per request
-            pending.holds_slot = False
-            self._in_flight -= 1
-            self._slot_freed()
-
     def _slot_freed(self, count: int = 1) -> None:
         if self._slot_lot:
             self._slot_lot.unpark(count=count)
         if self._listener is not None:
             self._listener.slot_freed(self)
+
+    def _notify_unusable(self) -> None:
+        if self._listener is not None:
+            self._listener.connection_unusable(self)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -523,263 +481,3 @@ class Connection:
         """Close and wait until the reader, writer and socket are gone."""
         self.close()
         await self._finished.wait()
-
-    def _fail(self, error: QdbError) -> None:
-        """Record the first failure, fail every waiter, stop the tasks."""
-        if self.error is not None:
-            return
-        self.error = error
-        waiting, self._waiting = self._waiting, {}
-        self._orphans.clear()
-        for pending in waiting.values():
-            pending.holds_slot = False
-            pending._finish(error=_copy_error(error, request_sent=pending.sent))
-        feeds, self._feeds = self._feeds, {}
-        for feed in feeds.values():
-            feed.failed(_copy_error(error, request_sent=True))
-        self._outbox.clear()
-        self._queued_bytes = 0
-        self._in_flight = 0
-        self._pins = 0
-        self._slot_lot.unpark_all()
-        self._scope.cancel()
-        self._notify_unusable()
-
-    def _notify_unusable(self) -> None:
-        if self._listener is not None:
-            self._listener.connection_unusable(self)
-
-    async def _guard(self, loop: Any) -> None:
-        try:
-            await loop()
-        except _TRANSPORT_ERRORS as exc:
-            self._fail(self._lost(f"transport failed: {exc!r}", exc))
-        except (FrameError, ProtocolViolation) as exc:
-            self._fail(self._lost(f"protocol error from node: {exc}", exc))
-        except QdbError as exc:
-            self._fail(exc)
-        except Exception as exc:  # a bug must not crash the owner's nursery
-            self._fail(self._lost(f"internal error: {exc!r}", exc))
-
-    def _lost(self, message: str, cause: BaseException) -> ConnectionLost:
-        error = ConnectionLost(
-            f"connection to {self.address} lost: {message}",
-            node=self.address,
-            failure_id=self.serial,
-        )
-        error.__cause__ = cause
-        return error
-
-    async def _handshake(self, hello: Hello) -> Welcome:
-        try:
-            await self._stream.send_all(self._protocol.send(hello))
-            event = await receive_event(self._protocol, self._stream)
-            if event is None:
-                raise ConnectError(
-                    f"{self.address} closed the connection during the handshake",
-                    node=self.address,
-                )
-            return self._handshake_reply(event)
-        except _TRANSPORT_ERRORS as exc:
-            raise ConnectError(
-                f"handshake with {self.address} failed: {exc!r}", node=self.address
-            ) from exc
-        except ProtocolError as exc:
-            raise HandshakeError(
-                f"invalid handshake reply from {self.address}: {exc}", node=self.address
-            ) from exc
-
-    def _handshake_reply(self, event: Message | BadMessage) -> Welcome:
-        if isinstance(event, Welcome):
-            self.welcome = event
-            self.last_activity = trio.current_time()
-            return event
-        if isinstance(event, Error):
-            if event.name == "VERSION_MISMATCH":
-                offered = event.details.get("supported_versions")
-                if not isinstance(offered, list):
-                    offered = []
-                raise VersionMismatch(
-                    f"{self.address} speaks none of our protocol versions: {event.message}",
-                    supported_versions=[v for v in offered if isinstance(v, int) and 0 < v < 256],
-                    node=self.address,
-                )
-            raise error_from_message(event, node=self.address)
-        raise HandshakeError(
-            f"unexpected handshake reply from {self.address}: {event!r:.300}", node=self.address
-        )
-
-    # ----------------------------------------------------------- I/O loops
-
-    async def _write_loop(self) -> None:
-        outbox = self._outbox
-        while True:
-            if not outbox:
-                await self._outbox_lot.park()
-                continue
-            chunks = []
-            size = 0
-            while outbox and size < _MAX_WRITE_BATCH:
-                item = outbox.popleft()
-                if isinstance(item, PendingRequest):
-                    data = item.data
-                    self._queued_bytes -= len(data)
-                    if item.withdrawn:
-                        self._release_slot(item)
-                        continue
-                    item.sent = True
-                    item.data = _EMPTY  # the frame's bytes are not kept past their write
-                else:
-                    data = item
-                    self._queued_bytes -= len(data)
-                chunks.append(data)
-                size += len(data)
-            self._coalesce = False
-            if chunks:
-                self._writing = True
-                await self._stream.send_all(b"".join(chunks))
-                self._writing = False
-                self.last_activity = trio.current_time()
-            if self._slot_lot:
-                self._slot_lot.unpark_all()  # room in the outbox again
-
-    async def _read_loop(self) -> None:
-        protocol = self._protocol
-        stream: ByteSource = self._stream
-        if self._direct is not None:
-            stream = self._direct.reader(self._stream)
-        while True:
-            events = await receive_events(protocol, stream)
-            if events is None:
-                reason = self.draining_reason or "without GOAWAY"
-                raise ConnectionLost(
-                    f"{self.address} closed the connection ({reason})",
-                    node=self.address,
-                    failure_id=self.serial,
-                )
-            self.last_activity = self.last_received = trio.current_time()
-            # Many replies at once wake many callers, whose next requests
-            # then go out together through the writer (one send for all)
-            # instead of one direct send each.
-            self._coalesce = len(events) > 1
-            freed = 0
-            for event in events:
-                if type(event) is Response and not self._feeds:
-                    pending = self._waiting.pop(event.request_id, None)
-                    if pending is not None:
-                        # The common reply, inline (what _deliver does); the slots
-                        # it frees are announced once for the whole batch, below.
-                        if event.replayed:
-                            pending.replayed = True
-                        if pending.holds_slot:
-                            pending.holds_slot = False
-                            self._in_flight -= 1
-                            freed += 1
-                        pending._finish(event.result)
-                        continue
-                try:
-                    self._dispatch(event)
-                except Exception as exc:  # a bad reply fails its own request only
-                    self.bad_messages += 1
-                    self._deliver(
-                        getattr(event, "request_id", 0),
-                        error=MessageError(f"unusable reply from {self.address}: {exc!r:.300}"),
-                    )
-            if freed:
-                self._slot_freed(freed)
-
-    def _dispatch(self, event: Message | BadMessage) -> None:
-        if self._feeds and isinstance(event, FEED_KINDS):
-            feed = self._feeds.get(event.request_id)
-            if feed is not None and feed.frame(event):
-                return  # a page or an event, now in its feed's bounded buffer
-        if isinstance(event, Response):
-            if event.replayed:
-                pending = self._waiting.get(event.request_id)
-                if pending is not None:
-                    pending.replayed = True
-            self._deliver(event.request_id, result=event.result)
-        elif isinstance(event, Error):
-            if event.request_id == 0:
-                self.bad_messages += 1  # connection-level complaint; a GOAWAY or EOF follows
-            elif event.request_id in self._waiting:
-                self._deliver(event.request_id, error=error_from_message(event, node=self.address))
-            else:
-                self._deliver(event.request_id)  # an orphan's confirmation, or unknown
-        elif isinstance(event, Pong):
-            self._deliver(event.request_id, result=None)
-        elif isinstance(event, Ping):
-            self._queue_bytes(self._protocol.send(Pong(event.request_id)))
-        elif isinstance(event, GoAway):
-            self._on_goaway(event)
-        elif isinstance(event, BadMessage):
-            self.bad_messages += 1
-            if event.request_id in self._waiting:
-                # The reply was corrupted in transit: the request ran, its
-                # result is lost. The MessageError says so.
-                self._deliver(event.request_id, error=event.error)
-            elif event.request_id in self._orphans:
-                self._deliver(event.request_id)
-        elif isinstance(event, StreamEnd):
-            self._deliver(event.request_id, result=event)  # the stream's request is over
-        # Other STREAM_PAGE and EVENT frames have no feed (a stream or subscription
-        # that ended, or unsolicited EVENTs): they are dropped.
-
-    def _deliver(
-        self, request_id: int, *, result: Any = None, error: QdbError | None = None
-    ) -> None:
-        pending = self._waiting.pop(request_id, None)
-        if pending is None:
-            orphan = self._orphans.pop(request_id, None)
-            if orphan is None:
-                self.unknown_replies += 1
-            else:
-                self.late_replies_dropped += 1
-                self._release_slot(orphan)
-            return
-        self._release_slot(pending)
-        pending._finish(result, error)
-
-    def _on_goaway(self, goaway: GoAway) -> None:
-        first = self.draining_reason is None
-        self.draining_reason = goaway.reason
-        if first:
-            self._notify_unusable()
-        doomed = [
-            rid
-            for rid, pending in self._waiting.items()
-            if rid > goaway.last_request_id and pending.holds_slot
-        ]  # pings hold no slot and are still answered (protocol section 11)
-        for request_id in doomed:
-            pending = self._waiting.pop(request_id)
-            pending.withdrawn = True
-            self._release_slot(pending)
-            error = ConnectionDraining(
-                f"{self.address} is draining ({goaway.reason}); "
-                f"request {request_id} was not processed",
-                reason=goaway.reason,
-                node=self.address,
-            )
-            pending._finish(error=error)
-            feed = self._feeds.pop(request_id, None)
-            if feed is not None:
-                feed.failed(error)
-        for request_id in [rid for rid in self._orphans if rid > goaway.last_request_id]:
-            self._release_slot(
-                self._orphans.pop(request_id)
-            )  # never processed: nothing to wait for
-        self._slot_lot.unpark_all()
-
-
-def _copy_error(error: QdbError, *, request_sent: bool) -> QdbError:
-    """A fresh exception per waiter, so tracebacks don't pile up on one object."""
-    if isinstance(error, ConnectionLost):
-        copy: QdbError = ConnectionLost(
-            str(error), node=error.node, request_sent=request_sent, failure_id=error.failure_id
-        )
-    elif isinstance(error, ClientClosed):
-        copy = ClientClosed(str(error))
-    else:
-        return error
-    copy.__cause__ = error.__cause__
-    return copy

@@ -12,8 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from qdb_client._transport import ORPHAN_GRACE
-from qdb_client._transport import connection as connection_module
+from qdb_client._transport import ORPHAN_GRACE, connection_io
 from qdb_client.errors import ConnectionLost, MessageError, QdbError
 from qdb_client.protocol import Cancel, ErrorCode, GoAway, Request, Response, error_message
 
@@ -107,14 +106,14 @@ async def test_6_sent_frames_are_released_once_written(autojump_clock):
 async def test_6_a_reply_that_breaks_the_reader_fails_only_its_own_request(monkeypatch):
     """An exception while turning one reply into its result fails that request
     alone; its neighbours on the connection get their replies."""
-    real = connection_module.error_from_message
+    real = connection_io.error_from_message
 
     def fragile(error, *, node=None):
         if error.message == "poison":
             raise ValueError("cannot build this error")
         return real(error, node=node)
 
-    monkeypatch.setattr(connection_module, "error_from_message", fragile)
+    monkeypatch.setattr(connection_io, "error_from_message", fragile)
     async with connected() as (conn, node, nursery):
         results: dict[int, object] = {}
 
