@@ -33,16 +33,14 @@ request was sent.
 
 from __future__ import annotations
 
-import contextvars
 import math
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from ._arguments import (
+from .._arguments import (
     Params,
     Statement,
     batch_args,
@@ -50,12 +48,12 @@ from ._arguments import (
     executemany_args,
     statement_args,
 )
-from ._arguments import expect_rows as check_expect_rows
-from ._policies import classify
-from ._request import RequestPipeline
-from ._streams import TransactionStream
-from .config import ClientConfig
-from .errors import (
+from .._arguments import expect_rows as check_expect_rows
+from .._policies import classify
+from .._request import RequestPipeline
+from .._streams import TransactionStream
+from ..config import ClientConfig
+from ..errors import (
     ClientClosed,
     ConnectionDraining,
     InvalidArgument,
@@ -67,16 +65,21 @@ from .errors import (
     TransactionAborted,
     TransportError,
 )
-from .events import EventBus, TransactionEnded
-from .results import ExecuteResult, QueryResult
+from ..events import EventBus
+from ..results import ExecuteResult, QueryResult
 
 if TYPE_CHECKING:
-    from ._cluster import Cluster, Node
-    from ._transport import Connection, PendingRequest
+    from .._cluster import Cluster, Node
+    from .._transport import Connection, PendingRequest
 
-__all__ = ["Transaction", "TransactionCounters", "run_in_transaction", "transaction"]
-
-T = TypeVar("T")
+__all__ = [
+    "Host",
+    "Transaction",
+    "TransactionCounters",
+    "aborted_error",
+    "rows_affected",
+    "with_facts",
+]
 
 
 class TransactionCounters:
@@ -125,15 +128,7 @@ class Host(Protocol):
     def _require_cluster(self) -> Cluster: ...
 
 
-#: The transactions open in this context, by client, with the task that opened
-#: each (one per client and task: they don't nest). trio copies the context into
-#: every task started while a block is open, so the owner says whose it is.
-_CURRENT: contextvars.ContextVar[Mapping[int, tuple[trio.lowlevel.Task, Transaction]] | None] = (
-    contextvars.ContextVar("qdb_transactions", default=None)
-)
-
-
-def _aborted(
+def aborted_error(
     message: str, *, node: str | None, cause: BaseException | None, retryable: bool = True
 ) -> TransactionAborted:
     """A TransactionAborted raised on the driver's side, as the node would say it
@@ -150,7 +145,7 @@ def _aborted(
     return error
 
 
-def _facts(error: QdbError, *, sent: bool, key: str | None = None) -> QdbError:
+def with_facts(error: QdbError, *, sent: bool, key: str | None = None) -> QdbError:
     """Set what the caller is owed on ``error``: nothing of a transaction is applied
     before its commit."""
     error.request_sent = sent
@@ -265,7 +260,7 @@ class Transaction:
                 "another operation is in progress on this transaction (use it from one task)"
             )
         if self._broken is not None:
-            raise _facts(_copy(self._broken), sent=False)
+            raise with_facts(_copy(self._broken), sent=False)
         args["tx"] = self.id
         budget = self._client._budget(timeout)
         pending: PendingRequest | None = None
@@ -280,9 +275,11 @@ class Transaction:
             return parse(result)
         except TransactionAborted as exc:
             self._broken = exc
-            raise _facts(exc, sent=True) from None
+            raise with_facts(exc, sent=True) from None
         except ServerError as exc:
-            raise _facts(exc, sent=True) from None  # the statement failed; the transaction goes on
+            raise with_facts(
+                exc, sent=True
+            ) from None  # the statement failed; the transaction goes on
         except trio.TooSlowError as exc:
             sent = pending is not None and pending.sent
             self._break(f"{method} outlasted its {budget:g} s timeout", exc, sent=sent)
@@ -296,12 +293,12 @@ class Transaction:
             sent = pending is not None and pending.sent
             self._break(f"the connection to {self.node} was lost: {exc}", exc, sent=True)
             assert self._broken is not None
-            raise _facts(_copy(self._broken), sent=sent) from exc
+            raise with_facts(_copy(self._broken), sent=sent) from exc
         except QdbError as exc:
             # A corrupted or malformed reply: the statement ran, its result is lost.
             sent = pending is not None and pending.sent
             self._break(f"the reply to {method} was unusable: {exc}", exc, sent=sent)
-            raise _facts(exc, sent=sent) from None
+            raise with_facts(exc, sent=sent) from None
         except BaseException as exc:
             # The caller's cancellation: a statement already sent may still run.
             self._break(
@@ -321,7 +318,7 @@ class Transaction:
         """The transaction can't be trusted any more (a statement that may have run
         without its result being known): it will be rolled back."""
         if sent and self._broken is None:
-            self._broken = _aborted(reason, node=self.node, cause=cause, retryable=retryable)
+            self._broken = aborted_error(reason, node=self.node, cause=cause, retryable=retryable)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -329,7 +326,7 @@ class Transaction:
         """Commit, or raise what happened instead; bounded by ``deadline``."""
         if self._broken is not None:
             await self._rollback()
-            raise _facts(_copy(self._broken), sent=False)
+            raise with_facts(_copy(self._broken), sent=False)
         if self.read_only:
             await self._commit_read_only(deadline)
             return
@@ -350,27 +347,27 @@ class Transaction:
             _check_committed(reply)
             return
         except TransactionAborted as exc:
-            raise _facts(exc, sent=True, key=key) from None
+            raise with_facts(exc, sent=True, key=key) from None
         except ServerError as exc:
             if not classify(exc, sent=True).maybe_applied:
                 # The node refused the commit (a deferred constraint, shutting
                 # down...): nothing applied; make sure it is rolled back.
                 await self._rollback()
                 if exc.retryable:
-                    raise _facts(
-                        _aborted(f"the commit was refused: {exc}", node=self.node, cause=exc),
+                    raise with_facts(
+                        aborted_error(f"the commit was refused: {exc}", node=self.node, cause=exc),
                         sent=True,
                         key=key,
                     ) from exc
-                raise _facts(exc, sent=True, key=key) from None
+                raise with_facts(exc, sent=True, key=key) from None
             lost: BaseException = exc
         except (ConnectionDraining, TransportError, ClientClosed, trio.TooSlowError) as exc:
             sent = pending is not None and (pending.sent or getattr(exc, "request_sent", False))
             if not sent:
                 # Never written: the transaction is rolled back with its connection.
                 self._connection.abort(f"the commit of transaction {self.id} was not sent")
-                raise _facts(
-                    _aborted(
+                raise with_facts(
+                    aborted_error(
                         f"the commit could not be sent ({_describe(exc)}); rolled back",
                         node=self.node,
                         cause=exc,
@@ -419,13 +416,13 @@ class Transaction:
         except TransactionAborted as exc:
             # Not committed, and fenced: the commit still on its way can't apply.
             # The whole transaction may run again (with another key).
-            aborted = _aborted(
+            aborted = aborted_error(
                 f"the commit's reply was lost ({_describe(lost)}); asked again,"
                 f" {exc.node or 'a node'} says it did not commit: {exc.message}",
                 node=self.node,
                 cause=exc,
             )
-            raise _facts(aborted, sent=True, key=key) from exc
+            raise with_facts(aborted, sent=True, key=key) from exc
         except QdbError as exc:
             why = f"no node could say whether it committed ({exc})"
             raise self._unknown(key, lost, why) from exc
@@ -486,186 +483,3 @@ def rows_affected(result: Any) -> int:
     """The ``rows_affected`` of an executemany result (ProtocolError if malformed)."""
     parsed = ExecuteResult.from_wire(result)
     return parsed.rows_affected
-
-
-@asynccontextmanager
-async def transaction(
-    client: Host,
-    *,
-    read_only: bool = False,
-    timeout: float | None = None,
-    deadline: float | None = None,
-    commit_key: str | None = None,
-) -> AsyncIterator[Transaction]:
-    """See :meth:`Client.transaction`.
-
-    ``deadline`` (trio time) bounds the commit instead of ``request_timeout``
-    from the block's exit; ``commit_key`` is the commit's idempotency key.
-    """
-    await trio.lowlevel.checkpoint_if_cancelled()
-    open_here = _CURRENT.get() or {}
-    task = trio.lowlevel.current_task()
-    owner, open_tx = open_here.get(id(client), (None, None))
-    if owner is task and open_tx is not None and not open_tx._done:
-        await trio.lowlevel.checkpoint()
-        raise InvalidArgument(
-            "transactions don't nest: use the open transaction (savepoints are not supported)"
-        )
-    budget = client._budget(timeout)
-    cluster = client._require_cluster()
-    async with AsyncExitStack() as stack:
-        begin = _BeginRequest()
-        try:
-            with trio.fail_after(budget):
-                node = await cluster.select()
-                connection = await stack.enter_async_context(node.pool.lease())
-                tx_id = await _begin(node, connection, read_only, budget, begin)
-        except trio.TooSlowError as exc:
-            if begin.sent:
-                connection.abort("begin timed out")  # a transaction may have opened there
-                raise RequestTimeout(
-                    f"begin on {node.address} did not complete within {budget:g} s",
-                    timeout=budget,
-                    request_sent=True,
-                ) from exc
-            raise RequestTimeout(
-                f"no connection for a transaction within {budget:g} s (begin not sent)",
-                timeout=budget,
-                request_sent=False,
-            ) from exc
-        tx = Transaction(client, node, connection, tx_id, read_only)
-        counters = client._transactions
-        counters.begun += 1
-        started = trio.current_time()
-        token = _CURRENT.set({**open_here, id(client): (task, tx)})
-        try:
-            yield tx
-        except BaseException:
-            tx._done = True
-            counters.rolled_back += 1
-            await tx._rollback()
-            _ended(client, tx, started, "rolled back")
-            raise
-        finally:
-            _CURRENT.reset(token)
-        tx._done = True
-        # Bounded by its own deadline, and never cut half-way by an outer scope:
-        # a commit interrupted at the wrong moment would leave its outcome unknown.
-        with trio.CancelScope(shield=True):
-            try:
-                commit_by = trio.current_time() + client.config.request_timeout
-                await tx._commit(deadline if deadline is not None else commit_by, commit_key)
-            except OutcomeUnknown:
-                _ended(client, tx, started, "outcome unknown")
-                raise
-            except QdbError:
-                counters.aborted += 1
-                _ended(client, tx, started, "aborted")
-                raise
-        counters.committed += 1
-        _ended(client, tx, started, "committed")
-
-
-class _BeginRequest:
-    """A transaction's ``begin`` once queued, so whoever times it out can tell
-    whether it reached the node."""
-
-    __slots__ = ("pending",)
-
-    def __init__(self) -> None:
-        self.pending: PendingRequest | None = None
-
-    @property
-    def sent(self) -> bool:
-        """Whether the begin's frame went to the wire."""
-        return self.pending is not None and self.pending.sent
-
-
-async def _begin(
-    node: Node, connection: Connection, read_only: bool, budget: float, begin: _BeginRequest
-) -> str:
-    """Send ``begin`` and return the node's transaction id.
-
-    No deadline of its own: the caller's scope bounds it (one budget for
-    select, lease and begin) and reads ``begin`` to say whether it was sent.
-    """
-    args: dict[str, Any] = {"timeout_ms": max(1, math.ceil(budget * 1000))}
-    if read_only:
-        args["read_only"] = True
-    pending: PendingRequest | None = None
-    try:
-        pending = begin.pending = await connection.send_request(
-            "begin", args, deadline_ms=max(1, math.ceil(budget * 1000))
-        )
-        reply = await pending.wait()
-    except (TransportError, ClientClosed) as exc:
-        raise _facts(
-            _aborted(
-                f"could not begin on {node.address}: {exc}",
-                node=node.address,
-                cause=exc,
-                retryable=not isinstance(exc, ClientClosed),
-            ),
-            sent=pending is not None and pending.sent,
-        ) from exc
-    except QdbError as exc:
-        raise _facts(exc, sent=pending is not None and pending.sent) from None
-    tx_id = reply.get("tx") if isinstance(reply, Mapping) else None
-    if not isinstance(tx_id, str) or not tx_id or len(tx_id) > 128:
-        connection.abort("malformed begin reply")
-        raise _facts(
-            ProtocolError(f"{node.address} answered begin without a transaction id"), sent=True
-        )
-    return tx_id
-
-
-def _ended(client: Host, tx: Transaction, started: float, outcome: str) -> None:
-    if client.events.wants(TransactionEnded):
-        now = trio.current_time()
-        client.events.emit(TransactionEnded(now, tx.node, tx.id, outcome, now - started))
-
-
-@checkpointed
-async def run_in_transaction(
-    client: Host,
-    fn: Callable[[Transaction], Awaitable[T]],
-    *,
-    retries: int = 3,
-    read_only: bool = False,
-    timeout: float | None = None,
-    commit_key: str | None = None,
-) -> T:
-    """See :meth:`Client.run_in_transaction`. Begin, the block and the commit
-    (with its asking again) all fit in one ``timeout``."""
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise InvalidArgument(f"retries must be a non-negative integer, not {retries!r}")
-    budget = client._budget(timeout)
-    policy = client._pipeline.policy if client._pipeline is not None else None
-    deadline = trio.current_time() + budget
-    attempt = 0
-    while True:
-        remaining = deadline - trio.current_time()
-        try:
-            with trio.fail_at(deadline):
-                async with transaction(
-                    client,
-                    read_only=read_only,
-                    timeout=max(remaining, 0.001),
-                    deadline=deadline,
-                    # A key the cluster answered "not committed" stays fenced: a
-                    # new run needs a new one.
-                    commit_key=commit_key if attempt == 0 else None,
-                ) as tx:
-                    return await fn(tx)
-        except TransactionAborted as exc:
-            if not exc.retryable or attempt >= retries:
-                raise
-            delay = policy.backoff.delay(attempt, client._rng) if policy else 0.1
-            if trio.current_time() + delay >= deadline:
-                raise
-            attempt += 1
-            await trio.sleep(delay)
-        except trio.TooSlowError as exc:
-            raise RequestTimeout(
-                f"the transaction did not complete within {budget:g} s", timeout=budget
-            ) from exc
