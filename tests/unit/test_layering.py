@@ -132,7 +132,7 @@ def test_importing_pure_packages_loads_no_io() -> None:
 #: The driver's layers, bottom first. A module may import modules of lower
 #: layers and of its own package, never a layer above it (docs: architecture).
 LAYERS: list[set[str]] = [
-    {"_error_base", "_version", "_nursery", "_metrics", "metrics"},
+    {"_error_base", "_version", "_nursery", "_metrics", "metrics", "_preview"},
     {"protocol"},
     {"errors"},
     {"validation", "values"},
