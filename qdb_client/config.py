@@ -9,17 +9,32 @@ from __future__ import annotations
 import os
 import re
 import ssl
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import attrs
 
+from ._options import (
+    DEFAULT_FLOOR,
+    FLOORS,
+    JITTER_MODES,
+    LOAD_BALANCING,
+    Credentials,
+    check_number,
+    check_optional_hostname,
+    check_tls,
+    seconds_option,
+    to_credentials,
+    to_hosts,
+    to_listeners,
+)
 from .errors import ConfigError
 from .protocol.frames import HEADER_SIZE
-from .uri import Secret, is_uri, parse_uri, split_hosts
-from .validation import MAX_SECONDS, _show, boolean, int_in, parse_address, seconds_at_least, text
+from .uri import Secret, is_uri, parse_uri
+from .validation import MAX_SECONDS, _show, boolean, int_in, parse_address, text
 
 __all__ = [
+    "DEFAULT_FLOOR",
     "ENV_HOSTS",
     "ENV_PASSWORD",
     "ENV_PREFIX",
@@ -35,145 +50,6 @@ __all__ = [
     "text_options",
 ]
 
-#: The smallest value of each time option, in seconds (docs/configuration.md
-#: gives the reason for each). Every time option is at most MAX_SECONDS.
-#: A floor keeps a typo (``heartbeat_interval=1e-6``) from turning a
-#: background loop into a busy loop, and a timeout from expiring before a
-#: round trip could possibly complete.
-FLOORS: dict[str, float] = {
-    "connect_timeout": 0.01,
-    "request_timeout": 0.001,
-    "close_timeout": 0.001,
-    "idle_timeout": 0.1,
-    "max_lifetime": 0.1,
-    "pool_acquire_timeout": 0.001,
-    "heartbeat_interval": 0.05,
-    "ping_timeout": 0.01,
-    "suspect_interval": 0.05,
-    "reconnect_initial": 0.01,
-    "reconnect_max": 0.01,
-    "node_selection_timeout": 0.001,
-    "retry_initial_backoff": 0.001,
-    "retry_max_backoff": 0.001,
-    "min_attempt_time": 0.001,
-    "retry_budget_window": 1.0,
-    "breaker_open_timeout": 0.01,
-    "attempt_timeout_min": 0.001,
-    "forget_members_after": 0.01,
-}
-#: Floor of a time option not listed in FLOORS.
-DEFAULT_FLOOR = 0.001
-
-
-def _seconds(name: str) -> Any:
-    """Validator of the time option ``name``: FLOORS[name] .. MAX_SECONDS."""
-    return seconds_at_least(FLOORS.get(name, DEFAULT_FLOOR))
-
-
-#: Names accepted by ``retry_jitter``.
-JITTER_MODES = frozenset({"none", "proportional", "full", "decorrelated"})
-
-
-def _check_number(name: str, value: Any, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ConfigError(f"{name} must be a number within {low}..{high}, not {_show(value)}")
-
-
-#: Names accepted by ``load_balancing``.
-LOAD_BALANCING = frozenset({"round_robin", "latency_aware"})
-
-
-def _hosts(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        if is_uri(value):
-            raise ConfigError(
-                "hosts is a URI: pass it to open_client() or ClientConfig.from_uri(),"
-                " which read its options and credentials too"
-            )
-        # "h1:7000,h2:7001" is several hosts; whitespace around each is ignored.
-        return split_hosts(value, what="hosts")
-    if not isinstance(value, Iterable):
-        raise ConfigError(f"hosts must be 'host:port' strings, not {_show(value)}")
-    hosts = tuple(value)
-    if not hosts:
-        raise ConfigError("hosts must name at least one 'host:port'")
-    for number, host in enumerate(hosts, 1):
-        if isinstance(host, str) and "@" in host:  # never echoed: it may hold a password
-            raise ConfigError(
-                f"host {number} of hosts holds an '@': user:password@ belongs in a qdb:// URI"
-            )
-        parse_address(host)
-    if len(set(hosts)) != len(hosts):
-        raise ConfigError(f"hosts lists an address twice: {_show(list(hosts), 400)}")
-    return hosts
-
-
-def _secret(value: Any) -> Secret:
-    return value if isinstance(value, Secret) else Secret(value)
-
-
-@attrs.frozen(kw_only=True)
-class Credentials:
-    """User name and password sent in the handshake.
-
-    ``Credentials(user="ada", password="...")``. The password is kept as a
-    :class:`~qdb_client.uri.Secret`: it never shows in ``repr``, and
-    ``attrs.asdict`` of a config holds the ``Secret``, not the text.
-    ``credentials.password`` returns the text.
-    """
-
-    user: str = attrs.field(validator=text)
-    _password: Secret = attrs.field(alias="password", converter=_secret, repr=False)
-
-    @property
-    def password(self) -> str:
-        """The password itself (to send in HELLO; never log it)."""
-        return self._password.reveal()
-
-
-def _tls(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, (bool, ssl.SSLContext)):
-        raise ConfigError(
-            "tls must be False, True (the system's trusted certificate authorities)"
-            f" or an ssl.SSLContext, not {_show(value)}"
-        )
-
-
-def _optional_hostname(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None:
-        return
-    if (
-        not isinstance(value, str)
-        or not value
-        or len(value) > 253
-        or any(c.isspace() or not c.isprintable() for c in value)
-    ):
-        raise ConfigError(
-            f"tls_server_hostname must be a host name or address (text), not {_show(value)}"
-        )
-
-
-def _listeners(value: Any) -> tuple[Any, ...]:
-    if value is None:
-        return ()
-    if callable(value) or isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise ConfigError("listeners must be a list of callables (each taking one event)")
-    listeners = tuple(value)
-    for listener in listeners:
-        if not callable(listener):
-            raise ConfigError(
-                f"listeners must be callables taking one event, not {_show(listener)}"
-            )
-    return listeners
-
-
-def _credentials(value: Any) -> Credentials | None:
-    if value is None or isinstance(value, Credentials):
-        return value
-    if isinstance(value, tuple) and len(value) == 2:
-        return Credentials(user=value[0], password=value[1])
-    raise ConfigError("credentials must be a Credentials or a (user, password) tuple")
-
 
 @attrs.frozen(kw_only=True)
 class ClientConfig:
@@ -183,42 +59,46 @@ class ClientConfig:
     docs/configuration.md. Times are in seconds.
     """
 
-    hosts: tuple[str, ...] = attrs.field(converter=_hosts)
+    hosts: tuple[str, ...] = attrs.field(converter=to_hosts)
     # Connections
-    connect_timeout: float = attrs.field(default=5.0, validator=_seconds("connect_timeout"))
-    request_timeout: float = attrs.field(default=5.0, validator=_seconds("request_timeout"))
+    connect_timeout: float = attrs.field(default=5.0, validator=seconds_option("connect_timeout"))
+    request_timeout: float = attrs.field(default=5.0, validator=seconds_option("request_timeout"))
     max_frame_size: int = attrs.field(default=1024 * 1024, validator=int_in(4096, 2**31 - 1))
     max_in_flight: int = attrs.field(default=256, validator=int_in(1, 65536))
-    close_timeout: float = attrs.field(default=2.0, validator=_seconds("close_timeout"))
-    credentials: Credentials | None = attrs.field(default=None, converter=_credentials)
+    close_timeout: float = attrs.field(default=2.0, validator=seconds_option("close_timeout"))
+    credentials: Credentials | None = attrs.field(default=None, converter=to_credentials)
     client_name: str = attrs.field(default="qdb_client", validator=text)
     # Trust: TLS, sessions, where credentials go (docs/security.md)
-    tls: bool | ssl.SSLContext = attrs.field(default=False, validator=_tls)
-    tls_server_hostname: str | None = attrs.field(default=None, validator=_optional_hostname)
+    tls: bool | ssl.SSLContext = attrs.field(default=False, validator=check_tls)
+    tls_server_hostname: str | None = attrs.field(default=None, validator=check_optional_hostname)
     keep_password: bool = attrs.field(default=True, validator=boolean)
     trust_announced_members: bool = attrs.field(default=False, validator=boolean)
     # Per-node pools
     min_connections: int = attrs.field(default=1, validator=int_in(0, 1000))
     max_connections: int = attrs.field(default=8, validator=int_in(1, 1000))
     max_connecting: int = attrs.field(default=2, validator=int_in(1, 100))
-    idle_timeout: float = attrs.field(default=60.0, validator=_seconds("idle_timeout"))
-    max_lifetime: float = attrs.field(default=1800.0, validator=_seconds("max_lifetime"))
+    idle_timeout: float = attrs.field(default=60.0, validator=seconds_option("idle_timeout"))
+    max_lifetime: float = attrs.field(default=1800.0, validator=seconds_option("max_lifetime"))
     pool_acquire_timeout: float = attrs.field(
-        default=5.0, validator=_seconds("pool_acquire_timeout")
+        default=5.0, validator=seconds_option("pool_acquire_timeout")
     )
     max_waiters: int = attrs.field(default=1000, validator=int_in(0, 10**6))
     # Health checks and reconnection
-    heartbeat_interval: float = attrs.field(default=5.0, validator=_seconds("heartbeat_interval"))
-    ping_timeout: float = attrs.field(default=2.0, validator=_seconds("ping_timeout"))
+    heartbeat_interval: float = attrs.field(
+        default=5.0, validator=seconds_option("heartbeat_interval")
+    )
+    ping_timeout: float = attrs.field(default=2.0, validator=seconds_option("ping_timeout"))
     failures_to_down: int = attrs.field(default=3, validator=int_in(1, 100))
-    suspect_interval: float = attrs.field(default=0.5, validator=_seconds("suspect_interval"))
-    reconnect_initial: float = attrs.field(default=1.0, validator=_seconds("reconnect_initial"))
-    reconnect_max: float = attrs.field(default=30.0, validator=_seconds("reconnect_max"))
+    suspect_interval: float = attrs.field(default=0.5, validator=seconds_option("suspect_interval"))
+    reconnect_initial: float = attrs.field(
+        default=1.0, validator=seconds_option("reconnect_initial")
+    )
+    reconnect_max: float = attrs.field(default=30.0, validator=seconds_option("reconnect_max"))
     reconnect_multiplier: float = attrs.field(default=1.6)
     reconnect_jitter: float = attrs.field(default=0.2)
     # Node selection
     node_selection_timeout: float = attrs.field(
-        default=2.0, validator=_seconds("node_selection_timeout")
+        default=2.0, validator=seconds_option("node_selection_timeout")
     )
     load_balancing: str = attrs.field(default="round_robin")
     slow_start: float = attrs.field(default=5.0)
@@ -227,24 +107,28 @@ class ClientConfig:
     # Retries
     max_retries: int = attrs.field(default=3, validator=int_in(0, 100))
     retry_initial_backoff: float = attrs.field(
-        default=0.1, validator=_seconds("retry_initial_backoff")
+        default=0.1, validator=seconds_option("retry_initial_backoff")
     )
-    retry_max_backoff: float = attrs.field(default=5.0, validator=_seconds("retry_max_backoff"))
+    retry_max_backoff: float = attrs.field(
+        default=5.0, validator=seconds_option("retry_max_backoff")
+    )
     retry_multiplier: float = attrs.field(default=2.0)
     retry_jitter: str = attrs.field(default="proportional")
     retry_jitter_factor: float = attrs.field(default=0.1)
-    min_attempt_time: float = attrs.field(default=0.01, validator=_seconds("min_attempt_time"))
+    min_attempt_time: float = attrs.field(
+        default=0.01, validator=seconds_option("min_attempt_time")
+    )
     retry_budget_ratio: float = attrs.field(default=0.2)
     retry_budget_min_per_second: float = attrs.field(default=10.0)
     retry_budget_window: float = attrs.field(
-        default=10.0, validator=_seconds("retry_budget_window")
+        default=10.0, validator=seconds_option("retry_budget_window")
     )
     idempotency_keys: bool = attrs.field(default=True, validator=boolean)
     # Circuit breakers (per node)
     breaker_failure_threshold: int = attrs.field(default=5, validator=int_in(1, 10**6))
     breaker_success_threshold: int = attrs.field(default=2, validator=int_in(1, 10**6))
     breaker_open_timeout: float = attrs.field(
-        default=30.0, validator=_seconds("breaker_open_timeout")
+        default=30.0, validator=seconds_option("breaker_open_timeout")
     )
     breaker_half_open_probes: int = attrs.field(default=1, validator=int_in(1, 10**6))
     # Bulkheads
@@ -252,20 +136,22 @@ class ClientConfig:
     # Attempt timeouts and membership (gray failures: stalled nodes, departed members)
     attempt_timeout_factor: float = attrs.field(default=3.0)
     attempt_timeout_min: float = attrs.field(
-        default=0.25, validator=_seconds("attempt_timeout_min")
+        default=0.25, validator=seconds_option("attempt_timeout_min")
     )
     max_members: int = attrs.field(default=64, validator=int_in(1, 10_000))
     # Observability
-    listeners: tuple[Any, ...] = attrs.field(default=(), converter=_listeners, eq=False, repr=False)
+    listeners: tuple[Any, ...] = attrs.field(
+        default=(), converter=to_listeners, eq=False, repr=False
+    )
     forget_members_after: float = attrs.field(
-        default=60.0, validator=_seconds("forget_members_after")
+        default=60.0, validator=seconds_option("forget_members_after")
     )
     # Result streams and subscriptions (docs/resilience.md, "Result streams")
     stream_page_rows: int = attrs.field(default=1000, validator=int_in(1, 100_000))
     stream_page_bytes: int = attrs.field(default=64 * 1024, validator=int_in(1024, 2**31 - 1))
     stream_credit: int = attrs.field(default=4, validator=int_in(1, 1024))
     stream_page_timeout: float = attrs.field(
-        default=10.0, validator=_seconds("stream_page_timeout")
+        default=10.0, validator=seconds_option("stream_page_timeout")
     )
     stream_max_resumes: int = attrs.field(default=5, validator=int_in(0, 1000))
     subscription_credit: int = attrs.field(default=256, validator=int_in(1, 4096))
@@ -278,8 +164,8 @@ class ClientConfig:
             )
         if self.reconnect_max < self.reconnect_initial:
             raise ConfigError("reconnect_max must not be below reconnect_initial")
-        _check_number("reconnect_multiplier", self.reconnect_multiplier, 1, 10)
-        _check_number("reconnect_jitter", self.reconnect_jitter, 0, 0.999)
+        check_number("reconnect_multiplier", self.reconnect_multiplier, 1, 10)
+        check_number("reconnect_jitter", self.reconnect_jitter, 0, 0.999)
         if self.load_balancing not in LOAD_BALANCING:
             raise ConfigError(
                 f"load_balancing must be one of {sorted(LOAD_BALANCING)},"
@@ -292,11 +178,11 @@ class ClientConfig:
                 "slow_start must be a non-negative number of seconds, at most"
                 f" {MAX_SECONDS}, not {_show(self.slow_start)}"
             )
-        _check_number("attempt_timeout_factor", self.attempt_timeout_factor, 0, 1000)
-        _check_number("retry_multiplier", self.retry_multiplier, 1, 10)
-        _check_number("retry_jitter_factor", self.retry_jitter_factor, 0, 0.999)
-        _check_number("retry_budget_ratio", self.retry_budget_ratio, 0, 100)
-        _check_number("retry_budget_min_per_second", self.retry_budget_min_per_second, 0, 10**6)
+        check_number("attempt_timeout_factor", self.attempt_timeout_factor, 0, 1000)
+        check_number("retry_multiplier", self.retry_multiplier, 1, 10)
+        check_number("retry_jitter_factor", self.retry_jitter_factor, 0, 0.999)
+        check_number("retry_budget_ratio", self.retry_budget_ratio, 0, 100)
+        check_number("retry_budget_min_per_second", self.retry_budget_min_per_second, 0, 10**6)
         if self.retry_jitter not in JITTER_MODES:
             raise ConfigError(
                 f"retry_jitter must be one of {sorted(JITTER_MODES)},"

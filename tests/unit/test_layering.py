@@ -137,6 +137,7 @@ LAYERS: list[set[str]] = [
     {"errors"},
     {"validation", "values"},
     {"uri"},
+    {"_options"},
     {"config", "results", "events"},
     {"_arguments"},
     {"_policies"},
