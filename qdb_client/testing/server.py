@@ -14,9 +14,7 @@ or, with an explicit nursery, ``node = QdbNode(config)`` then
 
 from __future__ import annotations
 
-import errno
 import logging
-import socket as stdlib_socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,71 +22,28 @@ from typing import Any
 
 import trio
 
-from ..protocol import Error, ErrorCode, Hello, Member, ProtocolConnection, Role, error_message
+from ..protocol import Error, ErrorCode, Hello, Member
 from . import control_token, sessions
 from ._nursery import owned_nursery
 from .config import ServerConfig, format_address, parse_address, peer_node_id
 from .faults import Faults
 from .handshake import HelloAnswer, answer_hello
-from .session import COURTESY_SECONDS, ServerConnection, close_stream
+from .listener import Admission, NodeListener
+from .session import ServerConnection
 from .stats import NodeStatistics
 from .storage import Storage
-from .tls import accept_tls, server_context
+from .tls import server_context
 from .transactions import NodeTransactions
 
 __all__ = ["QdbNode", "open_node"]
 
 logger = logging.getLogger("qdb_client.testing")
 
-_BACKLOG = 128
 #: Seconds ``open_node`` waits for its node to close when the block exits.
 _EXIT_TIMEOUT = 5.0
-#: accept() errors that mean "out of resources, try again shortly".
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
-def _is_resource_error(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS
-
-
-class _Admission:
-    """One accepted connection's places: a pending handshake, one of its address's.
-
-    Released once each (:meth:`handshake_done` when the WELCOME went out,
-    :meth:`release` when the connection is over). ``scope`` wraps the
-    connection's serving, so a connection still in its handshake can be
-    evicted to make room for a newer one.
-    """
-
-    __slots__ = ("_handshaking", "_node", "host", "scope")
-
-    def __init__(self, node: QdbNode, host: str) -> None:
-        self._node = node
-        self.host = host
-        self._handshaking = True
-        self.scope = trio.CancelScope()
-        node._handshaking[self] = None
-        node._per_address[host] += 1
-
-    def handshake_done(self) -> None:
-        if self._handshaking:
-            self._handshaking = False
-            del self._node._handshaking[self]
-
-    def evict(self) -> None:
-        """Close this connection, which has not finished its handshake."""
-        self.handshake_done()
-        self.scope.cancel()
-
-    def release(self) -> None:
-        self.handshake_done()
-        node, host = self._node, self.host
-        node._per_address[host] -= 1
-        if node._per_address[host] <= 0:
-            del node._per_address[host]
-
-
-class QdbNode:
+class QdbNode(NodeListener):
     """One test node: listener, client connections, storage, faults and counters.
 
     Build it from a :class:`ServerConfig` (or keyword overrides of one).
@@ -132,7 +87,7 @@ class QdbNode:
         #: fresh for every node (see :mod:`.control_token`). Never logged.
         self.control_token = control_token.new_token()
         #: Connections in their handshake, oldest first (evicted first at the cap).
-        self._handshaking: dict[_Admission, None] = {}
+        self._handshaking: dict[Admission, None] = {}
         self._per_address: Counter[str] = Counter()
         self._registered: str | None = None
         self._port = config.port
@@ -267,100 +222,9 @@ class QdbNode:
         logger.info("%s: dropped %d connections", self.node_id, len(dropped))
         return len(dropped)
 
-    # ----------------------------------------------------------- listening
+    # ----------------------------------------------------------- admission
 
-    def _open_listener(self) -> None:
-        host = self.config.host
-        family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
-        sock = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
-            sock.bind((host, self._port))
-            sock.listen(_BACKLOG)
-        except BaseException:
-            sock.close()
-            raise
-        self._port = sock.getsockname()[1]
-        self._listen_sock = trio.socket.from_stdlib_socket(sock)
-        if self.config.test_mode and self._registered is None:
-            self._registered = self.address
-            control_token.register(self.address, self.control_token)
-        self._signal_listening_changed()
-        logger.info("%s: listening on %s", self.node_id, self.address)
-
-    def _close_listener(self) -> None:
-        sock, self._listen_sock = self._listen_sock, None
-        if sock is not None:
-            sock.close()
-            self._signal_listening_changed()
-            logger.info("%s: stopped listening on %s", self.node_id, self.address)
-
-    def _signal_listening_changed(self) -> None:
-        self._listen_changed.set()
-        self._listen_changed = trio.Event()
-
-    def _set_refusing(self, refusing: bool) -> None:
-        if refusing:
-            self._close_listener()
-        elif self._serving and not self._shutdown_started and self._listen_sock is None:
-            self._open_listener()
-
-    async def _accept_loop(self, nursery: trio.Nursery) -> None:
-        while True:
-            sock = self._listen_sock
-            if sock is None:
-                await self._listen_changed.wait()
-                continue
-            try:
-                client, _ = await sock.accept()
-            except (trio.ClosedResourceError, OSError) as exc:
-                if sock is not self._listen_sock:
-                    continue  # closed on purpose (refuse_connections, shutdown)
-                # Aborted handshakes, resets, fd exhaustion: never let them stop the node.
-                level = logging.WARNING if _is_resource_error(exc) else logging.DEBUG
-                logger.log(level, "%s: accept failed: %r", self.node_id, exc)
-                await trio.sleep(0.05 if _is_resource_error(exc) else 0.01)
-                continue
-            nursery.start_soon(self._serve_socket, client)
-
-    async def _serve_socket(self, sock: trio.socket.SocketType) -> None:
-        try:
-            host, port = sock.getpeername()[:2]
-            peer = format_address(host, port)
-        except OSError:
-            host = peer = "unknown peer"
-        deadline = trio.current_time() + self.config.handshake_timeout
-        raw = trio.SocketStream(sock)
-        admission = self._admit(host, peer)
-        if not isinstance(admission, _Admission):
-            if self._tls_context is None:
-                await self._turn_away(raw, *admission)
-            else:  # no TLS handshake for a connection that can't stay: just close
-                await trio.aclose_forcefully(raw)
-            return
-        try:
-            with admission.scope:
-                if self._tls_context is None:
-                    await self._serve(raw, peer, deadline, admission)
-                    return
-                stream = await accept_tls(
-                    sock,
-                    self._tls_context,
-                    within=min(self.config.tls_handshake_timeout, self.config.handshake_timeout),
-                    peer=peer,
-                    timed_out=self._count_handshake_timeout,
-                )
-                if stream is not None:
-                    await self._serve(stream, peer, deadline, admission)
-        finally:
-            if admission.scope.cancelled_caught:
-                await trio.aclose_forcefully(raw)
-            admission.release()
-
-    def _count_handshake_timeout(self) -> None:
-        self.stats.handshake_timeouts += 1
-
-    def _admit(self, host: str, peer: str) -> _Admission | tuple[ErrorCode, str]:
+    def _admit(self, host: str, peer: str) -> Admission | tuple[ErrorCode, str]:
         """Places for a new connection from ``host``, or why it is turned away.
 
         At ``max_pending_handshakes`` the oldest connection still in its
@@ -391,7 +255,7 @@ class QdbNode:
                 peer,
             )
             oldest.evict()
-        return _Admission(self, host)
+        return Admission(self, host)
 
     # --------------------------------------------------------------- serving
 
@@ -434,7 +298,7 @@ class QdbNode:
         """
         deadline = trio.current_time() + self.config.handshake_timeout
         admission = self._admit(peer, peer)
-        if not isinstance(admission, _Admission):
+        if not isinstance(admission, Admission):
             await self._turn_away(stream, *admission)
             return
         try:
@@ -446,7 +310,7 @@ class QdbNode:
             admission.release()
 
     async def _serve(
-        self, stream: trio.abc.Stream, peer: str, deadline: float, admission: _Admission
+        self, stream: trio.abc.Stream, peer: str, deadline: float, admission: Admission
     ) -> None:
         if self._shutdown_started:
             await self._turn_away(stream, ErrorCode.SHUTTING_DOWN, "the node is shutting down")
@@ -475,15 +339,6 @@ class QdbNode:
             await conn.run()
         finally:
             self._connections.discard(conn)
-
-    async def _turn_away(self, stream: trio.abc.Stream, code: ErrorCode, text: str) -> None:
-        data = ProtocolConnection(Role.SERVER).send(error_message(0, code, text))
-        with trio.move_on_after(COURTESY_SECONDS):
-            try:
-                await stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-        await close_stream(stream, linger=True)
 
     # -------------------------------------------------------------- shutdown
 
