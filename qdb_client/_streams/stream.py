@@ -35,6 +35,11 @@ expires), and the block's exit never waits for it.
 
 One task consumes a stream: a second task asking for a row or page while
 the first waits for one raises :class:`~qdb_client.errors.InvalidArgument`.
+
+This module is the consumer side (the public API, the buffer, closing and
+releasing the spool); starting and resuming the stream's requests and the
+frames their connections feed in are :class:`.stream_attempts.StreamAttempts`,
+which ``ResultStream`` inherits.
 """
 
 from __future__ import annotations
@@ -48,26 +53,24 @@ from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 import trio
 
 from .._arguments import statement_args
-from .._policies import Outcome, OutcomeKind, RetryRule, classify
+from .._policies import Outcome, classify
 from .._policies.resume import ResumePolicy
 from .._request import retry_backoff
 from ..config import ClientConfig
 from ..errors import (
-    ClientClosed,
     InvalidArgument,
-    MessageError,
     NotFound,
     QdbError,
     RequestTimeout,
     StreamCorrupted,
-    StreamResumeFailed,
 )
-from ..protocol import BadMessage, Error, Message, StreamEnd, StreamPage, error_from_message
+from ..protocol import BadMessage, Message, StreamPage
 from ..results import Row, _Columns
 from ..validation import seconds_or_error
 from . import attempt as attempts
 from .attempt import Attempt
 from .checks import PageLedger
+from .stream_attempts import StreamAttempts
 from .types import PageIterator, ResultPage, rows_of
 
 if TYPE_CHECKING:
@@ -80,8 +83,6 @@ logger = logging.getLogger("qdb_client.streams")
 _MAX_PAGE_ROWS = 100_000
 #: Seconds a background release of an abandoned stream's spool may take at most.
 _RELEASE_GRACE = 5.0
-#: Outcomes that end a plain call but only delay a stream (see ResumePolicy).
-_NOT_NOW = (OutcomeKind.NO_NODE, OutcomeKind.CIRCUIT_OPEN)
 
 
 class DeliveredFacts(TypedDict, total=False):
@@ -124,7 +125,7 @@ def _count(value: Any, name: str, low: int, high: int) -> int:
     return value
 
 
-class ResultStream:
+class ResultStream(StreamAttempts):
     """An open result stream; use it inside its ``async with`` block, from one task.
 
     ``async for row in stream`` gives :class:`~qdb_client.Row` objects (as
@@ -366,96 +367,6 @@ class ResultStream:
         self._fail_attempt(attempt, silence, classify(None, sent=True, attempt_timed_out=True))
         attempt.abort_connection(f"stream stalled: {why}")
 
-    async def _next_attempt(self) -> None:
-        """Start the stream, or resume it after the current attempt's failure."""
-        failure, self._failure = self._failure, None
-        old, self._attempt = self._attempt, None
-        if old is not None:
-            old.stop(cancel=False)
-            if old.node is not None and old.node not in self._failed_nodes:
-                self._failed_nodes.append(old.node)
-        if failure is not None:
-            error, outcome = failure
-            decision = self._policy.decide(
-                outcome,
-                attempts_done=self._failures_since_progress,
-                remaining=self._deadline - trio.current_time(),
-                rng=self._host._rng,
-                previous_delay=self._previous_delay,
-                error=error,
-            )
-            logger.debug("stream attempt failed: %s", decision.reason)
-            if not decision.retry:
-                raise self._give_up(error, outcome, decision.reason)
-            self._failures_since_progress += 1
-            self._previous_delay = decision.delay
-            if decision.delay > 0:
-                await trio.sleep(decision.delay)
-        await self._start()
-
-    async def _start(self) -> None:
-        config = self._host.config
-        if self._ledger.token is None:
-            method, args = "query_stream", dict(self._args)
-        else:
-            method, args = "resume_stream", {"token": self._ledger.token}
-            self.resumes += 1
-        args["credit"] = self._ledger.start_attempt(len(self._buffer))
-        until = min(self._deadline, trio.current_time() + config.request_timeout)
-        try:
-            with trio.fail_at(until):
-                attempt = await attempts.start(
-                    self,
-                    self._host._require_cluster(),
-                    method,
-                    args,
-                    exclude=self._failed_nodes,
-                    deadline_ms=attempts.ms_until(self._deadline, config.request_timeout),
-                )
-        except trio.TooSlowError:
-            error = RequestTimeout(f"{method} could not be sent in time", timeout=0.0)
-            self._failure = (error, classify(None, sent=False, attempt_timed_out=True))
-            return
-        except QdbError as exc:
-            if self._host._closed:
-                raise
-            self._failure = (exc, classify(exc, sent=getattr(exc, "request_sent", False)))
-            return
-        self._attempt = attempt
-
-    def _give_up(self, error: QdbError, outcome: Outcome, reason: str) -> QdbError:
-        """The error that ends the stream: the query's own refusal as is (before
-        page 0), else StreamResumeFailed with what was delivered."""
-        ledger = self._ledger
-        facts: DeliveredFacts = {
-            "rows_delivered": ledger.rows_received,
-            "pages_delivered": ledger.pages_received,
-            "last_seq": ledger.last_seq,
-            "resume_attempts": self._failures_since_progress,
-        }
-        refused = outcome.retry is RetryRule.NEVER and outcome.kind not in _NOT_NOW
-        if (ledger.token is None and refused) or isinstance(error, ClientClosed):
-            return error  # the query itself was refused (SqlError...), or the client closed
-        if isinstance(error, NotFound):
-            self._spool_gone = True
-            why = str(error.details.get("reason") or "unknown")
-            failed = StreamResumeFailed(
-                f"the stream can't be resumed: the node no longer has it ({why}); delivered"
-                f" {ledger.rows_received} rows in {ledger.pages_received} pages, up to page"
-                f" {ledger.last_seq}",
-                reason=why,
-                **facts,
-            )
-        else:
-            failed = StreamResumeFailed(
-                f"the stream stopped after {ledger.rows_received} rows in"
-                f" {ledger.pages_received} pages (last page {ledger.last_seq}): {reason}",
-                reason=reason,
-                **facts,
-            )
-        failed.__cause__ = error
-        return failed
-
     def _close(self, *, cancel: bool) -> None:
         """End the stream on the node (synchronous: safe in any cleanup)."""
         if self._closed:
@@ -487,59 +398,6 @@ class ResultStream:
             return  # the client is closing: the spool expires on the node
         grace = min(_RELEASE_GRACE, host.config.request_timeout)
         nursery.start_soon(release_spool, host._require_cluster(), token, grace)
-
-    # ----------------------------------------- connection side (the feed)
-
-    def _fail_attempt(self, attempt: Attempt, error: QdbError, outcome: Outcome) -> None:
-        if attempt is self._attempt and self._failure is None:
-            self._failure = (error, outcome)
-        self._lot.unpark_all()
-
-    def _on_frame(self, attempt: Attempt, message: Message | BadMessage) -> bool:
-        if attempt is not self._attempt:
-            return True
-        if self._corrupted is not None:  # the first contradiction is the one reported
-            return isinstance(message, StreamPage)
-        if isinstance(message, StreamPage):
-            try:
-                self._ledger.accept(message)
-            except StreamCorrupted as exc:
-                self._corrupted = exc
-            else:
-                self._buffer.append(message)
-                self._failures_since_progress = 0
-                self._failed_nodes.clear()
-            self._lot.unpark_all()
-            return True
-        if isinstance(message, StreamEnd):
-            try:
-                self._ledger.finish(message)
-            except StreamCorrupted as exc:
-                self._corrupted = exc
-            self._lot.unpark_all()
-            return False  # the request is over: the connection frees its slot
-        error: QdbError
-        if isinstance(message, Error):
-            error = error_from_message(message, node=attempt.address)
-            self._fail_attempt(attempt, error, classify(error, sent=True))
-            return False
-        if isinstance(message, BadMessage):
-            # A page lost in transit: this request can't go on, and stopping it
-            # with CANCEL would delete the spool, so its connection goes.
-            error = MessageError(f"a stream frame was corrupted: {message.error}")
-            self._fail_attempt(attempt, error, classify(error, sent=True))
-            attempt.abort_connection(f"stream frame corrupted: {message.error}")
-            return True
-        self._corrupted = self._ledger._corrupt(f"a {type(message).__name__} on a stream")
-        self._lot.unpark_all()
-        return False
-
-    def _on_failed(self, attempt: Attempt, error: QdbError) -> None:
-        if attempt is not self._attempt or attempt.stalled:
-            self._lot.unpark_all()
-            return
-        error = attempts.connection_error(error, client_closed=self._host._closed)
-        self._fail_attempt(attempt, error, classify(error, sent=True))
 
 
 class _SpoolRelease:
