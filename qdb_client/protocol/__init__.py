@@ -37,10 +37,9 @@ from .messages import (
     Welcome,
     decode_message,
     encode_message,
-    error_message,
 )
 from .reader import READ_SIZE, receive_event, receive_events
-from .server_errors import ServerError, error_from_message, server_error_from_wire
+from .server_errors import ServerError, error_from_message, error_message, server_error_from_wire
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",

@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 import attrs
 
 from .codec import decode_body, encode_body, encode_flat_body
-from .codes import ErrorCode
 from .errors import MessageError, ValueNotEncodable
 from .frames import MAX_REQUEST_ID, Frame, checked_frame, encode_frame
 from .message_base import (
@@ -60,7 +59,6 @@ __all__ = [
     "decode_message",
     "encode_message",
     "encode_request",
-    "error_message",
 ]
 
 # ------------------------------------------------------------------ handshake
@@ -494,15 +492,3 @@ def decode_message(frame: Frame) -> Message:
         return attrs.evolve(page, rows_encoding=rows_encoding)
     raw = decode_body(frame.body, request_id=frame.request_id, kind=frame.kind)
     return cls.from_body(frame, Body(raw, frame))
-
-
-def error_message(request_id: int, code: ErrorCode, message: str, **extra: Any) -> Error:
-    """Build an ERROR for ``code`` with its numeric class and retryable flag filled in."""
-    return Error(
-        request_id=request_id,
-        code=code.code,
-        name=code.value,
-        message=message,
-        retryable=code.retryable,
-        **extra,
-    )

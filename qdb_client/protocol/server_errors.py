@@ -1,5 +1,6 @@
-"""The exception classes of the node's structured errors, and the mapping
-from a wire ERROR to them.
+"""The exception classes of the node's structured errors, the mapping from a
+wire ERROR to them, and :func:`error_message`, the ERROR a node sends for an
+:class:`~.codes.ErrorCode`.
 
 Each class stands for one symbolic name of section 9 of docs/protocol.md;
 an unknown name becomes a plain :class:`ServerError` that keeps its code,
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from .._error_base import QdbError
+from .codes import ErrorCode
 from .messages import Error
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "Unprepared",
     "WriteConflict",
     "error_from_message",
+    "error_message",
     "server_error_from_wire",
 ]
 
@@ -307,4 +310,16 @@ def error_from_message(error: Error, *, node: str | None = None) -> ServerError:
         retry_after_ms=error.retry_after_ms,
         details=dict(error.details),
         node=node,
+    )
+
+
+def error_message(request_id: int, code: ErrorCode, message: str, **extra: Any) -> Error:
+    """Build an ERROR for ``code`` with its numeric class and retryable flag filled in."""
+    return Error(
+        request_id=request_id,
+        code=code.code,
+        name=code.value,
+        message=message,
+        retryable=code.retryable,
+        **extra,
     )
