@@ -13,6 +13,11 @@ ends (as MongoDB's CMAP wakes waiters after every connect attempt).
 Request counts live in each connection (the in-flight ledger, orphans of
 cancelled callers included); the pool is the connection's listener and
 hears when a slot frees or the connection stops taking work.
+
+:class:`NodePool` here holds the pool's state and its public operations
+(acquire, lease, disable/enable, maintenance, closing). It inherits the wait
+queue from :class:`~._waiting.WaitQueue` and the opening, listening to and
+closing of its connections from :class:`~._connections.PoolConnections`.
 """
 
 from __future__ import annotations
@@ -20,43 +25,20 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
-from .._transport import Connection, ConnectionListener
-from ..errors import ClientClosed, ConnectError, PoolQueueFull, PoolTimeout, QdbError
-from ..events import (
-    ConnectionClosed,
-    ConnectionCreated,
-    ConnectionOpenFailed,
-    ConnectionReady,
-    EventBus,
-    PoolCleared,
-)
+from .._transport import Connection
+from ..errors import QdbError
+from ..events import EventBus, PoolCleared
+from ._connections import OPEN_FAILURES, Connector
 from ._state import PoolLimits, PoolState
+from ._waiting import Waiter, WaitQueue
 
 __all__ = ["NodePool", "PoolListener", "Reservation"]
-
-#: Seconds after a failed open before waiters may try another one.
-OPEN_RETRY_DELAY = 1.0
-
-Connector = Callable[[ConnectionListener], Awaitable[Connection]]
-
-
-class _Waiter:
-    """A caller queued for room; ``granted`` is filled in by ``_grant``."""
-
-    __slots__ = ("event", "exclusive", "granted", "queued")
-
-    def __init__(self, exclusive: bool) -> None:
-        self.exclusive = exclusive
-        self.event = trio.Event()
-        self.granted: tuple[int, Connection] | None = None
-        #: Still in the pool's queue (a flag, so leaving needs no O(queue) scan).
-        self.queued = False
 
 
 class Reservation:
@@ -90,7 +72,7 @@ class PoolListener:
         """An open connection died (not a GOAWAY drain, not our own close)."""
 
 
-class NodePool:
+class NodePool(WaitQueue):
     """Connections to one node, shared by multiplexing or leased whole."""
 
     def __init__(
@@ -120,7 +102,7 @@ class NodePool:
         self.last_connect_seconds: float | None = None
         self._ids = itertools.count(1)
         #: Callers waiting for room, served first come, first served.
-        self._queue: deque[_Waiter] = deque()
+        self._queue: deque[Waiter] = deque()
         self._maintenance = trio.Event()
         #: When maintenance will look next (inf: not scheduled).
         self._maintenance_at = math.inf
@@ -218,7 +200,7 @@ class NodePool:
     def disable(self, reason: str) -> None:
         """Stop serving (node DOWN): waiters fail, connections close as they drain."""
         if self._disabled is None:
-            self._disabled_id = next(_OPEN_FAILURES)
+            self._disabled_id = next(OPEN_FAILURES)
             self._events.emit(PoolCleared(trio.current_time(), self.address, reason))
         self._disabled = reason
         for connection_id in list(self._connections):
@@ -336,333 +318,6 @@ class NodePool:
 
     # -------------------------------------------------------------- internals
 
-    def _describe(self) -> str:
-        s = self.statistics()
-        limits = self.state.limits
-        return (
-            f"{s['open']}/{limits.max_connections} connections open, {s['opening']} opening, "
-            f"{s['in_flight']} requests in flight, {s['leased']} leased, "
-            f"{s['waiting']} callers waiting"
-        )
-
-    def _check_serving(self) -> None:
-        if self._closed:
-            raise ClientClosed("the client is closed")
-        if self._disabled is not None:
-            # One event (the refused open, or the health verdict, that disabled
-            # the pool) however many callers meet it: one failure id.
-            last = self.last_open_error
-            if last is not None and not last.retryable:
-                # Refused for good (credentials, a TLS certificate, the version):
-                # that, not "not in service", is what the caller must hear.
-                raise _copy(last)
-            failure_id = getattr(last, "failure_id", None) or self._disabled_id
-            raise ConnectError(
-                f"{self.address} is not in service: {self._disabled}",
-                node=self.address,
-                failure_id=failure_id,
-            )
-
-    async def _acquire(
-        self, *, exclusive: bool, bounded_by: float = math.inf
-    ) -> tuple[int, Connection]:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self._disabled is None and not self._closed and not self._queue:
-            picked = self._pick(exclusive)  # fast path: room now, nobody queued
-            if picked is not None:
-                return picked
-        self._check_serving()
-        if len(self._queue) >= self._max_waiters:
-            raise PoolQueueFull(
-                f"{self._max_waiters} callers already wait for {self.address}",
-                node=self.address,
-                in_use=self._describe(),
-            )
-        waiter = _Waiter(exclusive)
-        self._queue.append(waiter)
-        waiter.queued = True
-        try:
-            if bounded_by < trio.current_time() + self._acquire_timeout:
-                # The caller's own scope ends the wait first, and nothing can
-                # move it (a deadline read from the scopes now could be raised
-                # or shielded later): the pool's timeout could never fire.
-                return await self._wait_granted(waiter)
-            with trio.move_on_after(self._acquire_timeout):
-                return await self._wait_granted(waiter)
-        finally:
-            if waiter.queued:  # gave up (cancelled, timed out, failed) still queued
-                waiter.queued = False
-                self._queue.remove(waiter)
-                self._grant()  # those queued behind us may be servable now
-            elif waiter.granted is not None:
-                # Granted while we were being cancelled or failing: hand the
-                # slot on rather than leak it.
-                self._give_back(waiter)
-        raise PoolTimeout(
-            f"no connection to {self.address} within {self._acquire_timeout:g} s",
-            node=self.address,
-            in_use=self._describe(),
-        )
-
-    async def _wait_granted(self, waiter: _Waiter) -> tuple[int, Connection]:
-        """Wait in the queue until ``waiter`` is granted a connection (or fail)."""
-        failures_before = self._open_failures
-        while True:
-            if waiter.granted is not None:
-                granted, waiter.granted = waiter.granted, None
-                return granted
-            self._check_serving()
-            if (
-                self._open_failures != failures_before
-                and self.last_open_error is not None
-                and not self.state.connections
-            ):
-                # The node refused since we began waiting and nothing is open:
-                # fail now, not at the timeout (attempts still under way would
-                # most likely fail the same way).
-                raise _copy(self.last_open_error)
-            if self.state.opening < len(self._queue) and self._may_open():
-                self._start_open()  # no more opens under way than callers waiting
-            waiter.event = trio.Event()
-            await waiter.event.wait()
-
-    def _grant(self) -> None:
-        """Serve queued callers strictly in arrival order while there is room."""
-        while self._queue and self._disabled is None and not self._closed:
-            head = self._queue[0]
-            picked = self._pick(head.exclusive)
-            if picked is None:
-                if not self.state.opening and self._may_open():
-                    # Room went away under the queue (a drained connection
-                    # closed, say) and nobody is opening a new one.
-                    self._start_open()
-                return
-            self._queue.popleft()
-            head.queued = False
-            head.granted = picked
-            head.event.set()
-
-    def _may_open(self) -> bool:
-        """Room for one more connection, and no refusal just now.
-
-        After a failed open, waiters don't retry at once: a node that
-        refuses an extra connection (CAPACITY_EXCEEDED) while others work
-        would otherwise be asked again in a tight loop.
-        """
-        if not self.state.can_open():
-            return False
-        return (
-            self.last_open_error is None
-            or trio.current_time() - self._last_open_failure >= OPEN_RETRY_DELAY
-        )
-
-    def _give_back(self, waiter: _Waiter) -> None:
-        assert waiter.granted is not None
-        connection_id, connection = waiter.granted
-        waiter.granted = None
-        if waiter.exclusive:
-            self.state.return_lease(connection_id, trio.current_time(), reusable=True)
-            self._after_release(connection_id)
-        else:
-            connection.unreserve()  # frees the slot; slot_freed() does the rest
-
-    def _wake_waiters(self) -> None:
-        """Let every queued caller re-check (failures, closing, new capacity)."""
-        self._grant()
-        for waiter in self._queue:
-            waiter.event.set()
-
-    def _pick(self, exclusive: bool, now: float | None = None) -> tuple[int, Connection] | None:
-        if now is None:
-            now = trio.current_time()
-        while True:
-            record = self.state.pick_exclusive() if exclusive else self.state.pick_shared()
-            if record is None:
-                return None
-            connection = self._connections[record.id]
-            if not connection.usable:
-                self.state.retire(record.id)
-                self._close_if_drained(record.id)
-                continue
-            if exclusive:
-                self.state.lease(record.id, now)
-            else:
-                connection.reserve()
-                record.last_used = now
-            return record.id, connection
-
-    def _after_release(self, connection_id: int) -> None:
-        self._close_if_drained(connection_id)
-        if self._queue:
-            self._grant()
-        connections = self.state.connections
-        record = connections.get(connection_id)
-        limits = self.state.limits
-        if (
-            record is not None
-            and len(connections) > limits.min_connections  # (active counts no more)
-            and record.idle
-            and record.last_used + limits.idle_timeout < self._maintenance_at
-            and self.state.active > limits.min_connections
-        ):
-            # It just went idle and may expire before maintenance would look
-            # again. (Most releases skip this: a busy connection's expiry is
-            # already scheduled or later.)
-            self._wake_maintenance()
-
-    def _close_if_drained(self, connection_id: int) -> None:
-        record = self.state.connections.get(connection_id)
-        if record is None or not record.retiring:
-            return
-        if record.idle:
-            self._close(connection_id)
-            return
-        connection = self._connections.get(connection_id)
-        if connection is not None and connection.pinned:
-            # Subscriptions alone would keep a retired connection open for good
-            # (and counted against max_connections): they move instead.
-            connection.move_pinned_feeds("retired by the pool")
-
-    def _close(self, connection_id: int, reason: str = "drained") -> None:
-        connection = self._connections.pop(connection_id, None)
-        self.state.closed(connection_id)
-        if connection is not None:
-            self._events.emit(
-                ConnectionClosed(trio.current_time(), self.address, connection.serial, reason)
-            )
-            if not self._closed:
-                self._nursery.start_soon(connection.aclose)
-        self._wake_maintenance()
-
-    def _start_open(self) -> None:
-        self.state.open_started()
-        now = trio.current_time()
-        self._events.emit(ConnectionCreated(now, self.address))
-        # The scope exists from now: an attempt abandoned before its task runs
-        # is abandoned all the same.
-        attempt = trio.CancelScope()
-        self._opening[attempt] = now
-        self._nursery.start_soon(self._open_one, attempt)
-
-    async def _open_one(self, attempt: trio.CancelScope) -> None:
-        started = trio.current_time()
-        try:
-            with attempt:
-                connection = await self._connect(self)
-        except Exception as exc:
-            if not isinstance(exc, QdbError):  # defensive: connect translates errors
-                exc = ConnectError(
-                    f"connecting to {self.address} failed: {exc!r}", node=self.address
-                )
-            if isinstance(exc, ConnectError) and exc.failure_id is None:
-                exc.failure_id = next(_OPEN_FAILURES)  # one refusal, however many waiters see it
-            now = trio.current_time()
-            self.state.open_finished(None, now)
-            self._open_failures += 1
-            self._warm_after_failure = False
-            self.last_open_error = exc
-            self._last_open_failure = now
-            # Waiters may not open again before the delay (those queued now and
-            # those arriving meanwhile): wake them when it ends.
-            self._reopen_at = now + OPEN_RETRY_DELAY
-            self._wake_maintenance()
-            self._events.emit(ConnectionOpenFailed(now, self.address, _describe_error(exc)))
-            self._tell(self._listener.open_failed, exc)
-            self._wake_waiters()
-            return
-        except BaseException:
-            self.state.open_finished(None, trio.current_time())
-            raise
-        finally:
-            self._opening.pop(attempt, None)
-        if attempt.cancelled_caught:
-            # Abandoned (see abandon_connects): no failure of the node's, and
-            # its place is free. Callers that counted on it look again.
-            self.state.open_finished(None, trio.current_time())
-            self._wake_maintenance()
-            self._wake_waiters()
-            return
-        if self._closed or self._disabled is not None:
-            # The node went out of service (DOWN, or found to be another
-            # node's alias) while this was opening: nothing may use it.
-            self.state.open_finished(None, trio.current_time())
-            await connection.aclose()
-            self._wake_maintenance()
-            return
-        connection_id = next(self._ids)
-        connection.tag = connection_id
-        self._connections[connection_id] = connection
-        self.state.open_finished(connection_id, trio.current_time(), connection)
-        self.last_connect_seconds = trio.current_time() - started
-        self.last_open_error = None
-        self._reopen_at = math.inf
-        self._warm_after_failure = True
-        now = trio.current_time()
-        self._events.emit(
-            ConnectionReady(
-                now, self.address, connection.serial, connection.node_id or "", now - started
-            )
-        )
-        self._tell(self._listener.opened, connection)
-        if not connection.usable:
-            self.connection_unusable(connection)
-        self._wake_waiters()
-        self._wake_maintenance()
-
-    # ------------------------------------------------- connection listener
-
-    def slot_freed(self, connection: Connection) -> None:
-        """A request slot on ``connection`` became free (its ledger says so)."""
-        connection_id = connection.tag  # an int once the pool has opened it
-        record = None
-        if isinstance(connection_id, int):
-            record = self.state.connections.get(connection_id)
-        if record is None:
-            return  # not (or no longer) one of ours
-        record.last_used = trio.current_time()
-        if record.retiring or self._queue or record.idle:
-            self._after_release(record.id)  # the rare cases: drain, waiters, expiry
-
-    def orphaned(self, connection: Connection, forget_at: float) -> None:
-        """An orphan on ``connection`` must be forgotten at ``forget_at`` if the node
-        never confirms it: maintenance looks then (and serves the waiters)."""
-        if forget_at < self._maintenance_at:
-            self._wake_maintenance()
-
-    def connection_unusable(self, connection: Connection) -> None:
-        """``connection`` stopped taking new requests (GOAWAY, failure, close)."""
-        connection_id = connection.tag
-        if not isinstance(connection_id, int) or connection_id not in self._connections:
-            return
-        if connection.error is not None:
-            # Dead: forget it now; its requests already got their errors.
-            self._connections.pop(connection_id, None)
-            self.state.closed(connection_id)
-            why = "client" if isinstance(connection.error, ClientClosed) else "lost"
-            self._events.emit(
-                ConnectionClosed(
-                    trio.current_time(),
-                    self.address,
-                    connection.serial,
-                    f"{why}: {_describe_error(connection.error)}",
-                )
-            )
-            if not isinstance(connection.error, ClientClosed):
-                # Don't re-warm on our own: the health monitor probes first
-                # and calls warm() once the node answers.
-                self._warm_after_failure = False
-                self._tell(self._listener.connection_failed, connection)
-            self._wake_waiters()
-            self._wake_maintenance()
-        else:
-            # GOAWAY: drain, then close; replacements open on demand.
-            self.state.retire(connection_id)
-            self._close_if_drained(connection_id)
-            self._wake_waiters()
-
-    def _wake_maintenance(self) -> None:
-        self._maintenance.set()
-
     def _tell(self, event: Callable[[NodePool, Any], None], subject: Any) -> None:
         """Deliver one event to the listener; a failure in it is recorded, never
         raised into the background task (which would end the client)."""
@@ -671,25 +326,3 @@ class NodePool:
         except Exception as exc:
             self.listener_errors += 1
             self.last_listener_error = exc
-
-
-def _describe_error(error: BaseException) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}"[:300]
-
-
-#: Ids of failed opens: the ``failure_id`` shared by every waiter that sees one.
-_OPEN_FAILURES = itertools.count(1)
-
-
-def _copy(error: QdbError) -> QdbError:
-    """A fresh instance of an open failure for each waiter that raises it.
-
-    Built without calling ``__init__`` (subclasses take different keyword
-    arguments); the original becomes its cause.
-    """
-    fresh = error.__class__.__new__(error.__class__)
-    fresh.__dict__.update(error.__dict__)
-    fresh.args = error.args
-    fresh.__cause__ = error
-    return fresh
