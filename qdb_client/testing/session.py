@@ -21,12 +21,16 @@ backpressure on a client that does not read its replies).
 Everything sent fits the client's HELLO ``max_frame`` or is not sent: an
 ERROR is cut down to fit (:mod:`.outgoing`), a WELCOME lists fewer
 members, and a RESPONSE too large is answered FRAME_TOO_LARGE.
+
+:class:`ServerConnection` holds the connection's state, its lifecycle (idle
+watchdog, drain, close), the reader and the handshake. It inherits its write
+path from :class:`~.sending.ConnectionSender` and the admission and running of
+its requests from :class:`~.dispatch.RequestRunner`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +39,6 @@ import trio
 from ..protocol import (
     BadMessage,
     Cancel,
-    Error,
     ErrorCode,
     FrameError,
     FrameTooLarge,
@@ -46,7 +49,6 @@ from ..protocol import (
     Pong,
     ProtocolViolation,
     Request,
-    Response,
     State,
     StreamCredit,
     ValueNotEncodable,
@@ -54,21 +56,20 @@ from ..protocol import (
     error_message,
     receive_event,
 )
-from ._failure import RequestFailed
 from .context import SessionState
-from .feeds import FEED_METHODS, ConnectionFeeds
-from .ledger import RequestLedger, Slot
-from .methods import DATA_METHODS, MethodContext, Outcome, is_control_method, run_method
+from .dispatch import RequestRunner
+from .feeds import ConnectionFeeds
+from .ledger import RequestLedger
+from .methods import MethodContext
 from .outgoing import (
     COURTESY_SECONDS,
     LINGER_SECONDS,
     RECEIVE_SIZE,
     WatchedStream,
-    bounded_error,
     close_stream,
     fewer_members,
-    minimal_error,
 )
+from .sending import TRANSPORT_ERRORS
 from .wire import NodeProtocol
 
 if TYPE_CHECKING:
@@ -78,14 +79,8 @@ __all__ = ["COURTESY_SECONDS", "LINGER_SECONDS", "ServerConnection", "close_stre
 
 logger = logging.getLogger("qdb_client.testing")
 
-_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-#: Method names counted under their own name in ``requests_by_method``.
-_KNOWN_METHODS = frozenset({*DATA_METHODS, *FEED_METHODS})
-#: What the control tool may call without a user, on a node that requires credentials.
-_USERLESS_METHODS = frozenset({"ping"})
 
-
-class ServerConnection:
+class ServerConnection(RequestRunner):
     """The server side of one client connection."""
 
     def __init__(
@@ -197,13 +192,6 @@ class ServerConnection:
         self._stop_writing()
         self._scope.cancel()
 
-    def _stop_writing(self) -> None:
-        """No more bytes on this connection: the write in progress is cut short (the
-        connection is closing without its frames), later ones write nothing."""
-        self._writes_stopped = True
-        if self._writing is not None:
-            self._writing.cancel()
-
     def _close_gracefully(self) -> None:
         if self._scope.cancel_called:  # closing already (maybe abruptly): keep that choice
             return
@@ -279,174 +267,6 @@ class ServerConnection:
                 deadline = min(deadline, self._handshake_deadline)
             self._idle_scope.deadline = deadline
 
-    # -------------------------------------------------------------- writing
-
-    async def _send(self, message: Message, *, count: bool = True) -> bool:
-        """Write one message; False if the connection can no longer carry it.
-
-        An ERROR always goes out, cut down to fit the client's maximum frame
-        (:mod:`.outgoing`). Anything else raises FrameTooLarge /
-        ValueNotEncodable (before anything is written) when it can't be
-        encoded for this peer.
-
-        A request's reply (RESPONSE, its ERROR) and a PONG change no protocol
-        state: they are encoded before waiting for the write lock, and their
-        bytes count as queued (:meth:`_queue`) until written, so a client
-        that does not read is disconnected before its replies pile up.
-        """
-        data: bytes | None = None
-        if isinstance(message, (Response, Pong)) or (
-            isinstance(message, Error) and message.request_id != 0
-        ):
-            data = self._encode_or_none(message)
-            if data is None or not self._queue(len(data)):
-                return False
-        queued = 0 if data is None else len(data)
-        try:
-            async with self._write_lock:
-                if data is None:
-                    data = self._encode_or_none(message)
-                    if data is None:
-                        return False
-                    queued = len(data)
-                    self._queued += queued
-                # Counted before writing: the peer may act on the bytes before send_all returns.
-                if isinstance(message, Error) and count and not self.is_control_client:
-                    self.node.stats.errors_sent[message.name] += 1
-                return await self._write(data)
-        finally:
-            self._queued -= queued
-
-    def _encode_or_none(self, message: Message) -> bytes | None:
-        try:
-            return self._encode(message)
-        except ProtocolViolation as exc:
-            logger.debug("%s: not sending %s: %s", self.node.node_id, message.kind.name, exc)
-            return None
-
-    def _queue(self, size: int) -> bool:
-        """Count ``size`` more bytes waiting to be written; False (and the connection
-        aborted) if that passes ``max_queued_reply_bytes``: the client does not read.
-        One reply always fits an empty queue."""
-        limit = self.config.max_queued_reply_bytes
-        if self._queued and self._queued + size > limit:
-            logger.warning(
-                "%s: closing the connection from %s: %d bytes of replies wait to be"
-                " written (max_queued_reply_bytes %d); it does not read them",
-                self.node.node_id,
-                self.peer,
-                self._queued + size,
-                limit,
-            )
-            self._close_slow_reader()
-            return False
-        self._queued += size
-        return True
-
-    async def _write(self, data: bytes) -> bool:
-        """``send_all`` under the write lock, within ``write_timeout``; False (and the
-        connection aborted) if it failed or blocked that long (the client does not read).
-
-        A frame goes out whole or the connection is aborted. The write is shielded
-        from a cancel of the task that sends it (a CANCEL of the stream whose page
-        it is, a stream stopped), which would leave half a frame on the wire and
-        lose every later one; the deadlines around it still hold: one that passes
-        mid-write aborts the connection, as the connection's own end does.
-        """
-        await trio.lowlevel.checkpoint_if_cancelled()  # cancelled already: nothing written
-        if self._writes_stopped:
-            return False
-        timeout = self.config.write_timeout
-        bound = trio.current_effective_deadline()
-        with trio.CancelScope(deadline=trio.current_time() + timeout, shield=True) as scope:
-            scope.deadline = min(scope.deadline, bound)
-            self._writing = scope
-            try:
-                await self.stream.send_all(data)
-            except _TRANSPORT_ERRORS as exc:
-                logger.debug("%s: write to %s failed: %r", self.node.node_id, self.peer, exc)
-                self.abort()
-                return False
-            finally:
-                self._writing = None
-            return True
-        if self._writes_stopped:  # the connection is closing abruptly
-            return False
-        if scope.deadline == bound:
-            logger.info(
-                "%s: closing the connection from %s: a deadline passed mid-frame",
-                self.node.node_id,
-                self.peer,
-            )
-            self.abort()
-            return False
-        logger.warning(
-            "%s: closing the connection from %s: a write blocked for %g s (write_timeout);"
-            " it does not read",
-            self.node.node_id,
-            self.peer,
-            timeout,
-        )
-        self._close_slow_reader()
-        return False
-
-    def _close_slow_reader(self) -> None:
-        # Counted once: the replies still waiting meet the same closed connection.
-        if not self._scope.cancel_called and not self.is_control_client:
-            self.node.stats.slow_readers_closed += 1
-        self.abort()
-
-    async def send_frame(self, frame: Message | bytes) -> bool:
-        """Write a message, or a frame already encoded (a stream's page, .feeds);
-        False if the connection can no longer carry it."""
-        if not isinstance(frame, bytes):
-            return await self._send(frame)
-        if not self._queue(len(frame)):
-            return False
-        try:
-            async with self._write_lock:
-                return await self._write(frame)
-        finally:
-            self._queued -= len(frame)
-
-    def _encode(self, message: Message) -> bytes:
-        if not isinstance(message, Error):
-            return self.proto.send(message)
-        message = bounded_error(message)
-        try:
-            return self.proto.send(message)
-        except FrameTooLarge:
-            return self.proto.send(minimal_error(message))
-
-    async def _send_reply(
-        self, reply: Response | Error, *, count: bool, applied: bool = False
-    ) -> bool:
-        """Write a request's reply; one that can't go out becomes an ERROR for that request.
-
-        A RESPONSE above the client's HELLO ``max_frame`` (the encoder refuses
-        it before writing a byte) is answered FRAME_TOO_LARGE; the connection
-        stays open for the next request. ``applied``: the request was a write
-        that took effect, which the ERROR says (``details.executed``).
-        """
-        details: dict[str, Any] = {}
-        try:
-            return await self._send(reply, count=count)
-        except FrameTooLarge as exc:
-            code = ErrorCode.FRAME_TOO_LARGE
-            text = (
-                f"result of {exc.size} bytes exceeds the client's maximum frame of"
-                f" {exc.limit} bytes; use a LIMIT or a result stream"
-            )
-            details = {"frame_size": exc.size, "max_frame": exc.limit}
-            if applied:
-                text += "; the write was applied"
-                details["executed"] = True
-            logger.info("%s: reply to %s too large: %s", self.node.node_id, self.peer, text)
-        except ValueNotEncodable as exc:
-            code, text = ErrorCode.INTERNAL, f"the reply can't be encoded: {exc}"
-        error = error_message(reply.request_id, code, text, details=details)
-        return await self._send(error, count=count)
-
     async def _fatal(self, code: ErrorCode, text: str) -> None:
         """The byte stream is broken: best-effort ERROR (+ GOAWAY), then close."""
         if not self.is_control_client:
@@ -469,7 +289,7 @@ class ServerConnection:
             await self._requests.wait_backlog_below(self.config.max_in_flight + 1)
             try:
                 event = await receive_event(self.proto, source, read_size=RECEIVE_SIZE)
-            except _TRANSPORT_ERRORS as exc:
+            except TRANSPORT_ERRORS as exc:
                 logger.debug("%s: read from %s failed: %r", self.node.node_id, self.peer, exc)
                 return
             except FrameTooLarge as exc:
@@ -585,76 +405,6 @@ class ServerConnection:
 
     # ------------------------------------------------------------- requests
 
-    def _not_allowed(self, method: str, control: bool) -> tuple[ErrorCode, str] | None:
-        """PERMISSION_DENIED for a ``control.*`` call that is not the control tool's (in
-        test mode; elsewhere there are none), and for data methods of the control tool
-        that logged in without a user on a node that requires credentials."""
-        if control:
-            if self.config.test_mode and not self.is_control_client:
-                self.node.stats.control_refused += 1
-                return (
-                    ErrorCode.PERMISSION_DENIED,
-                    f"{method} is for the control tool: its HELLO must carry the node's"
-                    " control token (auth control_token; see docs/testing.md)",
-                )
-            return None
-        if (
-            self.is_control_client
-            and self.user is None
-            and self.config.credentials is not None
-            and method not in _USERLESS_METHODS
-        ):
-            return (
-                ErrorCode.PERMISSION_DENIED,
-                f"the control tool logged in without a user; {method} needs credentials",
-            )
-        return None
-
-    async def _on_request(self, request: Request) -> None:
-        control = is_control_method(request.method)
-        count = not (control or self.is_control_client)
-        if count:
-            self.node.stats.count_request(request.method, known=request.method in _KNOWN_METHODS)
-        rid = request.request_id
-        rejection: tuple[ErrorCode, str] | None = None
-        if rid == 0:
-            rejection = ErrorCode.INVALID_REQUEST, "request id 0 is reserved for the connection"
-        elif (denied := self._not_allowed(request.method, control)) is not None:
-            rejection = denied
-        elif self._draining:
-            rejection = ErrorCode.SHUTTING_DOWN, "the connection is closing (GOAWAY sent)"
-        else:
-            rejection = self._requests.refusal(rid)
-        if rejection is not None:
-            await self._send(error_message(rid, *rejection), count=count)
-            return
-        now = trio.current_time()
-        budget = self.config.request_timeout
-        if request.deadline_ms is not None:
-            budget = min(budget, request.deadline_ms / 1000)
-        self.last_request_id = max(self.last_request_id, rid)
-        slot = self._requests.accept(rid)
-        self.state.arrived(request.method, request.args, rid)  # a transaction's order
-        self._idle_scope.deadline = math.inf
-        assert self._nursery is not None
-        if request.method in FEED_METHODS:  # a result stream or a subscription (.feeds)
-            self._nursery.start_soon(self._run_feed, request, slot, now + budget)
-            return
-        self._nursery.start_soon(self._run_request, request, slot, now + budget, count)
-
-    async def _run_feed(self, request: Request, slot: Slot, deadline: float) -> None:
-        """A stream or subscription: it writes its own frames; its slot is freed at
-        its end (a subscription's once its RESPONSE is out), the request answered then."""
-        rid = request.request_id
-        try:
-            await self.feeds.serve(request, slot, deadline, lambda: self._requests.free(rid, slot))
-        finally:
-            self._requests.free(rid, slot)
-            if self._requests.answered():
-                self._idle_scope.deadline = trio.current_time() + self.config.client_idle_timeout
-                if self._client_goaway:
-                    self._close_gracefully()
-
     def _method_context(self) -> MethodContext:
         """What this connection's method handlers see (built once, after the handshake)."""
         if self._context is None:
@@ -676,77 +426,3 @@ class ServerConnection:
                 session=self.state,
             )
         return self._context
-
-    async def _run_request(
-        self, request: Request, slot: Slot, deadline: float, count: bool
-    ) -> None:
-        rid = request.request_id
-        try:
-            reply, outcome = await self._decide(request, slot, deadline)
-            # The transaction's next request may run (or the transaction ends).
-            self.state.finished(rid, reply.name if isinstance(reply, Error) else None)
-            self._requests.free(rid, slot)  # before the write (see .ledger)
-            if reply is None:
-                return
-            if isinstance(reply, Error) and reply.name == ErrorCode.CANCELLED.value and count:
-                self.node.stats.requests_cancelled += 1
-            applied = outcome is not None and outcome.applied
-            sent = await self._send_reply(reply, count=count, applied=applied)
-            if applied:
-                self.feeds.node.committed()  # subscriptions look at the change log now
-            if sent and outcome is not None and outcome.after_reply is not None:
-                outcome.after_reply()
-        finally:
-            self.state.finished(rid)
-            self._requests.free(rid, slot)
-            if self._requests.answered():
-                self._idle_scope.deadline = trio.current_time() + self.config.client_idle_timeout
-                if self._client_goaway:
-                    self._close_gracefully()
-
-    async def _decide(
-        self, request: Request, slot: Slot, deadline: float
-    ) -> tuple[Response | Error | None, Outcome | None]:
-        """Run the request; its reply (None: send nothing) and its outcome if it succeeded.
-
-        A request that completed keeps its reply even if a CANCEL came too
-        late to stop it; one stopped by CANCEL (an interrupted statement
-        included) is CANCELLED: nothing of it was applied or stored.
-        """
-        rid = request.request_id
-        outcome: Outcome | None = None
-        reply: Error | None = None
-        hung = False
-        with slot.scope:
-            try:
-                outcome = await run_method(self._method_context(), request, deadline)
-                if outcome is None:  # pings stopped: hold the slot, never answer
-                    hung = True
-                    await trio.sleep_until(deadline)
-            except RequestFailed as exc:
-                reply = exc.to_message(rid)
-            except Exception as exc:
-                logger.exception("%s: method %r failed", self.node.node_id, request.method)
-                reply = error_message(
-                    rid, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-                )
-        if hung:
-            return None, None
-        if outcome is not None:
-            if outcome.drop_connection:  # drop_after_commit: the reply is lost
-                logger.info(
-                    "%s: dropping the connection from %s after %s (request %d) committed",
-                    self.node.node_id,
-                    self.peer,
-                    request.method,
-                    rid,
-                )
-                self.abort()
-                return None, None
-            return Response(rid, outcome.result, replayed=outcome.replayed), outcome
-        if slot.cancel_requested:
-            logger.debug("%s: request %d from %s cancelled", self.node.node_id, rid, self.peer)
-            text = f"request {rid} was cancelled by the client and stopped; nothing was applied"
-            return error_message(rid, ErrorCode.CANCELLED, text, details={"executed": False}), None
-        assert reply is not None
-        return reply, None
