@@ -166,7 +166,8 @@ class PoolCleared(Event):
 @attrs.frozen
 class RequestStarted(Event):
     """Attempt ``attempt`` (from 1) of a call to ``method`` was sent to ``node``
-    as request ``request_id`` on connection ``connection_id``."""
+    as request ``request_id`` on connection ``connection_id``. A statement of a
+    transaction is one attempt (1) on the transaction's node and connection."""
 
     logger_name: ClassVar[str] = "qdb_client.request"
     at: float

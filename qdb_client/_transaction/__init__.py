@@ -2,7 +2,8 @@
 rollback (see :mod:`.transaction` for what can go wrong and what is raised)."""
 
 from .block import run_in_transaction, transaction
-from .transaction import Transaction, TransactionCounters, rows_affected
+from .common import TransactionCounters, rows_affected
+from .transaction import Transaction
 
 __all__ = [
     "Transaction",

@@ -27,7 +27,8 @@ from ..errors import (
     TransportError,
 )
 from ..events import TransactionEnded
-from .transaction import Host, Transaction, aborted_error, with_facts
+from .common import Host, aborted_error, with_facts
+from .transaction import Transaction
 
 if TYPE_CHECKING:
     from .._cluster import Node

@@ -34,9 +34,8 @@ request was sent.
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -50,114 +49,36 @@ from .._arguments import (
 )
 from .._arguments import expect_rows as check_expect_rows
 from .._policies import classify
-from .._request import RequestPipeline
 from .._streams import TransactionStream
-from ..config import ClientConfig
 from ..errors import (
     ClientClosed,
     ConnectionDraining,
     InvalidArgument,
     OutcomeUnknown,
-    ProtocolError,
     QdbError,
     RequestTimeout,
     ServerError,
     TransactionAborted,
     TransportError,
 )
-from ..events import EventBus
+from ..events import RequestFailed, RequestStarted, RequestSucceeded
 from ..results import ExecuteResult, QueryResult
+from .common import (
+    Host,
+    aborted_error,
+    check_committed,
+    copy_aborted,
+    describe,
+    ms_until,
+    rows_affected,
+    with_facts,
+)
 
 if TYPE_CHECKING:
-    from .._cluster import Cluster, Node
+    from .._cluster import Node
     from .._transport import Connection, PendingRequest
 
-__all__ = [
-    "Host",
-    "Transaction",
-    "TransactionCounters",
-    "aborted_error",
-    "rows_affected",
-    "with_facts",
-]
-
-
-class TransactionCounters:
-    """How the client's transactions ended (``statistics()["transactions"]``)."""
-
-    __slots__ = (
-        "aborted",
-        "begun",
-        "commits_recovered",
-        "committed",
-        "outcome_unknown",
-        "rolled_back",
-    )
-
-    def __init__(self) -> None:
-        self.begun = 0
-        self.committed = 0
-        #: Commits whose reply was lost and that a node confirmed from the stored outcome.
-        self.commits_recovered = 0
-        self.rolled_back = 0
-        self.aborted = 0
-        self.outcome_unknown = 0
-
-    def snapshot(self) -> dict[str, int]:
-        """The counters as a plain dict."""
-        return {name: getattr(self, name) for name in sorted(self.__slots__)}
-
-
-class Host(Protocol):
-    """What a transaction needs of its client (the public Client provides it)."""
-
-    config: ClientConfig
-    events: EventBus
-    _pipeline: RequestPipeline | None
-    _rng: random.Random
-    _transactions: TransactionCounters
-
-    _active: int
-
-    def _budget(self, timeout: float | None) -> float: ...
-
-    async def _admit(self) -> None: ...
-
-    def _fresh_key(self) -> str: ...
-
-    def _require_cluster(self) -> Cluster: ...
-
-
-def aborted_error(
-    message: str, *, node: str | None, cause: BaseException | None, retryable: bool = True
-) -> TransactionAborted:
-    """A TransactionAborted raised on the driver's side, as the node would say it
-    (the node rolls back every transaction of a connection that closes)."""
-    error = TransactionAborted(
-        message,
-        code=409,
-        name="TX_ABORTED",
-        retryable=retryable,
-        details={"executed": False, "reason": message},
-        node=node,
-    )
-    error.__cause__ = cause
-    return error
-
-
-def with_facts(error: QdbError, *, sent: bool, key: str | None = None) -> QdbError:
-    """Set what the caller is owed on ``error``: nothing of a transaction is applied
-    before its commit."""
-    error.request_sent = sent
-    error.maybe_applied = False
-    if key is not None:
-        error.idempotency_key = key
-    return error
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+__all__ = ["Transaction"]
 
 
 class Transaction:
@@ -260,44 +181,68 @@ class Transaction:
                 "another operation is in progress on this transaction (use it from one task)"
             )
         if self._broken is not None:
-            raise with_facts(_copy(self._broken), sent=False)
+            raise with_facts(copy_aborted(self._broken), sent=False)
         args["tx"] = self.id
         budget = self._client._budget(timeout)
         pending: PendingRequest | None = None
         await self._client._admit()  # statements count in the client's bulkhead
         self._busy = True
+        events = self._client.events
+        started = trio.current_time()
         try:
             with trio.fail_after(budget):
                 pending = await self._connection.send_request(
                     method, args, deadline_ms=max(1, math.ceil(budget * 1000))
                 )
+                if events.wants(RequestStarted):
+                    events.emit(
+                        RequestStarted(
+                            started,
+                            method,
+                            self.node,
+                            1,
+                            pending.request_id,
+                            self._connection.serial,
+                        )
+                    )
                 result = await pending.wait()
-            return parse(result)
+            parsed = parse(result)
+            if events.wants(RequestSucceeded):
+                now = trio.current_time()
+                events.emit(
+                    RequestSucceeded(now, method, self.node, 1, pending.request_id, now - started)
+                )
+            return parsed
         except TransactionAborted as exc:
             self._broken = exc
+            self._report_failure(method, pending, started, exc)
             raise with_facts(exc, sent=True) from None
         except ServerError as exc:
-            raise with_facts(
-                exc, sent=True
-            ) from None  # the statement failed; the transaction goes on
+            # The statement failed; the transaction goes on.
+            self._report_failure(method, pending, started, exc)
+            raise with_facts(exc, sent=True) from None
         except trio.TooSlowError as exc:
             sent = pending is not None and pending.sent
             self._break(f"{method} outlasted its {budget:g} s timeout", exc, sent=sent)
-            raise RequestTimeout(
+            timed_out = RequestTimeout(
                 f"{method} in transaction {self.id} did not complete within {budget:g} s;"
                 " the transaction is rolled back",
                 timeout=budget,
                 request_sent=sent,
-            ) from exc
+            )
+            self._report_failure(method, pending, started, timed_out, deadline_passed=True)
+            raise timed_out from exc
         except (TransportError, ClientClosed) as exc:
             sent = pending is not None and pending.sent
             self._break(f"the connection to {self.node} was lost: {exc}", exc, sent=True)
             assert self._broken is not None
-            raise with_facts(_copy(self._broken), sent=sent) from exc
+            self._report_failure(method, pending, started, exc)
+            raise with_facts(copy_aborted(self._broken), sent=sent) from exc
         except QdbError as exc:
             # A corrupted or malformed reply: the statement ran, its result is lost.
             sent = pending is not None and pending.sent
             self._break(f"the reply to {method} was unusable: {exc}", exc, sent=sent)
+            self._report_failure(method, pending, started, exc)
             raise with_facts(exc, sent=sent) from None
         except BaseException as exc:
             # The caller's cancellation: a statement already sent may still run.
@@ -311,6 +256,38 @@ class Transaction:
         finally:
             self._busy = False
             self._client._active -= 1
+
+    def _report_failure(
+        self,
+        method: str,
+        pending: PendingRequest | None,
+        started: float,
+        error: BaseException,
+        *,
+        deadline_passed: bool = False,
+    ) -> None:
+        """A RequestFailed for a statement that raised ``error`` (never retried: a
+        statement's failure is the application's to handle, or breaks the
+        transaction). A cancelled statement reports nothing, as in the pipeline."""
+        events = self._client.events
+        if not events.wants(RequestFailed):
+            return
+        sent = pending is not None and pending.sent
+        outcome = classify(error, sent=sent, deadline_passed=deadline_passed)
+        now = trio.current_time()
+        events.emit(
+            RequestFailed(
+                now,
+                method,
+                self.node,
+                1,
+                pending.request_id if sent and pending is not None else 0,
+                now - started,
+                outcome.kind.value,
+                describe(error).splitlines()[0][:300],
+                False,
+            )
+        )
 
     def _break(
         self, reason: str, cause: BaseException, *, sent: bool, retryable: bool = True
@@ -326,7 +303,7 @@ class Transaction:
         """Commit, or raise what happened instead; bounded by ``deadline``."""
         if self._broken is not None:
             await self._rollback()
-            raise with_facts(_copy(self._broken), sent=False)
+            raise with_facts(copy_aborted(self._broken), sent=False)
         if self.read_only:
             await self._commit_read_only(deadline)
             return
@@ -340,11 +317,11 @@ class Transaction:
                 pending = await self._connection.send_request(
                     "commit",
                     {"tx": self.id},
-                    deadline_ms=_ms_until(deadline),
+                    deadline_ms=ms_until(deadline),
                     idempotency_key=key,
                 )
                 reply = await pending.wait()
-            _check_committed(reply)
+            check_committed(reply)
             return
         except TransactionAborted as exc:
             raise with_facts(exc, sent=True, key=key) from None
@@ -368,7 +345,7 @@ class Transaction:
                 self._connection.abort(f"the commit of transaction {self.id} was not sent")
                 raise with_facts(
                     aborted_error(
-                        f"the commit could not be sent ({_describe(exc)}); rolled back",
+                        f"the commit could not be sent ({describe(exc)}); rolled back",
                         node=self.node,
                         cause=exc,
                         retryable=not isinstance(exc, ClientClosed),
@@ -392,7 +369,7 @@ class Transaction:
         try:
             with trio.fail_at(deadline):
                 await self._connection.request(
-                    "rollback", {"tx": self.id}, deadline_ms=_ms_until(deadline)
+                    "rollback", {"tx": self.id}, deadline_ms=ms_until(deadline)
                 )
         except (QdbError, trio.TooSlowError):
             self._connection.abort(f"read-only transaction {self.id} could not be ended")
@@ -411,13 +388,13 @@ class Transaction:
                 budget_seconds=remaining,
                 read_only=False,
                 idempotency_key=key,
-                parse=_check_committed,
+                parse=check_committed,
             )
         except TransactionAborted as exc:
             # Not committed, and fenced: the commit still on its way can't apply.
             # The whole transaction may run again (with another key).
             aborted = aborted_error(
-                f"the commit's reply was lost ({_describe(lost)}); asked again,"
+                f"the commit's reply was lost ({describe(lost)}); asked again,"
                 f" {exc.node or 'a node'} says it did not commit: {exc.message}",
                 node=self.node,
                 cause=exc,
@@ -431,7 +408,7 @@ class Transaction:
         self._client._transactions.outcome_unknown += 1
         unknown = OutcomeUnknown(
             f"the commit of transaction {self.id} was sent to {self.node} but its reply was"
-            f" lost ({_describe(lost)}), and {why}; commit again with idempotency key"
+            f" lost ({describe(lost)}), and {why}; commit again with idempotency key"
             f" {key!r} (commit {{'tx': {self.id!r}}}) to find out"
         )
         unknown.request_sent = True
@@ -452,34 +429,3 @@ class Transaction:
                 pass
         if scope.cancelled_caught or self._connection.usable:
             self._connection.abort(f"transaction {self.id} could not be rolled back")
-
-
-def _copy(error: TransactionAborted) -> TransactionAborted:
-    """A fresh exception of the same kind (each raise its own traceback)."""
-    fresh = type(error)(
-        error.message,
-        code=error.code,
-        name=error.name,
-        retryable=error.retryable,
-        retry_after_ms=error.retry_after_ms,
-        details=error.details,
-        node=error.node,
-    )
-    fresh.__cause__ = error.__cause__
-    return fresh
-
-
-def _ms_until(deadline: float) -> int:
-    return max(1, math.ceil((deadline - trio.current_time()) * 1000))
-
-
-def _check_committed(reply: Any) -> Any:
-    if not (isinstance(reply, Mapping) and reply.get("committed") is True):
-        raise ProtocolError(f"malformed commit result from node: {reply!r:.100}")
-    return reply
-
-
-def rows_affected(result: Any) -> int:
-    """The ``rows_affected`` of an executemany result (ProtocolError if malformed)."""
-    parsed = ExecuteResult.from_wire(result)
-    return parsed.rows_affected
