@@ -1,11 +1,12 @@
-"""Python bytecodes the client executes per request: a count that VM noise can't move.
+"""Python bytecodes the client executes per request: a count the VM's noise can't move.
 
 CPU time on this shared 2-core VM moves by 10-30% from run to run (see
 docs/benchmarks.md), so a change worth 3% can't be seen in it. The number of
-Python bytecode instructions executed per request is exact and repeatable,
-so it shows what a change to the request path did to the driver's own
-Python work. It is not time: C work (cbor2, crc32, system calls, trio's
-C-level parts) is not in it, and instructions differ in cost. Use it beside
+Python bytecode instructions executed per request repeats to within a few
+bytecodes (how replies batch into reads varies a little), so it shows what
+a change to the request path did to the driver's own Python work. It is
+not time: C work (cbor2, crc32, system calls, trio's C-level parts) is not
+in it, and instructions differ in cost. Use it beside
 ``bench_before_after.py``, not instead of it.
 
 Each layer of ``bench_layers.py`` (``client.query``, ``Client._call``,
