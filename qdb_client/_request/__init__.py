@@ -20,7 +20,8 @@ the facts: whether the request was sent, whether a write may have been
 applied, and the idempotency key it was sent with.
 """
 
+from .attempt import parsed_reply
 from .pipeline import RequestPipeline, retry_backoff
 from .state import Arguments, PipelineCounters
 
-__all__ = ["Arguments", "PipelineCounters", "RequestPipeline", "retry_backoff"]
+__all__ = ["Arguments", "PipelineCounters", "RequestPipeline", "parsed_reply", "retry_backoff"]

@@ -44,7 +44,7 @@ from .state import (
     PipelineCounters,
 )
 
-__all__ = ["AttemptRunner"]
+__all__ = ["AttemptRunner", "parsed_reply"]
 
 
 class AttemptRunner:
@@ -106,7 +106,7 @@ class AttemptRunner:
             if pending.replayed:
                 self._replayed(call, node)
             if call.parse is not None:
-                result = _parsed(call.parse, result)  # a malformed reply is a corrupted one
+                result = parsed_reply(call.parse, result)  # a malformed reply is a corrupted one
         except Expired:
             return self._conclude(
                 call, node, generation, pending, None, None, started, started, timeout,
@@ -176,7 +176,9 @@ class AttemptRunner:
                 if pending.replayed:
                     self._replayed(call, node)
                 if call.parse is not None:
-                    result = _parsed(call.parse, result)  # a malformed reply is a corrupted one
+                    result = parsed_reply(
+                        call.parse, result
+                    )  # a malformed reply is a corrupted one
             except DeadlinePassed:
                 pass
             except QdbError as exc:
@@ -411,7 +413,7 @@ def _arguments(args: Arguments, connection: Connection) -> dict[str, Any]:
         raise
 
 
-def _parsed(parse: Any, result: Any) -> Any:
+def parsed_reply(parse: Any, result: Any) -> Any:
     """``parse(result)``; what it raises other than a QdbError (a parser's
     oversight about what a node can send) becomes the ProtocolError of a
     malformed reply, never an untyped error, nor one taken for the caller's

@@ -15,7 +15,8 @@ import trio
 import qdb_client
 from qdb_client import events as qdb_events
 from qdb_client._policies import OutcomeKind
-from qdb_client.errors import RequestTimeout, SqlError, TransactionAborted
+from qdb_client.errors import ProtocolError, RequestTimeout, SqlError, TransactionAborted
+from qdb_client.results import ExecuteResult
 
 from .fake_network import FakeNetwork
 from .test_transactions import EXACT, TxNodes
@@ -126,3 +127,30 @@ async def test_no_listener_no_logging_builds_no_request_event(nodes, autojump_cl
         with pytest.raises(SqlError):
             await tx.execute("this will fail")
     assert built == []
+
+
+async def test_a_parsers_slip_is_a_malformed_reply_that_ends_the_statement(
+    nodes, autojump_clock, monkeypatch
+):
+    """A result parser raising something other than a QdbError is the
+    ProtocolError of a malformed reply, as in the pipeline: the statement ends
+    with RequestFailed (its span is not left open) and the transaction is
+    broken, retryable, not taken for a cancellation."""
+
+    def slip(result: Any) -> Any:
+        raise ValueError("a parser's oversight")
+
+    got: list[Any] = []
+    async with qdb_client.open_client("a:1", listeners=[got.append], **EXACT) as client:
+        with pytest.raises(TransactionAborted) as aborted:
+            async with client.transaction() as tx:
+                got.clear()
+                with monkeypatch.context() as patch:
+                    patch.setattr(ExecuteResult, "from_wire", staticmethod(slip))
+                    with pytest.raises(ProtocolError, match="unusable result"):
+                        await tx.execute("INSERT INTO t VALUES (1)")
+        statement = [e for e in request_events(got) if e.method == "execute"]
+        assert [type(e).__name__ for e in statement] == ["RequestStarted", "RequestFailed"]
+        assert statement[1].outcome == OutcomeKind.CORRUPT_REPLY.value
+        assert aborted.value.retryable
+        assert tx.id not in nodes.committed
