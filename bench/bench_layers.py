@@ -70,19 +70,25 @@ async def measure(address: str, layer: str, in_flight: int, requests: int) -> fl
         call = await _layer_call(client, layer)
         for _ in range(200):
             await call()
-        remaining = requests
-
-        async def caller() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                await call()
-
         began = time.process_time()
-        async with trio.open_nursery() as nursery:
-            for _ in range(in_flight):
-                nursery.start_soon(caller)
+        await run_callers(call, in_flight, requests)
         return (time.process_time() - began) * 1e6 / requests
+
+
+async def run_callers(call: Callable[[], Awaitable[Any]], in_flight: int, requests: int) -> None:
+    """``requests`` calls of ``call`` from ``in_flight`` tasks, each calling again
+    as soon as its call returns."""
+    remaining = requests
+
+    async def caller() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await call()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(in_flight):
+            nursery.start_soon(caller)
 
 
 def bare_mux(address: str, in_flight: int, requests: int) -> float:

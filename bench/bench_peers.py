@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -233,28 +233,27 @@ def report(runs: dict[tuple[str, str, int], list[dict]], levels: list[int], syst
                 key = (system, workload, level)
                 cells.append(f"{median(key, 'cpu_us'):>9.1f}" if key in runs else f"{'-':>9}")
         print(f"  {system:<8} " + "".join(cells))
+
+    def per_other(cell: Callable[[str, str, int], str]) -> None:
+        for other in systems:
+            if other != "qdb":
+                cells = [cell(other, w, level) for w in WORKLOADS for level in levels]
+                print(f"  {other:<8} " + "".join(cells))
+
+    def median_ratio(other: str, workload: str, level: int) -> str:
+        r = ratio(("qdb", workload, level), (other, workload, level), "cpu_us")
+        return f"{r:>8.2f}x" if r == r else f"{'-':>9}"
+
+    def ratio_spread(other: str, workload: str, level: int) -> str:
+        low, high = spread(("qdb", workload, level), (other, workload, level), "cpu_us")
+        return f"{f'{low:.2f}-{high:.2f}':>11}" if low == low else f"{'-':>11}"
+
     print("\nqdb_client / other, CPU per request (median of per-round ratios)")
     print(f"  {'vs':<8} {header}")
-    for other in systems:
-        if other == "qdb":
-            continue
-        cells = []
-        for workload in WORKLOADS:
-            for level in levels:
-                r = ratio(("qdb", workload, level), (other, workload, level), "cpu_us")
-                cells.append(f"{r:>8.2f}x" if r == r else f"{'-':>9}")
-        print(f"  {other:<8} " + "".join(cells))
+    per_other(median_ratio)
     print("\nthe same ratios' spread over the rounds (lowest-highest): the VM's noise")
     print(f"  {'vs':<8}" + "".join(f"{f'{w}@{n}':>11}" for w in WORKLOADS for n in levels))
-    for other in systems:
-        if other == "qdb":
-            continue
-        cells = []
-        for workload in WORKLOADS:
-            for level in levels:
-                low, high = spread(("qdb", workload, level), (other, workload, level), "cpu_us")
-                cells.append(f"{f'{low:.2f}-{high:.2f}':>11}" if low == low else f"{'-':>11}")
-        print(f"  {other:<8} " + "".join(cells))
+    per_other(ratio_spread)
     print("\nthroughput, qdb_client / bare loop (median of per-round ratios)")
     cells = []
     for workload in WORKLOADS:

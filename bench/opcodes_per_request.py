@@ -32,7 +32,7 @@ from typing import Any
 
 import trio
 from bare_loop import BareConnection, bare_multiplexed, bare_pipelined, request_body
-from bench_layers import LAYERS, SQL, _layer_call
+from bench_layers import LAYERS, SQL, _layer_call, run_callers
 from bench_peers import stub_node
 from peer_client import split
 
@@ -65,20 +65,6 @@ class OpcodeCounter:
         return sum(self.counts.values())
 
 
-async def _callers(call: Callable[[], Awaitable[Any]], in_flight: int, requests: int) -> None:
-    remaining = requests
-
-    async def caller() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            await call()
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(in_flight):
-            nursery.start_soon(caller)
-
-
 async def count_layer(
     address: str, layer: str, in_flight: int, requests: int, counter: OpcodeCounter
 ) -> None:
@@ -89,7 +75,7 @@ async def count_layer(
         call = await _layer_call(client, layer)
         for _ in range(200):  # warm: the first requests fill caches
             await call()
-        await counter.run(lambda: _callers(call, in_flight, requests))
+        await counter.run(lambda: run_callers(call, in_flight, requests))
 
 
 async def count_floor(
