@@ -73,11 +73,13 @@ _PAIRS_PER_OBJECT = 50
 
 @attrs.frozen
 class LoggedTable:
-    """A table whose changes are logged: its name as SQLite knows it, and columns."""
+    """A table whose changes are logged: its name as SQLite knows it, its logged
+    columns, and the declared type of each column it has now (by name)."""
 
     name: str
     columns: tuple[str, ...]
     trimmed_through: int
+    decltypes: dict[str, str | None] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -171,10 +173,12 @@ def ensure_logged(conn: sqlite3.Connection, table: str, now: float) -> LoggedTab
                 "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", (name,)
             )
         }
+        info = conn.execute(f"PRAGMA table_info({_quote(name)})").fetchall()
+        decltypes = {column[1]: column[2] or None for column in info}
         if known is not None and set(names.values()) <= present:
             conn.execute("COMMIT")
-            return LoggedTable(name, tuple(json.loads(known[0])), known[1])
-        columns = [r[1] for r in conn.execute(f"PRAGMA table_info({_quote(name)})")]
+            return LoggedTable(name, tuple(json.loads(known[0])), known[1], decltypes)
+        columns = [column[1] for column in info]
         for kind, trigger in names.items():
             ref = "OLD" if kind == "delete" else "NEW"
             conn.execute(f"DROP TRIGGER IF EXISTS {_quote(trigger)}")
@@ -191,7 +195,7 @@ def ensure_logged(conn: sqlite3.Connection, table: str, now: float) -> LoggedTab
             (name, json.dumps(columns), trimmed, now),
         )
         conn.execute("COMMIT")
-        return LoggedTable(name, tuple(columns), trimmed)
+        return LoggedTable(name, tuple(columns), trimmed, decltypes)
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")

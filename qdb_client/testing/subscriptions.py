@@ -11,7 +11,9 @@ A :class:`ServedSubscription` is one ``subscribe`` request on one connection:
 3. it tails the log: the changes after its position, in event id order,
    filtered, one EVENT each, as credit allows. It polls the shared file a
    few times a second, and at once when this node commits a write. Without
-   credit it waits: the changes stay in the log, nothing is lost.
+   credit it waits: the changes stay in the log, nothing is lost. Each row's
+   values are converted by their columns' declared types as a query's are
+   (:func:`typed_row`); the ``where`` filter sees them as stored.
 
 It ends with an ERROR: CANCELLED for a CANCEL, SHUTTING_DOWN when the node
 drains, NOT_FOUND ``trimmed`` if its position falls out of the log. A closed
@@ -46,6 +48,7 @@ from .jobs import virtual_time, wait_for_thread
 from .ledger import Slot
 from .streamjob import InternalGuard
 from .streams import in_thread, storage_failure
+from .typed import converters
 
 if TYPE_CHECKING:
     from .feeds import ConnectionFeeds
@@ -56,6 +59,7 @@ __all__ = [
     "POLL_SECONDS",
     "ServedSubscription",
     "WhereFilter",
+    "typed_row",
 ]
 
 logger = logging.getLogger("qdb_client.testing")
@@ -80,6 +84,29 @@ def _trimmed(oldest: int) -> RequestFailed:
         "the change log no longer holds the changes from that event on (trimmed)",
         details={"reason": "trimmed", "oldest_event_id": oldest},
     )
+
+
+def typed_row(table: LoggedTable) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """What turns a logged row of ``table`` into the values a query of it returns:
+    each column converted by its declared type, as in query results (:mod:`.typed`)."""
+    readers = converters(list(table.decltypes.values()))
+    if readers is None:
+        return lambda row: row
+    by_column = {
+        name: reader
+        for name, reader in zip(table.decltypes, readers, strict=True)
+        if reader is not None
+    }
+
+    def typed(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            name: value
+            if value is None or (reader := by_column.get(name)) is None
+            else reader(value)
+            for name, value in row.items()
+        }
+
+    return typed
 
 
 class WhereFilter:
@@ -335,6 +362,7 @@ class ServedSubscription:
     ) -> None:
         feeds = self._feeds
         node = feeds.node
+        typed = typed_row(table)
         trimmed_at = trio.current_time()
         while True:
             await self._wait_credit()
@@ -361,7 +389,7 @@ class ServedSubscription:
                     "kind": change.kind,
                     "table": table.name,
                     "key": change.key,
-                    "row": change.row,
+                    "row": typed(change.row),
                 }
                 if not await feeds.send(Event("change", data, request_id=self.request_id)):
                     return

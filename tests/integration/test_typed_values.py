@@ -147,6 +147,40 @@ async def test_returning_rows_and_batches_are_typed_too(node: QdbNode):
         assert tuple(result.rows[0]) == (key,)
 
 
+async def test_change_events_carry_the_typed_values_a_query_returns(node: QdbNode):
+    row = [
+        datetime.datetime(2026, 12, 1, 9, 30, 15, 250000, tzinfo=OFFSETS[1]),
+        datetime.datetime(2026, 12, 2, 18, 0, tzinfo=UTC),
+        datetime.date(2026, 12, 3),
+        datetime.time(7, 45, 30, 500),
+        decimal.Decimal("1234.500000"),
+        decimal.Decimal("3.14159265358979323846"),
+        uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        Json({"k": [1, 2.5, None, "x"]}),
+        -(2**63),
+        0.1,
+        "text",
+        b"\x00\xff",
+    ]
+    async with qdb_client.open_client(node.address, **FAST) as client:
+        await client.execute(CREATE)
+        async with client.subscribe("typed") as events:
+            await client.execute(INSERT, row)
+            with trio.fail_after(5.0):
+                inserted = await events.__anext__()
+            [queried] = (await client.query(f"SELECT {NAMES} FROM typed")).rows
+            await client.execute("UPDATE typed SET s = 'changed' WHERE id = ?", [inserted.key])
+            with trio.fail_after(5.0):
+                updated = await events.__anext__()
+    names = [name for name, _, _, _ in COLUMNS]
+    for name, sent, back in zip(names, row, queried, strict=True):
+        assert same(sent, back), (name, sent, back)
+    for event in (inserted, updated):
+        for name, sent in zip(names, row, strict=True):
+            expected = "changed" if (event is updated and name == "s") else sent
+            assert same(expected, event.row[name]), (event.kind, name, sent, event.row[name])
+
+
 async def test_expressions_and_values_that_do_not_parse_come_back_as_stored(node: QdbNode):
     async with raw_client(node.address) as client:
         await client.call("execute", {"sql": "CREATE TABLE m (d DATE, n NUMERIC, j JSON, x)"})
