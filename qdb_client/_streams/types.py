@@ -71,7 +71,8 @@ class ChangeEvent:
 
     ``kind`` is ``"insert"``, ``"update"`` or ``"delete"``; ``key`` the row's
     rowid; ``row`` the new row (insert, update) or the old one (delete), as
-    ``{column: value}``; ``event_id`` its position in the cluster's change log:
+    ``{column: value}``, each value of the Python type a query of the column
+    returns (docs/types.md); ``event_id`` its position in the cluster's change log:
     strictly increasing, in commit order, the same on every node.
     """
 
