@@ -73,7 +73,10 @@ class RoundRobin(Balancer):
     def pick(self, candidates: Sequence[Node], now: float) -> Node:
         count = len(candidates)
         node = candidates[self._next % count]
-        self._next = (self._next + 1) % count
+        # Never reduced modulo this count: a pick among fewer candidates (a
+        # retry or a hedge that excludes nodes) must not send the rotation
+        # back to the first node.
+        self._next += 1
         if count > 1 and not self._accepts(node, now):
             # Give the turn to another node at random, keeping the rotation
             # as is, so the ramping node gets exactly its share of turns.

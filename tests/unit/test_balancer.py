@@ -78,7 +78,21 @@ def test_round_robin_single_candidate_and_changing_lists():
     balancer = RoundRobin(random.Random(1))
     assert [balancer.pick([b], 0.0) for _ in range(3)] == [b, b, b]
     picks = [balancer.pick([a, c], 0.0) for _ in range(4)]
-    assert picks == [a, c, a, c]
+    assert picks[0] is not picks[1] and picks == picks[:2] * 2
+
+
+def test_round_robin_rotation_survives_picks_among_fewer_candidates():
+    """Each first attempt is followed by a pick that excludes its node (a retry
+    or a hedge): the first attempts still rotate over every node, rather than
+    the shorter list sending the rotation back to the first node each time."""
+    nodes = [make_node(n) for n in "abc"]
+    balancer = RoundRobin(random.Random(1))
+    firsts = []
+    for _ in range(6):
+        first = balancer.pick(nodes, 0.0)
+        firsts.append(first.address)
+        balancer.pick([n for n in nodes if n is not first], 0.0)
+    assert set(firsts) == {"a", "b", "c"}
 
 
 def test_round_robin_at_full_rate_after_slow_start_is_exact():
