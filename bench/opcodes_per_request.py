@@ -19,12 +19,14 @@ the most, for one layer and level (``--profile LAYER@LEVEL``).
 
     .venv/bin/python bench/opcodes_per_request.py [--requests 2000] [--levels 1,64]
     .venv/bin/python bench/opcodes_per_request.py --profile Client._call@64 --top 30
+    .venv/bin/python bench/opcodes_per_request.py --hedge-delay 1 --levels 1,64
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import sys
 from collections.abc import Awaitable, Callable
 from types import FrameType
@@ -66,12 +68,20 @@ class OpcodeCounter:
 
 
 async def count_layer(
-    address: str, layer: str, in_flight: int, requests: int, counter: OpcodeCounter
+    address: str,
+    layer: str,
+    in_flight: int,
+    requests: int,
+    counter: OpcodeCounter,
+    **more: Any,
 ) -> None:
+    """``more``: further client options; ``hosts`` replaces ``[address]``."""
     options: dict[str, Any] = dict(
         max_connections=1, min_connections=1, heartbeat_interval=3600.0, discover_members=False
     )
-    async with qdb_client.open_client([address], **options) as client:
+    hosts = more.pop("hosts", [address])
+    options.update(more)
+    async with qdb_client.open_client(hosts, **options) as client:
         call = await _layer_call(client, layer)
         for _ in range(200):  # warm: the first requests fill caches
             await call()
@@ -91,6 +101,28 @@ async def count_floor(
     await conn.stream.aclose()
 
 
+def count_hedging(delay: float, levels: list[int], requests: int) -> None:
+    """client.query over two stub nodes: without hedging, and with ``hedge_delay``
+    (above the stub's reply time, it measures what hedging costs a read that
+    needs no hedge)."""
+    with stub_node() as first, stub_node() as second:
+        hosts = [first, second]
+        print(f"\nPython bytecodes per request (point read, two stub nodes, {requests} requests)")
+        print(f"  {'client.query':<22}" + "".join(f"{f'@{level}':>10}" for level in levels))
+        for label, more in (("no hedging", {}), (f"hedge_delay={delay:g}", {"hedge_delay": delay})):
+            cells = ""
+            for level in levels:
+                counter = OpcodeCounter()
+                trio.run(
+                    functools.partial(
+                        count_layer, first, "client.query", level, requests, counter,
+                        hosts=hosts, **more,
+                    )
+                )  # fmt: skip
+                cells += f"{counter.total / requests:>10.0f}"
+            print(f"  {label:<22}{cells}")
+
+
 def _where(code: Any) -> str:
     path = code.co_filename.split("/site-packages/")[-1]
     for marker in ("/qdb_client/", "/bench/"):
@@ -105,8 +137,17 @@ def main() -> None:
     parser.add_argument("--levels", default="1,64")
     parser.add_argument("--profile", metavar="LAYER@LEVEL", help="e.g. Client._call@64")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--hedge-delay",
+        type=float,
+        metavar="SECONDS",
+        help="count client.query against two stub nodes, with and without hedge_delay",
+    )
     ns = parser.parse_args()
     rows = (*LAYERS, *FLOORS)
+    if ns.hedge_delay is not None:
+        count_hedging(ns.hedge_delay, [int(x) for x in ns.levels.split(",")], ns.requests)
+        return
     with stub_node() as address:
         if ns.profile:
             layer, _, level = ns.profile.rpartition("@")

@@ -14,7 +14,9 @@
    exactly once (the nodes count the deduplicated writes).
 5. Stall one node (it answers pings but takes 30 s per query): reads move
    to the other nodes within their 1 s deadline; the stalled node's breaker
-   and latency estimate say so; when it recovers, traffic returns.
+   and latency estimate say so; when it recovers, traffic returns. Then
+   (5b, examples/hedged_reads.py) the same stall read by two fresh clients
+   side by side, without and with hedged reads.
 6. Rolling restart under a read/write load: each node in turn shut down
    gracefully (SIGTERM: GOAWAY, in-flight requests finish) and started
    again, the next one only once the driver sees it UP: no application
@@ -52,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from hedged_reads import hedged_reads  # examples/hedged_reads.py, beside this file
 from narrator import Narrator  # examples/narrator.py, beside this file
 
 import qdb_client
@@ -695,6 +698,9 @@ async def run(hosts: list[str], access: Access) -> int:
         if len(hosts) > 1:
             await stalled_node(client, hosts[1], access, report)
             narrator.summary()
+            await hedged_reads(
+                hosts, hosts[1], access, report, {**DEMO_OPTIONS, **access.client_options()}
+            )
         dedup = await _node_counter(hosts, "idempotent_hits", access)  # before restarts zero it
         if len(hosts) > 1:
             await rolling_restart(client, hosts, access, report)

@@ -337,7 +337,10 @@ class Client(ClientCore):
         ``latency``: reply-time histograms ``{method: {node: {buckets, count,
         sum, p50, p99}}}`` of successful attempts. ``call_timeouts`` counts
         calls that ended at their deadline, ``idempotent_replays`` keyed
-        writes a node answered from its stored outcome. ``reliability``: seed
+        writes a node answered from its stored outcome, ``hedges`` second
+        copies of reads sent after ``hedge_delay`` and ``hedge_wins`` reads a
+        hedge answered first, ``hedge_budget_exhausted`` hedges the hedge
+        budget refused. ``reliability``: seed
         003's summary (timeouts, retries, breaker opens, bulkhead rejections,
         idempotency hits, saga compensations; each with its rate over the last
         60 s) and the ratios its alert rules use (:mod:`qdb_client.metrics`).

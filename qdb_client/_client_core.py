@@ -32,7 +32,7 @@ from ._policies import (
     RetryPolicy,
 )
 from ._pool import PoolLimits
-from ._request import PipelineCounters, RequestPipeline, retry_backoff
+from ._request import Hedging, PipelineCounters, RequestPipeline, retry_backoff
 from ._transaction import TransactionCounters
 from ._transport import Connection, ConnectionListener
 from ._transport.auth import Authenticator
@@ -229,6 +229,11 @@ class ClientCore:
             rng=self._rng,
             events=self.events,
         )
+        budget_settings = RetryBudgetSettings(
+            ratio=config.retry_budget_ratio,
+            min_per_second=config.retry_budget_min_per_second,
+            ttl=config.retry_budget_window,
+        )
         self._pipeline = RequestPipeline(
             self._cluster,
             policy=RetryPolicy(
@@ -236,18 +241,15 @@ class ClientCore:
                 backoff=retry_backoff(config),
                 min_attempt_time=config.min_attempt_time,
             ),
-            budget=RetryBudget(
-                RetryBudgetSettings(
-                    ratio=config.retry_budget_ratio,
-                    min_per_second=config.retry_budget_min_per_second,
-                    ttl=config.retry_budget_window,
-                )
-            ),
+            budget=RetryBudget(budget_settings),
             rng=self._rng,
             attempt_timeouts=AttemptTimeouts(
                 factor=config.attempt_timeout_factor, minimum=config.attempt_timeout_min
             ),
             events=self.events,
+            hedging=None
+            if config.hedge_delay is None
+            else Hedging(config.hedge_delay, config.max_hedges, budget_settings),
         )
         nursery.start_soon(self._pipeline.expiries.run)
         nursery.start_soon(self._reliability.run, self._reliability_totals)

@@ -55,6 +55,7 @@ FLOORS: dict[str, float] = {
     "retry_budget_window": 1.0,
     "breaker_open_timeout": 0.01,
     "attempt_timeout_min": 0.001,
+    "hedge_delay": 0.001,
     "forget_members_after": 0.01,
 }
 #: Floor of a time option not listed in FLOORS.

@@ -139,6 +139,11 @@ class ClientConfig:
         default=0.25, validator=seconds_option("attempt_timeout_min")
     )
     max_members: int = attrs.field(default=64, validator=int_in(1, 10_000))
+    # Hedged reads (docs/resilience.md, "Hedged reads"): off unless hedge_delay is set
+    hedge_delay: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(seconds_option("hedge_delay"))
+    )
+    max_hedges: int = attrs.field(default=1, validator=int_in(1, 8))
     # Observability
     listeners: tuple[Any, ...] = attrs.field(
         default=(), converter=to_listeners, eq=False, repr=False
@@ -336,6 +341,10 @@ def _parse_optional_int(name: str, text: str) -> int | None:
     return None if text.lower() == "none" else _parse_int(name, text)
 
 
+def _parse_optional_float(name: str, text: str) -> float | None:
+    return None if text.lower() == "none" else _parse_float(name, text)
+
+
 def _parse_bool(name: str, text: str) -> bool:
     lowered = text.lower()
     if lowered in _TRUE:
@@ -359,6 +368,7 @@ def _parse_optional_str(name: str, text: str) -> str | None:
 #: or in _NOT_TEXT_OPTIONS.
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "float": _parse_float,
+    "float | None": _parse_optional_float,
     "int": _parse_int,
     "int | None": _parse_optional_int,
     "bool": _parse_bool,

@@ -22,6 +22,7 @@ RequestStarted          qdb_client.request        DEBUG
 RequestSucceeded        qdb_client.request        DEBUG
 RequestFailed           qdb_client.request        DEBUG (INFO when not retried)
 RetryScheduled          qdb_client.request        DEBUG
+RequestHedged           qdb_client.request        DEBUG
 IdempotentReplay        qdb_client.request        INFO
 TransactionEnded        qdb_client.transaction    DEBUG (INFO when not committed)
 HeartbeatSucceeded      qdb_client.cluster        DEBUG
@@ -64,6 +65,7 @@ __all__ = [
     "NodeStateChanged",
     "PoolCleared",
     "RequestFailed",
+    "RequestHedged",
     "RequestStarted",
     "RequestSucceeded",
     "RetryScheduled",
@@ -225,6 +227,22 @@ class RetryScheduled(Event):
     attempt: int
     delay: float
     reason: str
+
+
+@attrs.frozen
+class RequestHedged(Event):
+    """A read had no answer ``waited`` seconds after it started, so hedge
+    ``hedge`` (from 1) of it goes to another node than ``waiting_on`` (the
+    nodes its other copies wait on). The first copy to answer wins; the others
+    are cancelled. Each copy's attempts have events of their own, numbered
+    from 1."""
+
+    logger_name: ClassVar[str] = "qdb_client.request"
+    at: float
+    method: str
+    hedge: int
+    waited: float
+    waiting_on: tuple[str, ...]
 
 
 @attrs.frozen

@@ -68,6 +68,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "qdb_idempotency_hits", "counter", "Keyed writes a node answered from its stored outcome."
     ),
+    MetricSpec("qdb_hedges", "counter", "Hedges sent: second copies of slow reads."),
+    MetricSpec("qdb_hedge_wins", "counter", "Hedged reads that a hedge answered first."),
     MetricSpec("qdb_sagas", "counter", "Sagas that ended, by final status.", ("status",)),
     MetricSpec("qdb_saga_compensations", "counter", "Saga steps compensated."),
     MetricSpec(
@@ -101,6 +103,8 @@ _TOTALS = (
     ("qdb_circuit_rejections", "circuit_rejections"),
     ("qdb_bulkhead_rejections", "bulkhead_rejections"),
     ("qdb_idempotency_hits", "idempotent_replays"),
+    ("qdb_hedges", "hedges"),
+    ("qdb_hedge_wins", "hedge_wins"),
 )
 
 

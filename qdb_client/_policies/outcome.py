@@ -81,6 +81,8 @@ class OutcomeKind(enum.Enum):
     DEADLINE_AFTER_SEND = "deadline passed after the write"
     CANCELLED_BEFORE_SEND = "caller cancelled before the write"
     CANCELLED_AFTER_SEND = "caller cancelled after the write"
+    SUPERSEDED_BEFORE_SEND = "another copy answered before the write"
+    SUPERSEDED_AFTER_SEND = "another copy answered first"
     CONNECT_FAILED = "connect failed"
     HANDSHAKE_REFUSED = "handshake refused"
     POOL_BUSY = "pool refused"
@@ -301,6 +303,18 @@ TABLE: tuple[Outcome, ...] = (
     _row(_K.CANCELLED_BEFORE_SEND, "the caller cancelled before the write"),
     _row(_K.CANCELLED_AFTER_SEND, "the caller cancelled after the write", maybe_applied=True),
     _row(
+        _K.SUPERSEDED_BEFORE_SEND,
+        "another copy of the read (a hedge, or the copy it hedged) answered while this one"
+        " still waited to be written",
+    ),
+    _row(
+        _K.SUPERSEDED_AFTER_SEND,
+        "another copy of the read (a hedge, or the copy it hedged) answered first",
+        breaker=_B.JUDGED,
+        cause="slow",
+        latency=_L.PENALTY,
+    ),
+    _row(
         _K.CONNECT_FAILED,
         "no connection could be opened (refused, unreachable, connect timeout)",
         breaker=_B.FAILURE,
@@ -341,6 +355,7 @@ def classify(
     attempt_timed_out: bool = False,
     deadline_passed: bool = False,
     cancelled: bool = False,
+    superseded: bool = False,
 ) -> Outcome:
     """The outcome of one attempt.
 
@@ -349,8 +364,12 @@ def classify(
     ``deadline_passed`` and ``cancelled`` say that the attempt was interrupted
     by our attempt timeout, by the call's deadline, or by the caller (then
     ``error`` only words the error; the interruption is what happened).
+    ``superseded``: the attempt was stopped because another copy of the read
+    (hedged reads) answered first.
     """
-    if cancelled:
+    if superseded:
+        kind = _K.SUPERSEDED_AFTER_SEND if sent else _K.SUPERSEDED_BEFORE_SEND
+    elif cancelled:
         kind = _K.CANCELLED_AFTER_SEND if sent else _K.CANCELLED_BEFORE_SEND
     elif deadline_passed:
         kind = _K.DEADLINE_AFTER_SEND if sent else _K.DEADLINE_BEFORE_SEND

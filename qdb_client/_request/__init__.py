@@ -11,7 +11,9 @@ time, only while another node is left to try and only for requests that are
 safe to repeat), so a node that stalls costs one attempt timeout, not the
 whole deadline. An attempt that can send at once waits under the client's
 expiry timer, one that must wait for a node or a pool slot in a cancel
-scope (``attempt.py``); calls, retries and errors are ``pipeline.py``.
+scope (``attempt.py``); calls, retries and errors are ``pipeline.py``; a
+read with no answer after ``hedge_delay`` is sent again elsewhere and the
+first answer wins (``hedge.py``).
 What happened to the attempt is classified once (``_policies.outcome``);
 that one outcome feeds the node's breaker, its
 latency tracker and its health monitor, and the retry policy. Every attempt
@@ -21,7 +23,15 @@ applied, and the idempotency key it was sent with.
 """
 
 from .attempt import parsed_reply
+from .hedge import Hedging
 from .pipeline import RequestPipeline, retry_backoff
 from .state import Arguments, PipelineCounters
 
-__all__ = ["Arguments", "PipelineCounters", "RequestPipeline", "parsed_reply", "retry_backoff"]
+__all__ = [
+    "Arguments",
+    "Hedging",
+    "PipelineCounters",
+    "RequestPipeline",
+    "parsed_reply",
+    "retry_backoff",
+]

@@ -72,6 +72,7 @@ class AttemptRunner:
             await trio.lowlevel.checkpoint_if_cancelled()
             node = self.cluster.select_now(call.tried, started)
             if node is not None:
+                call.node = node
                 connection = node.pool.try_acquire_slot(started)
                 if connection is not None:
                     return await self._attempt_now(call, args, node, connection, started)
@@ -144,6 +145,7 @@ class AttemptRunner:
                 node = (
                     chosen if chosen is not None else await self.cluster.select(exclude=call.tried)
                 )
+                call.node = node
                 timeout = self._attempt_timeout(node, call, trio.current_time())
                 if timeout < call.deadline - started:
                     # Waiting for a connection (a node that accepts but never
@@ -243,9 +245,13 @@ class AttemptRunner:
         timeout: float,
     ) -> None:
         sent = pending is not None and pending.sent
-        outcome = classify(None, sent=sent, cancelled=True)
+        superseded = call.superseded  # another copy answered first: not the caller's doing
+        outcome = classify(None, sent=sent, cancelled=not superseded, superseded=superseded)
         now = trio.current_time()
-        self._feed(call, node, generation, outcome, None, now, now - sent_at, timeout)
+        waited = now - sent_at
+        if superseded:
+            timeout = waited  # blamed if the winner answered in less (see _judge)
+        self._feed(call, node, generation, outcome, None, now, waited, timeout)
 
     def _conclude(
         self,

@@ -35,6 +35,7 @@ from ..events import (
     RetryScheduled,
 )
 from .attempt import AttemptRunner
+from .hedge import HedgedReads, Hedging
 from .state import Arguments, AttemptResult, CallState, PipelineCounters
 
 if TYPE_CHECKING:
@@ -44,8 +45,8 @@ if TYPE_CHECKING:
 __all__ = ["RequestPipeline", "retry_backoff"]
 
 
-class RequestPipeline(AttemptRunner):
-    """Runs calls with attempt timeouts, breakers, retries and one deadline."""
+class RequestPipeline(HedgedReads, AttemptRunner):
+    """Runs calls with attempt timeouts, breakers, retries, hedges and one deadline."""
 
     def __init__(
         self,
@@ -56,6 +57,7 @@ class RequestPipeline(AttemptRunner):
         rng: random.Random,
         attempt_timeouts: AttemptTimeouts | None = None,
         events: EventBus | None = None,
+        hedging: Hedging | None = None,
     ) -> None:
         self.cluster = cluster
         self.events = events or EventBus()
@@ -65,6 +67,8 @@ class RequestPipeline(AttemptRunner):
         self.budget = budget
         self.rng = rng
         self.attempt_timeouts = attempt_timeouts or AttemptTimeouts()
+        #: Hedged reads: None (the default) sends no hedges.
+        self.hedging = hedging
         self.counters = PipelineCounters()
         #: The timer of attempts' waits for replies; run by the client (until
         #: it runs, attempts bound their waits with cancel scopes).
@@ -96,6 +100,12 @@ class RequestPipeline(AttemptRunner):
         call.observe = self.events.wants(RequestStarted)
         self.counters.calls += 1
         self.budget.record_request(now)
+        if read_only and self.hedging is not None and len(self.cluster.nodes) > 1:
+            return await self._hedged(call, args, self.hedging)
+        return await self._execute(call, args)
+
+    async def _execute(self, call: CallState, args: Arguments) -> Any:
+        """The attempts of ``call``, until one succeeds or the retry policy stops."""
         try:
             while True:
                 result, attempt = await self._attempt(call, args)
@@ -108,11 +118,16 @@ class RequestPipeline(AttemptRunner):
                 if not decision.retry:
                     if call.suspects:
                         self._judge(call, answered_in=None)
+                    call.ended_on = attempt.outcome.kind
                     raise self._final(call, attempt, decision)
                 await self._next(call, attempt, decision)
         except BaseException:
             if call.suspects:
-                self._judge(call, answered_in=None, blame=False)  # cancelled: release probes
+                if call.superseded_after is not None:
+                    # Another copy of the read answered in that time.
+                    self._judge(call, answered_in=call.superseded_after)
+                else:
+                    self._judge(call, answered_in=None, blame=False)  # cancelled: release probes
             raise
 
     async def _next(self, call: CallState, attempt: AttemptResult, decision: RetryDecision) -> None:
@@ -215,15 +230,15 @@ class RequestPipeline(AttemptRunner):
 
     def _final(self, call: CallState, attempt: AttemptResult, decision: RetryDecision) -> QdbError:
         """The one error the call raises, with its facts."""
-        self.counters.failures += 1
         outcome = attempt.outcome
         error = attempt.error
         kind = outcome.kind
+        if not call.in_race:  # a hedged read's failure is counted once, when the read ends
+            self.count_failure(kind)
         history = tuple(call.attempts)
         unkeyed_write = not call.read_only and call.key is None
         final: QdbError
-        if kind in (OutcomeKind.DEADLINE_BEFORE_SEND, OutcomeKind.DEADLINE_AFTER_SEND):
-            self.counters.call_timeouts += 1
+        if kind in _DEADLINE:
             sent = call.sent
             timed_out = RequestTimeout(
                 f"{call.method} did not complete within {call.timeout:g} s"
@@ -269,6 +284,12 @@ class RequestPipeline(AttemptRunner):
         final.idempotency_key = call.key
         return final
 
+    def count_failure(self, kind: OutcomeKind | None) -> None:
+        """Count a call that failed, ending on an attempt of ``kind``."""
+        self.counters.failures += 1
+        if kind in _DEADLINE:
+            self.counters.call_timeouts += 1
+
     def _unknown(
         self, call: CallState, message: str, cause: BaseException | None
     ) -> OutcomeUnknown:
@@ -276,6 +297,9 @@ class RequestPipeline(AttemptRunner):
         unknown = OutcomeUnknown(message)
         unknown.__cause__ = cause
         return unknown
+
+
+_DEADLINE = (OutcomeKind.DEADLINE_BEFORE_SEND, OutcomeKind.DEADLINE_AFTER_SEND)
 
 
 def _describe(error: BaseException) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 
 from .._cluster import Node
-from .._policies import Outcome
+from .._policies import Outcome, OutcomeKind
 from ..errors import Attempt, QdbError
 
 __all__ = [
@@ -44,6 +44,12 @@ class PipelineCounters:
     outcome_unknown: int = 0
     retry_budget_exhausted: int = 0
     circuit_rejections: int = 0
+    #: Hedges sent: second copies of reads that had no reply in ``hedge_delay``.
+    hedges: int = 0
+    #: Hedged reads a hedge answered (its first copy was then cancelled).
+    hedge_wins: int = 0
+    #: Hedges not sent because the hedge budget was spent.
+    hedge_budget_exhausted: int = 0
 
 
 class CallState:
@@ -52,8 +58,11 @@ class CallState:
     __slots__ = (
         "attempts",
         "deadline",
+        "ended_on",
+        "in_race",
         "key",
         "method",
+        "node",
         "observe",
         "parse",
         "previous_delay",
@@ -61,6 +70,8 @@ class CallState:
         "requeues",
         "retries",
         "start",
+        "superseded",
+        "superseded_after",
         "suspects",
         "timeout",
         "tried",
@@ -92,6 +103,18 @@ class CallState:
         self.retries = 0
         self.requeues = 0
         self.previous_delay: float | None = None
+        #: The node of the attempt under way (None before the first has one).
+        self.node: Node | None = None
+        #: Set when another copy of this read (a hedge) answered first: its
+        #: attempt's cancellation is then not the caller's.
+        self.superseded = False
+        #: The reply time of the copy that answered first (None: its answer
+        #: was an error); what this copy's lost wait is judged against.
+        self.superseded_after: float | None = None
+        #: Whether this is one copy of a hedged read (counted as a call once).
+        self.in_race = False
+        #: The outcome the call ended on, when it raised (read by hedging).
+        self.ended_on: OutcomeKind | None = None
 
     @property
     def safe(self) -> bool:
