@@ -8,7 +8,7 @@
 #   --clients   client processes, 16 trio tasks each (default 3)
 #   --out       output directory, new or empty (default: a fresh one under $TMPDIR or /tmp)
 #   MORE        passed on to `python -m tests.soak` (--tasks, --timeout, --think,
-#               --error-pause, --max-unavailable, --driver-defaults)
+#               --error-pause, --max-unavailable, --driver-defaults, --hedge-delay)
 #
 # Starts three test nodes on free ports (one shared SQLite file in DIR/state), a
 # fault proxy in front of each, the client processes, and the seeded fault

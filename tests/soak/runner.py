@@ -107,6 +107,8 @@ async def _drive(
         args += ["--error-pause", str(ns.error_pause)]
         if ns.driver_defaults:
             args.append("--driver-defaults")
+        if ns.hedge_delay is not None:
+            args += ["--hedge-delay", str(ns.hedge_delay)]
         for index in range(ns.clients):
             client = ClientProcess(
                 index, args, out / f"history-{index}.jsonl", out / f"client-{index}.log"
@@ -251,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         " (default 0.1, at least 5 s)",
     )
     p.add_argument("--driver-defaults", action="store_true", help="no tuned driver options")
+    p.add_argument(
+        "--hedge-delay", type=float, default=None, help="clients hedge reads after this (s)"
+    )
     return p
 
 

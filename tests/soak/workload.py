@@ -294,6 +294,8 @@ async def run_client(ns: argparse.Namespace) -> int:
     history = HistoryWriter(ns.history)
     options: dict[str, Any] = {} if ns.driver_defaults else dict(SOAK_OPTIONS)
     options.update(discover_members=False, random_seed=ns.seed * 1000 + ns.client)
+    if ns.hedge_delay is not None:
+        options["hedge_delay"] = ns.hedge_delay
     history.write(
         {
             "type": "start",
@@ -364,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--error-pause", type=float, default=0.05, help="max pause after a failed call (s)"
     )
     p.add_argument("--driver-defaults", action="store_true", help="no tuned driver options")
+    p.add_argument("--hedge-delay", type=float, default=None, help="hedge reads after (s)")
     return p
 
 
